@@ -1,0 +1,1 @@
+"""Flax NNX layers. Attribute names follow the PyTorch state-dict names (q_proj, o_norm, ...)."""

@@ -1,0 +1,103 @@
+"""JetBlock: gated delta rule with SiLU q/k and a dynamically generated causal conv on the values.
+
+Follows the official block (NVlabs/Jet-Nemotron `jet_block.py`) and its state-dict names. Gates and the
+recurrent state are float32; the output norm is float32 and gated by silu(g_proj(x)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jetnemo_jax import ops
+from jetnemo_jax.layers.norms import RMSNorm
+from jetnemo_jax.layers.params import EMBED, JET_HEADS, linear, param
+
+# Mamba2-style initialisation of the decay parametrisation (as the official block).
+_A_INIT_RANGE = (0.0, 16.0)
+_DT_MIN, _DT_MAX, _DT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+class KernelGenerator(nnx.Module):
+    """x -> per-token conv kernels, flat [.., Dv * W] channel-major (index d * W + w)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        j = cfg.jet
+        # w1 = w2 = 0 and b2 ~ N(0, initializer_range): training starts from a static convolution.
+        self.w1 = linear(cfg.hidden_size, j.generator_dim, (EMBED, None), rngs=rngs, cfg=cfg, zero_init=True)
+        self.w2 = linear(j.generator_dim, j.value_dim * j.conv_size, (None, JET_HEADS), rngs=rngs, cfg=cfg,
+                         zero_init=True, use_bias=True, bias_std=cfg.initializer_range)
+
+    def __call__(self, x):
+        return self.w2(jax.nn.silu(self.w1(x)))
+
+
+class DynamicConv(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.conv_size, self.impl = cfg.jet.conv_size, cfg.conv_impl
+        self.kernel_generator = KernelGenerator(cfg, rngs=rngs)
+
+    def kernels(self, x):
+        flat = self.kernel_generator(x)
+        return flat.reshape(*flat.shape[:-1], flat.shape[-1] // self.conv_size, self.conv_size)
+
+    def __call__(self, u, x, *, segment_ids=None):
+        y, _ = ops.dynamic_conv(u, self.kernels(x), segment_ids=segment_ids, impl=self.impl)
+        return y
+
+
+def _init_a_log(key, shape, dtype=jnp.float32):
+    return jnp.log(jax.random.uniform(key, shape, dtype, *_A_INIT_RANGE))
+
+
+def _init_dt_bias(key, shape, dtype=jnp.float32):
+    u = jax.random.uniform(key, shape, dtype)
+    dt = jnp.exp(u * (math.log(_DT_MAX) - math.log(_DT_MIN)) + math.log(_DT_MIN))
+    dt = jnp.maximum(dt, _DT_FLOOR)
+    return dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
+
+
+class JetBlock(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        j = cfg.jet
+        self.num_heads, self.head_k_dim, self.head_v_dim = j.num_heads, j.head_dim, j.head_v_dim
+        self.gdr_impl = cfg.gdr_impl
+        d = cfg.hidden_size
+        lin = lambda i, o, axes: linear(i, o, axes, rngs=rngs, cfg=cfg)
+        self.q_proj = lin(d, j.key_dim, (EMBED, JET_HEADS))
+        self.k_proj = lin(d, j.key_dim, (EMBED, JET_HEADS))
+        self.v_proj = lin(d, j.value_dim, (EMBED, JET_HEADS))
+        self.g_proj = lin(d, j.value_dim, (EMBED, JET_HEADS))
+        self.a_proj = lin(d, j.num_heads, (EMBED, None))
+        self.b_proj = lin(d, j.num_heads, (EMBED, None))
+        self.o_proj = lin(j.value_dim, d, (JET_HEADS, EMBED))
+        self.A_log = param(_init_a_log(rngs.params(), (j.num_heads,)), (None,))
+        self.dt_bias = param(_init_dt_bias(rngs.params(), (j.num_heads,)), (None,))
+        self.o_norm = RMSNorm(j.head_v_dim, j.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
+        self.dynamic_conv1d = DynamicConv(cfg, rngs=rngs)
+
+    def gates(self, x):
+        """beta in (0, 1) and the log decay g <= 0, both float32 [.., H]."""
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
+        g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
+        return g, beta
+
+    def output(self, o, x):
+        """Gated RMSNorm per head (weight shared by heads), then o_proj. o [.., H, dv]."""
+        gate = self.g_proj(x).reshape(o.shape).astype(jnp.float32)
+        y = self.o_norm(o, out_dtype=jnp.float32) * jax.nn.silu(gate)
+        return self.o_proj(y.reshape(*o.shape[:-2], -1).astype(x.dtype))
+
+    def __call__(self, x, *, segment_ids=None):
+        B, T, _ = x.shape
+        H, dk, dv = self.num_heads, self.head_k_dim, self.head_v_dim
+        q = jax.nn.silu(self.q_proj(x)).reshape(B, T, H, dk)
+        k = jax.nn.silu(self.k_proj(x)).reshape(B, T, H, dk)
+        v = self.dynamic_conv1d(self.v_proj(x), x, segment_ids=segment_ids).reshape(B, T, H, dv)
+        g, beta = self.gates(x)
+        o, _ = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, impl=self.gdr_impl)
+        return self.output(o, x)

@@ -1,0 +1,96 @@
+"""The hybrid decoder: per layer full attention ("attn"), sliding window ("swa") or JetBlock ("jet").
+
+`JetNemotronForCausalLM` mirrors the PyTorch module tree (model.embed_tokens, model.layers.{i}.self_attn,
+..., lm_head), so parameter paths map one to one onto the official state-dict names.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jetnemo_jax.config import ModelConfig
+from jetnemo_jax.layers.attention import Attention
+from jetnemo_jax.layers.jet_block import JetBlock
+from jetnemo_jax.layers.mlp import MLP
+from jetnemo_jax.layers.norms import RMSNorm
+from jetnemo_jax.layers.params import EMBED, VOCAB, linear, normal
+from jetnemo_jax.ops.dispatch import doc_ids_from_segments
+
+
+class DecoderLayer(nnx.Module):
+    """h = x + Mixer(RMSNorm(x)); y = h + MLP(RMSNorm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+        self.layer_type = layer_type
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+        if layer_type == "jet":
+            self.self_attn = JetBlock(cfg, rngs=rngs)
+        else:
+            window = cfg.sliding_window if layer_type == "swa" else None
+            self.self_attn = Attention(cfg, window=window, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, *, positions, doc_ids):
+        h = self.input_layernorm(x)
+        if self.layer_type == "jet":
+            h = self.self_attn(h, segment_ids=doc_ids)
+        else:
+            h = self.self_attn(h, positions=positions, doc_ids=doc_ids)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class JetNemotronModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=nnx.with_partitioning(normal(cfg.initializer_range), (VOCAB, EMBED),
+                                                 eager_sharding=False),
+            rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.layer_types])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, input_ids, *, positions, doc_ids):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions=positions, doc_ids=doc_ids)
+        return self.norm(x)
+
+
+def positions_in_documents(doc_ids):
+    """Position of each token within its document (RoPE restarts at every packed document)."""
+    T = doc_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T), doc_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(doc_ids[:, :1], bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class JetNemotronForCausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = JetNemotronModel(cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), rngs=rngs, cfg=cfg)
+
+    def hidden_states(self, input_ids, *, positions=None, segment_ids=None):
+        """Final-normed hidden states [B, T, hidden]."""
+        doc_ids = None if segment_ids is None else doc_ids_from_segments(segment_ids, input_ids.shape)
+        if positions is None:
+            positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape) if doc_ids is None
+                         else positions_in_documents(doc_ids))
+        return self.model(input_ids, positions=positions, doc_ids=doc_ids)
+
+    def logits(self, hidden):
+        if self.config.tie_word_embeddings:
+            out = self.model.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def __call__(self, input_ids, *, positions=None, segment_ids=None):
+        """input_ids [B, T] int -> logits [B, T, vocab] float32. segment_ids [B, T]: packed documents."""
+        return self.logits(self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids))

@@ -1,0 +1,76 @@
+"""Pure-XLA chunked gated delta rule (chunk C = 64), the portable fast path and the kernels' oracle.
+
+Per chunk with local inclusive gate cumsum G (see ../shared/spec/gated_delta_rule.md):
+  D_ij = exp(G_i - G_j) for j <= i in the same document, else 0 (masked before exp);
+  T = (I + strict_lower(beta_i k_i.k_j D_ij))^-1;  W = T diag(beta e) K;  U = T diag(beta) V;
+  V_new = U - W S;  O = scale (diag(e) Q S + (Q K^T * D) V_new);  S' = e_C S + (D_C: K)^T V_new,
+where e_i = exp(G_i) for tokens still in the document the entering state S belongs to, else 0. Packed
+documents thus need no special case in the state pass: a document start zeroes e and cuts D. All of the
+intra-chunk work is batched over chunks; only the state pass is a `lax.scan`. Everything runs in float32
+at HIGHEST matmul precision (bf16 pure-XLA versions of this op are unstable).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _ein(spec, *xs):
+    return jnp.einsum(spec, *xs, precision=_HIGHEST)
+
+
+def gated_delta_rule(q, k, v, g, beta, scale, initial_state, doc_ids, chunk_size=64):
+    """q, k [B,T,H,dk]; v [B,T,H,dv]; g, beta [B,T,H]; initial_state [B,H,dk,dv]; doc_ids [B,T] monotone."""
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    C = chunk_size
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        # Padded tokens (g = 0, beta = 0, k = 0) leave the state unchanged; they continue the last document.
+        zpad = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        q, k, v, g, beta = map(zpad, (q, k, v, g, beta))
+        doc_ids = jnp.pad(doc_ids, [(0, 0), (0, pad)], mode="edge")
+
+    def to_chunks(x):  # [B, N*C, H, ...] -> [B, H, N, C, ...]
+        x = x.reshape(B, N, C, H, *x.shape[3:])
+        return jnp.moveaxis(x, 3, 1)
+
+    q, k, v, g, beta = map(to_chunks, (q, k, v, g, beta))
+    docs = doc_ids.reshape(B, 1, N, C)
+    # The state entering chunk n belongs to the document of the token just before it.
+    prev_doc = jnp.concatenate([docs[:, :, :1, 0], docs[:, :, :-1, -1]], axis=2)  # [B, 1, N]
+
+    G = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
+    idx = jnp.arange(C)
+    lower_incl = idx[:, None] >= idx[None, :]
+    same_doc = docs[..., :, None] == docs[..., None, :]  # [B, 1, N, C, C]
+    keep = lower_incl & same_doc
+    D = jnp.where(keep, jnp.exp(jnp.where(keep, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
+    e = jnp.where(docs == prev_doc[..., None], jnp.exp(G), 0.0)  # [B, H, N, C]
+
+    strict = idx[:, None] > idx[None, :]
+    A = jnp.where(strict, beta[..., :, None] * _ein("...id,...jd->...ij", k, k) * D, 0.0)
+    rhs = jnp.concatenate([(beta * e)[..., None] * k, beta[..., None] * v], axis=-1)
+    sol = solve_triangular(jnp.eye(C, dtype=A.dtype) + A, rhs, lower=True, unit_diagonal=True)
+    Wm, U = sol[..., :dk], sol[..., dk:]
+    P = _ein("...id,...jd->...ij", q, k) * D
+    Qe = e[..., None] * q
+    Kd = D[..., -1, :, None] * k  # decay of each token to the chunk end
+    e_last = e[..., -1]
+
+    def step(S, xs):
+        Wm_n, U_n, P_n, Qe_n, Kd_n, el_n = xs
+        v_new = U_n - _ein("bhck,bhkv->bhcv", Wm_n, S)
+        o_n = scale * (_ein("bhck,bhkv->bhcv", Qe_n, S) + _ein("bhij,bhjv->bhiv", P_n, v_new))
+        S = el_n[..., None, None] * S + _ein("bhck,bhcv->bhkv", Kd_n, v_new)
+        return S, o_n
+
+    chunk_major = [jnp.moveaxis(x, 2, 0) for x in (Wm, U, P, Qe, Kd, e_last)]
+    final_state, o = jax.lax.scan(step, initial_state, chunk_major)  # o [N, B, H, C, dv]
+    o = jnp.transpose(o, (1, 0, 3, 2, 4)).reshape(B, N * C, H, dv)
+    return o[:, :T], final_state

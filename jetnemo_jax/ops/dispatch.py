@@ -1,0 +1,132 @@
+"""Public entry points: input checks, then the implementation `impl` names.
+
+`impl="auto"` picks the fastest implementation that supports the call on the current backend and logs
+the choice once; an explicit `impl` is honoured or fails loudly, never replaced by another one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from jetnemo_jax.ops import chunked, reference
+
+log = logging.getLogger(__name__)
+
+GDR_IMPLS = ("auto", "chunked", "reference")
+CONV_IMPLS = ("auto", "reference")
+_logged: set[tuple[str, str]] = set()
+
+
+def _announce(op: str, impl: str) -> None:
+    if (op, impl) not in _logged:
+        _logged.add((op, impl))
+        log.info("%s: using the %r implementation on %s", op, impl, jax.default_backend())
+
+
+def l2_normalize(x, eps=1e-6):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def doc_ids_from_segments(segment_ids, shape):
+    """Monotone document index per token: +1 wherever the segment id changes."""
+    B, T = shape
+    if segment_ids is None:
+        return jnp.zeros((B, T), jnp.int32)
+    if segment_ids.shape != (B, T):
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}, expected {(B, T)}")
+    change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros((B, 1), jnp.int32), jnp.cumsum(change, axis=1)], axis=1)
+
+
+def _check_gdr_shapes(q, k, v, g, beta):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, H, dk], got shape {q.shape}")
+    B, T, H, dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k has shape {k.shape}, expected q's shape {q.shape}")
+    if v.ndim != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v has shape {v.shape}, expected [{B}, {T}, {H}, dv]")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (B, T, H):
+            raise ValueError(f"{name} has shape {x.shape}, expected {(B, T, H)}")
+    return B, T, H, dk, v.shape[-1]
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     segment_ids=None, use_qk_l2norm=True, impl="auto", chunk_size=64):
+    """Gated delta rule over a sequence (fla's conventions).
+
+    q, k [B,T,H,dk]; v [B,T,H,dv]; g (log decay, <= 0) and beta (in (0, 1]) [B,T,H];
+    initial_state [B,H,dk,dv] float32; segment_ids [B,T] int (a change of id starts a new document,
+    which starts from a zero state). Returns (o [B,T,H,dv] in v's dtype, final_state float32 or None).
+    """
+    B, T, H, dk, dv = _check_gdr_shapes(q, k, v, g, beta)
+    if initial_state is not None and initial_state.shape != (B, H, dk, dv):
+        raise ValueError(f"initial_state has shape {initial_state.shape}, expected {(B, H, dk, dv)}")
+    if impl not in GDR_IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {GDR_IMPLS}")
+    if impl == "auto":
+        impl = "chunked"
+    _announce("gated_delta_rule", impl)
+    scale = dk ** -0.5 if scale is None else scale
+    f32 = lambda x: x.astype(jnp.float32)
+    qf, kf = (l2_normalize(q), l2_normalize(k)) if use_qk_l2norm else (f32(q), f32(k))
+    state = (jnp.zeros((B, H, dk, dv), jnp.float32) if initial_state is None
+             else initial_state.astype(jnp.float32))
+    doc_ids = doc_ids_from_segments(segment_ids, (B, T))
+    args = (qf, kf, f32(v), f32(g), f32(beta), scale, state, doc_ids)
+    if impl == "chunked":
+        o, final_state = chunked.gated_delta_rule(*args, chunk_size=chunk_size)
+    else:
+        o, final_state = reference.gated_delta_rule(*args)
+    return o.astype(v.dtype), (final_state if output_final_state else None)
+
+
+def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=True):
+    """One decode token: q, k [B,H,dk]; v [B,H,dv]; g, beta [B,H]; state [B,H,dk,dv] fp32.
+
+    Returns (o [B,H,dv] in v's dtype, new state float32).
+    """
+    B, H, dk = q.shape
+    if state.shape != (B, H, dk, v.shape[-1]):
+        raise ValueError(f"state has shape {state.shape}, expected {(B, H, dk, v.shape[-1])}")
+    scale = dk ** -0.5 if scale is None else scale
+    f32 = lambda x: x.astype(jnp.float32)
+    qf, kf = (l2_normalize(q), l2_normalize(k)) if use_qk_l2norm else (f32(q), f32(k))
+    o, state = reference.delta_rule_step(f32(state), qf, kf, f32(v), f32(g), f32(beta), scale)
+    return o.astype(v.dtype), state
+
+
+def dynamic_conv(x, kernels, *, segment_ids=None, cache=None, output_final_cache=False, impl="auto"):
+    """silu(causal depthwise conv of x with per-token kernels).
+
+    x [B,T,D]; kernels [B,T,D,W] (tap W-1 multiplies the current token); cache [B,W-1,D]: the W-1
+    inputs before x (they continue x's first document); segment_ids [B,T]: taps never cross documents.
+    Returns (y [B,T,D] in x's dtype, final cache [B,W-1,D] in x's dtype or None).
+    """
+    if x.ndim != 3 or kernels.ndim != 4 or kernels.shape[:3] != x.shape:
+        raise ValueError(f"x {x.shape} and kernels {kernels.shape} must be [B,T,D] and [B,T,D,W]")
+    B, T, D = x.shape
+    W = kernels.shape[-1]
+    if cache is None:
+        cache = jnp.zeros((B, W - 1, D), x.dtype)
+    elif cache.shape != (B, W - 1, D):
+        raise ValueError(f"cache has shape {cache.shape}, expected {(B, W - 1, D)}")
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {CONV_IMPLS}")
+    _announce("dynamic_conv", "reference")
+    y, new_cache = reference.dynamic_conv(x, kernels, cache, doc_ids_from_segments(segment_ids, (B, T)))
+    return y.astype(x.dtype), (new_cache.astype(x.dtype) if output_final_cache else None)
+
+
+def dynamic_conv_step(x, kernel, cache):
+    """One decode token: x [B,D], kernel [B,D,W], cache [B,W-1,D] -> (y [B,D], new cache)."""
+    B, D = x.shape
+    if kernel.shape[:2] != (B, D) or cache.shape != (B, kernel.shape[-1] - 1, D):
+        raise ValueError(f"kernel {kernel.shape} / cache {cache.shape} do not match x {x.shape}")
+    y, new_cache = reference.dynamic_conv_step(x, kernel, cache)
+    return y.astype(x.dtype), new_cache.astype(cache.dtype)
