@@ -45,15 +45,17 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, doc_ids, chunk_size
     # The state entering chunk n belongs to the document of the token just before it.
     prev_doc = jnp.concatenate([docs[:, :, :1, 0], docs[:, :, :-1, -1]], axis=2)  # [B, 1, N]
 
-    G = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
     idx = jnp.arange(C)
-    lower_incl = idx[:, None] >= idx[None, :]
+    strict = idx[:, None] > idx[None, :]
+    # Segment sums G_i - G_j = sum_{j<m<=i} g_m as a cumsum down each column, not a difference of two
+    # cumsums: the difference cancels catastrophically in the gradient of g under strong decay.
+    seg_sum = jnp.cumsum(jnp.where(strict, g[..., :, None], 0.0), axis=-2)  # [B, H, N, C, C]
     same_doc = docs[..., :, None] == docs[..., None, :]  # [B, 1, N, C, C]
-    keep = lower_incl & same_doc
-    D = jnp.where(keep, jnp.exp(jnp.where(keep, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
+    keep = ~strict.T & same_doc  # j <= i, same document
+    D = jnp.where(keep, jnp.exp(jnp.where(keep, seg_sum, 0.0)), 0.0)
+    G = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
     e = jnp.where(docs == prev_doc[..., None], jnp.exp(G), 0.0)  # [B, H, N, C]
 
-    strict = idx[:, None] > idx[None, :]
     A = jnp.where(strict, beta[..., :, None] * _ein("...id,...jd->...ij", k, k) * D, 0.0)
     rhs = jnp.concatenate([(beta * e)[..., None] * k, beta[..., None] * v], axis=-1)
     sol = solve_triangular(jnp.eye(C, dtype=A.dtype) + A, rhs, lower=True, unit_diagonal=True)

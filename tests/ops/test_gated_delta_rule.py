@@ -1,0 +1,148 @@
+"""jetnemo_jax.ops.gated_delta_rule (chunked and reference) against the float64 token recurrence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jetnemo_jax import ops
+from tests.oracles import gdr_numpy, gdr_torch_grads, rel_err
+
+# fla's tolerances (relative RMS) for 16-bit inputs; float32 runs must match to 1e-5.
+TOL = {"bfloat16": {"o": 5e-3, "state": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "initial_state": 8e-3,
+                    "g": 2e-2, "beta": 2e-2},
+       "float32": dict.fromkeys(["o", "state", "q", "k", "v", "initial_state", "g", "beta"], 1e-5)}
+
+
+def make_inputs(rng, B, T, H, dk, dv, *, gates="normal", dtype="float32"):
+    q = rng.standard_normal((B, T, H, dk))
+    k = rng.standard_normal((B, T, H, dk))
+    v = rng.standard_normal((B, T, H, dv))
+    beta = rng.uniform(0.05, 1.0, (B, T, H))
+    if gates == "zero":
+        g = np.zeros((B, T, H))
+    elif gates == "strong":  # down to -150: exp(-G) would overflow if ever formed
+        g = -rng.uniform(0.0, 150.0, (B, T, H))
+    else:
+        g = np.log(rng.uniform(0.8, 1.0, (B, T, H)))
+    cast = lambda x: jnp.asarray(x, dtype)
+    return dict(q=cast(q), k=cast(k), v=cast(v), g=jnp.asarray(g, jnp.float32), beta=cast(beta))
+
+
+def packed_segments(rng, B, T):
+    """Documents that start at a chunk boundary, mid-chunk, and one of length 1."""
+    seg = np.zeros((B, T), np.int32)
+    cuts = sorted({64, 65, int(rng.integers(2, T - 1)), T - 1})
+    for i, c in enumerate(cuts):
+        if c < T:
+            seg[:, c:] = i + 1
+    seg[-1, :] = 7  # the last row stays one document, with an arbitrary id
+    return seg
+
+
+CASES = [  # (B, T, H, dk, dv, gates)
+    (2, 130, 2, 96, 256, "normal"),
+    (1, 77, 3, 64, 64, "zero"),
+    (2, 100, 2, 128, 128, "strong"),
+    (1, 64, 2, 256, 64, "normal"),
+    (1, 5, 1, 32, 48, "normal"),
+]
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+@pytest.mark.parametrize("B,T,H,dk,dv,gates", CASES)
+def test_forward_fp32_matches_float64_recurrence(rng, impl, B, T, H, dk, dv, gates):
+    x = make_inputs(rng, B, T, H, dk, dv, gates=gates)
+    h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
+    seg = packed_segments(rng, B, T) if T > 66 else None
+    o, s = ops.gated_delta_rule(**x, initial_state=h0, output_final_state=True, segment_ids=seg, impl=impl)
+    o_ref, s_ref = gdr_numpy(**x, initial_state=h0, segment_ids=seg)
+    assert o.dtype == jnp.float32 and s.dtype == jnp.float32
+    assert rel_err(o, o_ref) <= TOL["float32"]["o"]
+    assert rel_err(s, s_ref) <= TOL["float32"]["state"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("B,T,H,dk,dv,gates", [CASES[0], CASES[2], (1, 70, 2, 64, 128, "zero")])
+def test_chunked_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
+    x = make_inputs(rng, B, T, H, dk, dv, gates=gates, dtype=dtype)
+    h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
+    seg = packed_segments(rng, B, T)
+    do = rng.standard_normal((B, T, H, dv))
+    dS = rng.standard_normal((B, H, dk, dv))
+
+    def loss(q, k, v, g, beta, initial_state):
+        o, s = ops.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, output_final_state=True,
+                                    segment_ids=seg, impl="chunked")
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s * dS), (o, s)
+
+    grads, (o, s) = jax.grad(loss, argnums=range(6), has_aux=True)(*x.values(), h0)
+    o_ref, s_ref = gdr_numpy(**x, initial_state=h0, segment_ids=seg)
+    ref = gdr_torch_grads(**x, do=do, initial_state=h0, segment_ids=seg, dS=dS)
+    tol = TOL[dtype]
+    assert rel_err(o, o_ref) <= tol["o"]
+    assert rel_err(s, s_ref) <= tol["state"]
+    for name, grad in zip(["q", "k", "v", "g", "beta", "initial_state"], grads):
+        assert grad.dtype == (x[name].dtype if name in x else jnp.float32)
+        assert rel_err(grad, ref[name]) <= tol[name], name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_chunked_and_reference_agree(rng, dtype):
+    x = make_inputs(rng, 2, 150, 2, 96, 256, dtype=dtype)
+    seg = packed_segments(rng, 2, 150)
+    o1, s1 = ops.gated_delta_rule(**x, segment_ids=seg, output_final_state=True, impl="chunked")
+    o2, s2 = ops.gated_delta_rule(**x, segment_ids=seg, output_final_state=True, impl="reference")
+    assert o1.dtype == o2.dtype == jnp.dtype(dtype)
+    assert rel_err(o1, o2) <= (5e-3 if dtype == "bfloat16" else 1e-5)
+    assert rel_err(s1, s2) <= 1e-5
+
+
+def test_documents_are_independent(rng):
+    """A packed row equals its documents run one by one (the state resets at every document start)."""
+    x = make_inputs(rng, 1, 140, 2, 64, 64)
+    seg = np.array([[0] * 50 + [1] * 90], np.int32)
+    o, _ = ops.gated_delta_rule(**x, segment_ids=seg, impl="chunked")
+    for lo, hi in ((0, 50), (50, 140)):
+        part = {n: a[:, lo:hi] for n, a in x.items()}
+        o_part, _ = ops.gated_delta_rule(**part, impl="chunked")
+        assert rel_err(o[:, lo:hi], o_part) <= 1e-6
+
+
+def test_decode_steps_reproduce_the_sequence(rng):
+    B, T, H, dk, dv = 2, 70, 2, 96, 128
+    x = make_inputs(rng, B, T, H, dk, dv)
+    h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
+    o_full, s_full = ops.gated_delta_rule(**x, initial_state=h0, output_final_state=True, impl="chunked")
+    step = jax.jit(ops.gated_delta_rule_step)
+    state, outs = h0, []
+    for t in range(T):
+        o_t, state = step(*(x[n][:, t] for n in ("q", "k", "v", "g", "beta")), state)
+        outs.append(o_t)
+    assert rel_err(jnp.stack(outs, 1), o_full) <= 1e-5
+    assert rel_err(state, s_full) <= 1e-5
+
+
+def test_prefill_then_continue_with_state(rng):
+    """Splitting a sequence and carrying the final state gives the same outputs (also across chunk edges)."""
+    x = make_inputs(rng, 1, 200, 2, 64, 64)
+    o_full, _ = ops.gated_delta_rule(**x, impl="chunked")
+    first = {n: a[:, :90] for n, a in x.items()}
+    rest = {n: a[:, 90:] for n, a in x.items()}
+    o1, s = ops.gated_delta_rule(**first, output_final_state=True, impl="chunked")
+    o2, _ = ops.gated_delta_rule(**rest, initial_state=s, impl="chunked")
+    assert rel_err(jnp.concatenate([o1, o2], 1), o_full) <= 1e-5
+
+
+def test_bad_inputs_name_the_problem(rng):
+    x = make_inputs(rng, 1, 10, 2, 16, 16)
+    with pytest.raises(ValueError, match="k has shape"):
+        ops.gated_delta_rule(x["q"], x["k"][:, :5], x["v"], x["g"], x["beta"])
+    with pytest.raises(ValueError, match="beta has shape"):
+        ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"][..., :1])
+    with pytest.raises(ValueError, match="initial_state has shape"):
+        ops.gated_delta_rule(**x, initial_state=jnp.zeros((1, 2, 16, 8)))
+    with pytest.raises(ValueError, match="segment_ids has shape"):
+        ops.gated_delta_rule(**x, segment_ids=jnp.zeros((1, 9), jnp.int32))
+    with pytest.raises(ValueError, match="impl="):
+        ops.gated_delta_rule(**x, impl="pallas_typo")
