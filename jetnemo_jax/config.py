@@ -24,25 +24,22 @@ class ConfigError(ValueError):
 class JetBlockConfig:
     num_heads: int = 12
     head_dim: int = 96  # dk, the key dim per head
-    expand_v: float = 8 / 3  # dv = head_dim * expand_v
+    head_v_dim: int = 256  # dv, the value dim per head (HF stores expand_v = dv / dk)
     conv_size: int = 4  # W, taps of the generated causal convolution
     generator_reduction: int = 8  # generator hidden = Dv / reduction
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        for name in ("num_heads", "head_dim", "conv_size", "generator_reduction"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"jet.{name} must be >= 1, got {getattr(self, name)}")
-        dv = self.head_dim * self.expand_v
-        if abs(dv - round(dv)) > 1e-4:
-            raise ConfigError(f"jet.expand_v={self.expand_v} gives a non-integer value head dim {dv}")
+        for name in ("num_heads", "head_dim", "head_v_dim", "conv_size", "generator_reduction"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"jet.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.value_dim % self.generator_reduction:
             raise ConfigError(
                 f"jet.generator_reduction={self.generator_reduction} does not divide the value dim {self.value_dim}")
 
     @property
-    def head_v_dim(self) -> int:
-        return int(round(self.head_dim * self.expand_v))
+    def expand_v(self) -> float:
+        return self.head_v_dim / self.head_dim
 
     @property
     def key_dim(self) -> int:
@@ -262,10 +259,21 @@ def _jet_from_hf(j: Mapping[str, Any]) -> JetBlockConfig:
     for key in ("num_heads", "head_dim"):
         if key not in j:
             raise ConfigError(f"efficient_attention_config.jet.{key} is missing")
+    head_dim = int(j["head_dim"])
+    dv = head_dim * float(j.get("expand_v", 2.0))
+    if abs(dv - round(dv)) > 1e-4:
+        raise ConfigError(f"efficient_attention_config.jet.expand_v={j['expand_v']} gives a non-integer value "
+                          f"head dim {dv} (head_dim={head_dim})")
     return JetBlockConfig(
-        num_heads=int(j["num_heads"]), head_dim=int(j["head_dim"]), expand_v=float(j.get("expand_v", 2.0)),
+        num_heads=int(j["num_heads"]), head_dim=head_dim, head_v_dim=int(round(dv)),
         conv_size=int(j.get("conv_size", 4)), generator_reduction=int(j.get("dconv_generator_reduction", 8)),
         norm_eps=float(j.get("norm_eps", 1e-5)))
+
+
+def _format_eps(x: float) -> str:
+    """The official schema writes norm_eps as a string such as "1e-5"."""
+    mantissa, exp = f"{x:e}".split("e")
+    return f"{float(mantissa):g}e{int(exp)}"
 
 
 def _format_expand_v(x: float) -> float | int:
@@ -294,7 +302,7 @@ def _to_hf(c: ModelConfig) -> dict[str, Any]:
     if c.jet is not None and "jet" in c.layer_types:
         j = c.jet
         eff["jet"] = {"mode": "chunk", "expand_v": _format_expand_v(j.expand_v), "num_heads": j.num_heads,
-                      "head_dim": j.head_dim, "norm_eps": f"{j.norm_eps:g}", "conv_size": j.conv_size,
+                      "head_dim": j.head_dim, "norm_eps": _format_eps(j.norm_eps), "conv_size": j.conv_size,
                       "dconv_generator_reduction": j.generator_reduction, "dconv_implementation": "triton"}
     if "swa" in c.layer_types:
         eff["swa"] = {"window_size": c.sliding_window}
@@ -320,7 +328,7 @@ def jet_nemotron_2b(**overrides) -> ModelConfig:
     return ModelConfig(
         vocab_size=_QWEN_VOCAB, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
         num_key_value_heads=2, layer_types=_layout(28, (14, 19), (20, 21)), sliding_window=1152,
-        jet=JetBlockConfig(num_heads=12, head_dim=96, expand_v=8 / 3), max_position_embeddings=131072,
+        jet=JetBlockConfig(num_heads=12, head_dim=96, head_v_dim=256), max_position_embeddings=131072,
         bos_token_id=_QWEN_EOS, eos_token_id=_QWEN_EOS).replace(**overrides)
 
 
@@ -328,7 +336,7 @@ def jet_nemotron_4b(**overrides) -> ModelConfig:
     return ModelConfig(
         vocab_size=_QWEN_VOCAB, hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
         num_key_value_heads=2, layer_types=_layout(36, (17, 20, 32), (5, 16, 19, 21, 22, 25, 27)),
-        sliding_window=2048, jet=JetBlockConfig(num_heads=16, head_dim=128, expand_v=2.0),
+        sliding_window=2048, jet=JetBlockConfig(num_heads=16, head_dim=128, head_v_dim=256),
         max_position_embeddings=32768, bos_token_id=_QWEN_EOS, eos_token_id=_QWEN_EOS).replace(**overrides)
 
 
@@ -351,7 +359,7 @@ def tiny(**overrides) -> ModelConfig:
     return ModelConfig(
         vocab_size=512, hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
         layer_types=("jet", "jet", "attn", "jet", "swa", "jet"), sliding_window=64,
-        jet=JetBlockConfig(num_heads=4, head_dim=32, expand_v=2.0), max_position_embeddings=4096,
+        jet=JetBlockConfig(num_heads=4, head_dim=32, head_v_dim=64), max_position_embeddings=4096,
         dtype="float32").replace(**overrides)
 
 

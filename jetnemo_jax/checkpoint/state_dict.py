@@ -43,7 +43,7 @@ def to_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     out = {}
     for name, path, var in param_entries(model):
         x = np.asarray(jax.device_get(var[...]))
-        out[name] = x.T if _transposed(path) else x
+        out[name] = np.ascontiguousarray(x.T) if _transposed(path) else x
     return out
 
 
