@@ -14,13 +14,38 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _ein(spec, *xs):
     return jnp.einsum(spec, *xs, precision=_HIGHEST)
+
+
+def unit_lower_inverse(A):
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C], C a power of two.
+
+    Recursive block inversion, [[T1, 0], [A21, T2]]^-1 = [[T1^-1, 0], [-T2^-1 A21 T1^-1, T2^-1]], from 1x1
+    blocks up: log2(C) levels of batched matmuls. Exact like forward substitution, and it keeps LAPACK
+    (whose CPU triangular solve deadlocked intermittently inside XLA's thread pool here) out of the op.
+    """
+    C = A.shape[-1]
+    if C & (C - 1):
+        raise ValueError(f"chunk size {C} must be a power of two")
+    lead = A.shape[:-2]
+    inv = jnp.ones((*lead, C, 1, 1), A.dtype)  # inverses of the diagonal blocks, size s
+    s = 1
+    while s < C:
+        n = C // (2 * s)
+        blocks = A.reshape(*lead, n, 2 * s, n, 2 * s)
+        blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [..., n, 2s, 2s]
+        t1, t2 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        low = -_ein("...ij,...jk,...kl->...il", t2, blocks[..., s:, :s], t1)
+        top = jnp.concatenate([t1, jnp.zeros_like(t1)], axis=-1)
+        bottom = jnp.concatenate([low, t2], axis=-1)
+        inv = jnp.concatenate([top, bottom], axis=-2)
+        s *= 2
+    return inv[..., 0, :, :]
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, doc_ids, chunk_size=64):
@@ -58,7 +83,7 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, doc_ids, chunk_size
 
     A = jnp.where(strict, beta[..., :, None] * _ein("...id,...jd->...ij", k, k) * D, 0.0)
     rhs = jnp.concatenate([(beta * e)[..., None] * k, beta[..., None] * v], axis=-1)
-    sol = solve_triangular(jnp.eye(C, dtype=A.dtype) + A, rhs, lower=True, unit_diagonal=True)
+    sol = _ein("...ij,...jd->...id", unit_lower_inverse(A), rhs)
     Wm, U = sol[..., :dk], sol[..., dk:]
     P = _ein("...id,...jd->...ij", q, k) * D
     Qe = e[..., None] * q

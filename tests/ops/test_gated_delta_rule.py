@@ -146,3 +146,17 @@ def test_bad_inputs_name_the_problem(rng):
         ops.gated_delta_rule(**x, segment_ids=jnp.zeros((1, 9), jnp.int32))
     with pytest.raises(ValueError, match="impl="):
         ops.gated_delta_rule(**x, impl="pallas_typo")
+
+
+@pytest.mark.parametrize("C", [1, 2, 16, 64])
+def test_unit_lower_inverse(rng, C):
+    from jetnemo_jax.ops.chunked import unit_lower_inverse
+
+    k = rng.standard_normal((3, C, 32))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = rng.uniform(0, 1, (3, C, 1))
+    A = np.tril(beta * (k @ np.swapaxes(k, -1, -2)), -1)  # the matrix the chunked op inverts
+    inv = unit_lower_inverse(jnp.asarray(A, jnp.float32))
+    assert rel_err(inv, np.linalg.inv(np.eye(C) + A)) <= 1e-5
+    with pytest.raises(ValueError, match="power of two"):
+        unit_lower_inverse(jnp.zeros((3, 3)))
