@@ -1,6 +1,6 @@
 """A one-minute tour on a laptop CPU: build the tiny hybrid model, run it on bundled text, fit a few steps.
 
-    python -m jetnemo_jax.demo [--steps 40] [--seq 128] [--preset tiny]
+    python -m jetnemo_jax.demo [--steps 150] [--seq 128] [--preset tiny]
 
 Text: the Python documentation topics shipped with the standard library (pydoc_data), byte-level tokens.
 This is a smoke test of the model and its gradients; the training application is train.py (issue 6).
@@ -31,7 +31,7 @@ def bundled_bytes() -> np.ndarray:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(config.PRESETS))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
