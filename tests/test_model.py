@@ -74,3 +74,11 @@ def test_qwen_presets_parameter_counts():
         n = count_params(config.preset(name))
         print(f"{name}: {n:,} parameters")
         assert abs(n - expected) / expected <= 0.005
+
+
+def test_every_parameter_has_logical_axes():
+    abstract = nnx.eval_shape(lambda: JetNemotronForCausalLM(HYBRID.replace(tie_word_embeddings=False),
+                                                             rngs=nnx.Rngs(0)))
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        axes = var.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == len(var.shape), path

@@ -62,9 +62,12 @@ def test_forward_fp32_matches_float64_recurrence(rng, impl, B, T, H, dk, dv, gat
     assert rel_err(s, s_ref) <= TOL["float32"]["state"]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("B,T,H,dk,dv,gates", [CASES[0], CASES[2], (1, 70, 2, 64, 128, "zero")])
-def test_chunked_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
+@pytest.mark.parametrize("impl,dtype,B,T,H,dk,dv,gates", [
+    *[("chunked", dtype, *case) for dtype in ("bfloat16", "float32")
+      for case in (CASES[0], CASES[2], (1, 70, 2, 64, 128, "zero"))],
+    ("reference", "float32", 1, 70, 2, 96, 64, "normal"),
+])
+def test_gradients_match_float64(rng, impl, dtype, B, T, H, dk, dv, gates):
     x = make_inputs(rng, B, T, H, dk, dv, gates=gates, dtype=dtype)
     h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
     seg = packed_segments(rng, B, T)
@@ -73,7 +76,7 @@ def test_chunked_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
 
     def loss(q, k, v, g, beta, initial_state):
         o, s = ops.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, output_final_state=True,
-                                    segment_ids=seg, impl="chunked")
+                                    segment_ids=seg, impl=impl)
         return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s * dS), (o, s)
 
     grads, (o, s) = jax.grad(loss, argnums=range(6), has_aux=True)(*x.values(), h0)
