@@ -1,0 +1,83 @@
+"""Convert checkpoints between PyTorch (HF safetensors directories) and jetnemo_jax (Orbax).
+
+    python convert_torch_ckpt.py hf-to-jax SRC_HF_DIR DST_JAX_DIR [--dtype bfloat16] [--check]
+    python convert_torch_ckpt.py jax-to-hf SRC_JAX_DIR DST_HF_DIR [--dtype bfloat16] [--tokenizer DIR] [--check]
+
+Both Qwen2 (all attention) and Jet-Nemotron checkpoints are understood. A_log and dt_bias stay float32.
+The destination appears only when complete (written under a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[:-2]) * factor)
+    return int(text)
+
+
+def check_logits(src, dst, vocab_size: int, seed: int = 0) -> float:
+    """Relative RMS difference of the two models' logits on random tokens."""
+    import jax.numpy as jnp
+
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, vocab_size, (2, 24)))
+    a, b = np.asarray(src(tokens), np.float64), np.asarray(dst(tokens), np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("hf-to-jax", "HF safetensors directory -> jetnemo_jax Orbax checkpoint"),
+                            ("jax-to-hf", "jetnemo_jax Orbax checkpoint -> HF safetensors directory")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("src")
+        p.add_argument("dst")
+        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                       help="dtype of the written weights (A_log and dt_bias are always float32)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+        p.add_argument("--check", action="store_true", help="reload the destination and compare logits")
+        if name == "jax-to-hf":
+            p.add_argument("--tokenizer", help="directory whose tokenizer files are copied to the destination")
+            p.add_argument("--shard-size", default="5GB", type=_parse_size, help="largest safetensors shard")
+    args = parser.parse_args(argv)
+
+    from jetnemo_jax.checkpoint import CheckpointError, load_hf_model
+    from jetnemo_jax.checkpoint.hf_export import save_hf
+    from jetnemo_jax.checkpoint.orbax_params import load_params, save_params
+    from jetnemo_jax.config import ConfigError
+
+    t0 = time.perf_counter()
+    try:
+        if args.command == "hf-to-jax":
+            model = load_hf_model(args.src, dtype="float32", param_dtype=args.dtype)
+            save_params(model, args.dst, overwrite=args.overwrite)
+            reload = lambda: load_params(args.dst, dtype="float32")
+        else:
+            model = load_params(args.src, dtype="float32")
+            save_hf(model, args.dst, dtype=args.dtype, overwrite=args.overwrite, max_shard_bytes=args.shard_size,
+                    tokenizer_dir=args.tokenizer)
+            reload = lambda: load_hf_model(args.dst, dtype="float32", param_dtype=args.dtype)
+        print(f"{args.command}: wrote {args.dst} in {time.perf_counter() - t0:.1f} s")
+        if args.check:
+            err = check_logits(model, reload(), model.config.vocab_size)
+            print(f"check: logits relative difference {err:.3g} (source vs. reloaded destination)")
+            if err > (1e-6 if args.dtype == "float32" else 2e-2):
+                print("check FAILED", file=sys.stderr)
+                return 1
+    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

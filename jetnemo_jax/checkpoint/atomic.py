@@ -1,0 +1,35 @@
+"""Write a directory all at once: build it under a temporary name beside the destination, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
+    """Yields a temporary directory that becomes `dst` only if the block finishes without an exception.
+
+    Nothing half-written is ever left at `dst`; on failure the temporary directory is removed.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(dst):
+        old = f"{tmp}.old"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)

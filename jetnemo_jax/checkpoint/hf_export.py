@@ -1,0 +1,72 @@
+"""Write a model as an HF safetensors directory in the official schema, one shard in memory at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from jetnemo_jax.checkpoint.atomic import atomic_directory
+from jetnemo_jax.checkpoint.safetensors_dir import INDEX_FILE
+from jetnemo_jax.checkpoint.state_dict import param_entries
+
+# Kept float32 whatever the export dtype (the decay parametrisation; the official checkpoints do so too).
+FP32_TENSORS = ("A_log", "dt_bias")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
+DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
+
+
+def _export_dtype(name: str, dtype: str | None, current) -> np.dtype:
+    if name.rsplit(".", 1)[-1] in FP32_TENSORS:
+        return np.dtype("float32")
+    return np.dtype(jax.numpy.dtype(dtype)) if dtype else np.dtype(current)
+
+
+def save_hf(model, directory: str | os.PathLike, *, dtype: str | None = "bfloat16", overwrite: bool = False,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Export `model` to `directory` (config.json, model*.safetensors, index when sharded, tokenizer files).
+
+    dtype: "bfloat16" (default), "float32", or None to keep each parameter's dtype. A tied lm_head is
+    not written (the official checkpoints omit it). The directory appears only when complete.
+    """
+    entries = [(name, path, var) for name, path, var in param_entries(model)]
+    sizes = [int(np.prod(var.shape)) * _export_dtype(name, dtype, var.dtype).itemsize for name, _, var in entries]
+    shards, current, current_bytes = [], [], 0
+    for entry, size in zip(entries, sizes):
+        if current and current_bytes + size > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(entry)
+        current_bytes += size
+    shards.append(current)
+
+    cfg = model.config.to_hf_dict()
+    cfg["torch_dtype"] = "float32" if dtype == "float32" else "bfloat16"
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name, path, var in shard:
+                x = np.asarray(jax.device_get(var[...]))
+                x = np.ascontiguousarray(x.T) if path[-1] == "kernel" else x
+                tensors[name] = x.astype(_export_dtype(name, dtype, x.dtype), copy=False)
+                weight_map[name] = fname
+            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            del tensors
+        if len(shards) > 1:
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        if tokenizer_dir is not None:
+            copied = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_dir, n))]
+            if not copied:
+                raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
+            for n in copied:
+                shutil.copy2(os.path.join(tokenizer_dir, n), os.path.join(tmp, n))

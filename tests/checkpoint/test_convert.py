@@ -1,0 +1,139 @@
+"""convert_torch_ckpt.py: JAX <-> HF round trips are bit-exact; exports load into PyTorch strictly."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file
+
+import convert_torch_ckpt
+from jetnemo_jax import config
+from jetnemo_jax.checkpoint import load_hf_model, to_state_dict
+from jetnemo_jax.checkpoint.hf_export import save_hf
+from jetnemo_jax.checkpoint.orbax_params import load_params, save_params
+from jetnemo_jax.model import JetNemotronForCausalLM
+from tests.oracles import rel_err
+from tests.torch_reference import JetNemotronRef
+
+HYBRID = config.tiny(vocab_size=150, hidden_size=64, intermediate_size=96, layer_types=("jet", "attn", "swa"),
+                     sliding_window=5, jet=config.JetBlockConfig(num_heads=2, head_dim=32, head_v_dim=48))
+QWEN = HYBRID.replace(layer_types=("attn", "attn"), tie_word_embeddings=False)
+
+
+def random_model(cfg, rng, param_dtype="float32"):
+    model = JetNemotronForCausalLM(cfg.replace(param_dtype=param_dtype), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    # Randomise everything (the official init zeroes the conv generator) so every tensor is checked.
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    new = [jnp.asarray(rng.standard_normal(x.shape) * 0.05 + (1.0 if x.ndim == 1 else 0.0), x.dtype) for x in leaves]
+    nnx.update(model, treedef.unflatten(new))
+    return model
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def read_hf_tensors(directory):
+    out = {}
+    for f in sorted(os.listdir(directory)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, f)))
+    return out
+
+
+@pytest.mark.parametrize("cfg", [HYBRID, QWEN], ids=["hybrid_tied", "qwen_untied"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_jax_hf_jax_is_bit_exact(tmp_path, rng, cfg, dtype):
+    model = random_model(cfg, rng, param_dtype=dtype)
+    save_params(model, tmp_path / "jax")
+    restored = load_params(tmp_path / "jax")
+    assert_same_tensors(to_state_dict(restored), to_state_dict(model))
+    save_hf(restored, tmp_path / "hf", dtype=dtype, max_shard_bytes=20_000)  # forces several shards
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    back = load_hf_model(tmp_path / "hf", param_dtype=dtype)
+    assert_same_tensors(to_state_dict(back), to_state_dict(model))
+    exported = read_hf_tensors(tmp_path / "hf")
+    assert ("lm_head.weight" in exported) == (not cfg.tie_word_embeddings)
+    assert exported["model.layers.0.input_layernorm.weight"].dtype == np.dtype(jnp.dtype(dtype))
+    if "jet" in cfg.layer_types:
+        assert exported["model.layers.0.self_attn.A_log"].dtype == np.float32
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["model_type"] == ("jet_nemotron" if "jet" in cfg.layer_types else "qwen2")
+
+
+def test_hf_jax_hf_is_bit_exact_from_transformers(tmp_path, rng):
+    import transformers
+
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    hf_cfg = transformers.Qwen2Config(vocab_size=150, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    ref = transformers.Qwen2ForCausalLM(hf_cfg).to(torch.bfloat16)
+    ref.save_pretrained(tmp_path / "src")
+    assert convert_torch_ckpt.main(["hf-to-jax", str(tmp_path / "src"), str(tmp_path / "jax")]) == 0
+    assert convert_torch_ckpt.main(["jax-to-hf", str(tmp_path / "jax"), str(tmp_path / "dst")]) == 0
+    assert_same_tensors(read_hf_tensors(tmp_path / "dst"), read_hf_tensors(tmp_path / "src"))
+
+
+def test_export_loads_into_pytorch_reference_strictly(tmp_path, rng):
+    model = random_model(HYBRID.replace(dtype="float32"), rng)
+    save_hf(model, tmp_path / "hf", dtype="float32")
+    ref = JetNemotronRef(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    ref.load_state_dict({n: torch.from_numpy(x) for n, x in read_hf_tensors(tmp_path / "hf").items()}, strict=True)
+    ids = rng.integers(0, HYBRID.vocab_size, (2, 21))
+    with torch.no_grad():
+        expect = ref.double()(torch.tensor(ids)).numpy()
+    assert rel_err(model(jnp.asarray(ids)), expect) <= 1e-5
+
+
+def test_qwen_export_loads_into_transformers(tmp_path, rng):
+    import transformers
+
+    model = random_model(QWEN.replace(dtype="float32"), rng)
+    save_hf(model, tmp_path / "hf", dtype="float32")
+    ref = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    missing, unexpected = ref.load_state_dict(
+        {n: torch.from_numpy(x) for n, x in read_hf_tensors(tmp_path / "hf").items()}, strict=False)
+    assert not unexpected and not missing
+    ids = rng.integers(0, QWEN.vocab_size, (2, 21))
+    with torch.no_grad():
+        expect = ref(torch.tensor(ids)).logits.numpy()
+    assert rel_err(model(jnp.asarray(ids)), expect) <= 1e-5
+
+
+def test_failed_export_leaves_nothing(tmp_path, rng):
+    model = random_model(HYBRID, rng)
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        save_hf(model, tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
+    assert sorted(os.listdir(tmp_path)) == ["tok"]
+
+
+def test_cli_check_and_errors(tmp_path, rng, capsys):
+    model = random_model(HYBRID, rng, param_dtype="bfloat16")
+    save_params(model, tmp_path / "jax")
+    tok = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "qwen2.5-tokenizer")
+    args = ["jax-to-hf", str(tmp_path / "jax"), str(tmp_path / "hf"), "--check"]
+    if os.path.isdir(tok):
+        args += ["--tokenizer", tok]
+    assert convert_torch_ckpt.main(args) == 0
+    assert "logits relative difference 0" in capsys.readouterr().out
+    if os.path.isdir(tok):
+        assert (tmp_path / "hf" / "vocab.json").exists()
+    # The destination exists now: refusing to overwrite is a one-line error, exit code 2.
+    assert convert_torch_ckpt.main(args) == 2
+    assert "exists" in capsys.readouterr().err
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert convert_torch_ckpt.main(["hf-to-jax", str(tmp_path / "hf"), str(tmp_path / "jax2")]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "jax2").exists()
