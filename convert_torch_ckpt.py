@@ -2,6 +2,8 @@
 
     python convert_torch_ckpt.py hf-to-jax SRC_HF_DIR DST_JAX_DIR [--dtype bfloat16] [--check]
     python convert_torch_ckpt.py jax-to-hf SRC_JAX_DIR DST_HF_DIR [--dtype bfloat16] [--tokenizer DIR] [--check]
+    python convert_torch_ckpt.py qwen2-to-jet SRC_QWEN_DIR DST_JAX_DIR --preset jet_nemotron_2b
+        [--layer-types jet,jet,...,attn] [--seed 0] [--dtype bfloat16]   (or --layout-config CONFIG.json)
 
 Both Qwen2 (all attention) and Jet-Nemotron checkpoints are understood. A_log and dt_bias stay float32.
 The destination appears only when complete (written under a temporary name, then renamed).
@@ -47,7 +49,17 @@ def main(argv=None) -> int:
         p.add_argument("--check", action="store_true", help="reload the destination and compare logits")
         if name == "jax-to-hf":
             p.add_argument("--tokenizer", help="directory whose tokenizer files are copied to the destination")
-            p.add_argument("--shard-size", default="5GB", type=_parse_size, help="largest safetensors shard")
+            p.add_argument("--shard-size", default="2GB", type=_parse_size, help="largest safetensors shard")
+    p = sub.add_parser("qwen2-to-jet", help="HF Qwen2.5 directory -> Jet-Nemotron initialisation (Orbax)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    layout = p.add_mutually_exclusive_group(required=True)
+    layout.add_argument("--preset", help="layout of a preset, e.g. jet_nemotron_2b")
+    layout.add_argument("--layout-config", help="a Jet-Nemotron config.json whose layout (layer_types, jet, swa) to use")
+    p.add_argument("--layer-types", help="comma-separated attn/swa/jet per layer, overriding the layout's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the JetBlock initialisation")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     args = parser.parse_args(argv)
 
     from jetnemo_jax.checkpoint import CheckpointError, load_hf_model
@@ -57,6 +69,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     try:
+        if args.command == "qwen2-to-jet":
+            return _qwen2_to_jet(args, t0)
         if args.command == "hf-to-jax":
             model = load_hf_model(args.src, dtype="float32", param_dtype=args.dtype)
             save_params(model, args.dst, overwrite=args.overwrite)
@@ -76,6 +90,25 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _qwen2_to_jet(args, t0) -> int:
+    import json
+
+    from jetnemo_jax import config
+    from jetnemo_jax.checkpoint.orbax_params import save_params
+    from jetnemo_jax.checkpoint.qwen2_to_jet import qwen2_to_jet
+
+    layout = (config.preset(args.preset) if args.preset
+              else config.ModelConfig.from_hf_file(args.layout_config))
+    layer_types = args.layer_types.split(",") if args.layer_types else None
+    model, report = qwen2_to_jet(args.src, layout, layer_types=layer_types, seed=args.seed, param_dtype=args.dtype)
+    save_params(model, args.dst, overwrite=args.overwrite,
+                extra_files={"conversion_report.json": json.dumps(report, indent=2)})
+    print(f"qwen2-to-jet: wrote {args.dst} in {time.perf_counter() - t0:.1f} s: {len(report['copied'])} tensors "
+          f"copied, {len(report['initialised'])} initialised, {len(report['dropped'])} dropped "
+          f"(see {args.dst}/conversion_report.json)")
     return 0
 
 

@@ -18,7 +18,8 @@ from jetnemo_jax.checkpoint.state_dict import param_entries
 FP32_TENSORS = ("A_log", "dt_bias")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
-DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
+# Shards are built in host memory one at a time: their size bounds the extra memory of an export.
+DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
 
 
 def _export_dtype(name: str, dtype: str | None, current) -> np.dtype:

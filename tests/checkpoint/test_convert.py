@@ -137,3 +137,31 @@ def test_cli_check_and_errors(tmp_path, rng, capsys):
     err = capsys.readouterr().err
     assert "model.safetensors" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "jax2").exists()
+
+
+def test_qwen2_to_jet(tmp_path, rng):
+    """Shared tensors are copied bit for bit, attention layers keep theirs, JetBlocks get the official init."""
+    source = random_model(QWEN.replace(layer_types=("attn",) * 3, tie_word_embeddings=True), rng, "bfloat16")
+    save_hf(source, tmp_path / "qwen", dtype="bfloat16")
+    layout = HYBRID.replace(layer_types=("jet", "attn", "swa"))
+    (tmp_path / "layout.json").write_text(json.dumps(layout.to_hf_dict()))
+    assert convert_torch_ckpt.main(["qwen2-to-jet", str(tmp_path / "qwen"), str(tmp_path / "jet"), "--layout-config",
+                                    str(tmp_path / "layout.json"), "--layer-types", "jet,swa,jet"]) == 0
+    model = load_params(tmp_path / "jet")
+    assert model.config.layer_types == ("jet", "swa", "jet")
+    report = json.loads((tmp_path / "jet" / "conversion_report.json").read_text())
+    src, dst = to_state_dict(source), to_state_dict(model)
+    for name in report["copied"]:
+        np.testing.assert_array_equal(dst[name], src[name], err_msg=name)
+    assert "model.layers.1.self_attn.q_proj.bias" in report["copied"]  # the swa layer keeps its attention
+    assert "model.layers.0.self_attn.q_proj.weight" in report["dropped"]
+    assert set(report["copied"]) | set(report["initialised"]) == set(dst)
+    assert all(".self_attn." in n and n.split(".")[2] in ("0", "2") for n in report["initialised"])
+    w2 = dst["model.layers.2.self_attn.dynamic_conv1d.kernel_generator.w2.weight"]
+    assert not w2.any() and dst["model.layers.2.self_attn.A_log"].dtype == np.float32
+    # A layout whose dimensions do not match the source is refused, naming the field.
+    wrong = layout.replace(intermediate_size=64)
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong.to_hf_dict()))
+    assert convert_torch_ckpt.main(["qwen2-to-jet", str(tmp_path / "qwen"), str(tmp_path / "jet2"),
+                                    "--layout-config", str(tmp_path / "wrong.json")]) == 2
+    assert not (tmp_path / "jet2").exists()
