@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+_FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64", "bfloat16", "float16", "float32", "float64"})
 # Buffers some exporters write that carry no parameters (recomputed here).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -70,9 +71,12 @@ def load_state_dict(model: nnx.Module, get_tensor: Callable[[str], np.ndarray],
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"{where}: unexpected tensor {extra[0]}{more} for this model config")
     for name, path, var in entries:
+        shape, dtype = names[name]
         want = tuple(var.shape[::-1] if _transposed(path) else var.shape)
-        if tuple(names[name][0]) != want:
-            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(names[name][0])}, expected {want}")
+        if tuple(shape) != want:
+            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(shape)}, expected {want}")
+        if str(dtype) not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{where}: tensor {name} has dtype {dtype}, expected a floating-point dtype")
     for name, path, var in entries:
         x = get_tensor(name)
         if _transposed(path):

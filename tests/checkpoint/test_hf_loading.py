@@ -88,6 +88,8 @@ def test_tied_lm_head_in_file_is_accepted(tmp_path, rng):
      "unexpected tensor model.layers.9.mlp.up_proj.weight"),
     (lambda t: t.update({"model.norm.weight": np.zeros(7, np.float32)}),
      r"tensor model.norm.weight has shape \(7,\), expected \(128,\)"),
+    (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype("int32")}),
+     "tensor model.norm.weight has dtype I32"),
 ])
 def test_bad_tensors_are_named(saved, damage, message):
     cfg, _, tensors, path = saved
