@@ -51,6 +51,19 @@ def same_tensors(a: str, b: str) -> bool:
     return all(da.get(n).tobytes() == db.get(n).tobytes() for n in da.shapes)
 
 
+def same_params(a: str, b: str) -> bool:
+    """Bit-exact comparison of two JAX (Orbax) checkpoints."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jetnemo_jax.checkpoint.orbax_params import load_params
+
+    leaves = [jax.tree.leaves(nnx.state(load_params(d), nnx.Param)) for d in (a, b)]
+    return len(leaves[0]) == len(leaves[1]) and all(
+        x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(*leaves))
+
+
 def dir_gib(path: str) -> float:
     return round(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1024 ** 3, 2)
 
@@ -64,14 +77,16 @@ def main():
     work = os.path.join(args.workdir, args.preset)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    hf, jax_dir, back = (os.path.join(work, n) for n in ("hf", "jax", "hf_back"))
+    hf, jax_dir, back, jax_back = (os.path.join(work, n) for n in ("hf", "jax", "hf_back", "jax_back"))
     qwen, jet = os.path.join(work, "qwen"), os.path.join(work, "jet_init")
     write_random_hf(args.preset, hf)
     write_random_hf(QWEN_OF[args.preset], qwen)
     rows = [measured(["hf-to-jax", hf, jax_dir]), measured(["jax-to-hf", jax_dir, back]),
             measured(["qwen2-to-jet", qwen, jet, "--preset", args.preset])]
-    exact = same_tensors(hf, back)
-    print(f"HF -> JAX -> HF bit-exact: {exact}")
+    measured(["hf-to-jax", back, jax_back])
+    exact_hf, exact_jax = same_tensors(hf, back), same_params(jax_dir, jax_back)
+    exact = exact_hf and exact_jax
+    print(f"HF -> JAX -> HF bit-exact: {exact_hf}; JAX -> HF -> JAX bit-exact: {exact_jax}")
     print(f"{args.preset}: HF checkpoint {dir_gib(hf)} GiB (bf16), machine RAM "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024 ** 3:.0f} GiB, {os.cpu_count()} cores")
     print(f"{'command':<14}{'seconds':>9}{'peak RSS GiB':>14}")
@@ -79,7 +94,8 @@ def main():
         print(f"{r['command']:<14}{r['seconds']:>9}{r['peak_rss_gib']:>14}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "hf_gib": dir_gib(hf), "bit_exact": exact, "rows": rows}, f, indent=2)
+            json.dump({"preset": args.preset, "hf_gib": dir_gib(hf), "hf_jax_hf_exact": exact_hf,
+                       "jax_hf_jax_exact": exact_jax, "rows": rows}, f, indent=2)
     shutil.rmtree(work, ignore_errors=True)
     if not exact:
         raise SystemExit("round trip is not bit-exact")
