@@ -7,6 +7,7 @@ recurrent state are float32; the output norm is float32 and gated by silu(g_proj
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,12 @@ from jetnemo_jax.layers.params import EMBED, JET_HEADS, linear, param
 # Mamba2-style initialisation of the decay parametrisation (as the official block).
 _A_INIT_RANGE = (0.0, 16.0)
 _DT_MIN, _DT_MAX, _DT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+class JetCache(NamedTuple):
+    """Decode cache of one JetBlock: the last W-1 raw value projections and the recurrent state."""
+    conv: jax.Array  # [B, W-1, Dv] in the activation dtype
+    state: jax.Array  # [B, H, dk, dv] float32
 
 
 class KernelGenerator(nnx.Module):
@@ -44,9 +51,14 @@ class DynamicConv(nnx.Module):
         flat = self.kernel_generator(x)
         return flat.reshape(*flat.shape[:-1], flat.shape[-1] // self.conv_size, self.conv_size)
 
-    def __call__(self, u, x, *, segment_ids=None):
-        y, _ = ops.dynamic_conv(u, self.kernels(x), segment_ids=segment_ids, impl=self.impl)
-        return y
+    def __call__(self, u, x, *, segment_ids=None, cache=None, return_cache=False):
+        """u: raw value projections [B,T,Dv]; x: the generator input. Returns (v, final conv cache or None)."""
+        return ops.dynamic_conv(u, self.kernels(x), segment_ids=segment_ids, cache=cache,
+                                output_final_cache=return_cache, impl=self.impl)
+
+    def step(self, u, x, cache):
+        """One token: u [B,Dv], x [B,hidden], cache [B,W-1,Dv] -> (v [B,Dv], new cache)."""
+        return ops.dynamic_conv_step(u, self.kernels(x), cache)
 
 
 def _init_a_log(key, shape, dtype=jnp.float32):
@@ -92,12 +104,35 @@ class JetBlock(nnx.Module):
         y = self.o_norm(o, out_dtype=jnp.float32) * jax.nn.silu(gate)
         return self.o_proj(y.reshape(*o.shape[:-2], -1).astype(x.dtype))
 
-    def __call__(self, x, *, segment_ids=None):
+    def __call__(self, x, *, segment_ids=None, cache: JetCache | None = None, return_cache: bool = False):
+        """x [B,T,hidden] (normalised). With `cache`, continue from it (prefill in pieces); with
+        `return_cache`, also return the JetCache after the last token."""
         B, T, _ = x.shape
         H, dk, dv = self.num_heads, self.head_k_dim, self.head_v_dim
         q = jax.nn.silu(self.q_proj(x)).reshape(B, T, H, dk)
         k = jax.nn.silu(self.k_proj(x)).reshape(B, T, H, dk)
-        v = self.dynamic_conv1d(self.v_proj(x), x, segment_ids=segment_ids).reshape(B, T, H, dv)
+        v, conv = self.dynamic_conv1d(self.v_proj(x), x, segment_ids=segment_ids,
+                                      cache=None if cache is None else cache.conv, return_cache=return_cache)
         g, beta = self.gates(x)
-        o, _ = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, impl=self.gdr_impl)
-        return self.output(o, x)
+        o, state = ops.gated_delta_rule(q, k, v.reshape(B, T, H, dv), g, beta, segment_ids=segment_ids,
+                                        initial_state=None if cache is None else cache.state,
+                                        output_final_state=return_cache, impl=self.gdr_impl)
+        y = self.output(o, x)
+        return (y, JetCache(conv, state)) if return_cache else y
+
+    def init_cache(self, batch: int, dtype) -> JetCache:
+        conv_size = self.dynamic_conv1d.conv_size
+        value_dim = self.num_heads * self.head_v_dim
+        return JetCache(jnp.zeros((batch, conv_size - 1, value_dim), dtype),
+                        jnp.zeros((batch, self.num_heads, self.head_k_dim, self.head_v_dim), jnp.float32))
+
+    def step(self, x, cache: JetCache):
+        """One decode token: x [B, hidden] -> (y [B, hidden], new JetCache)."""
+        B = x.shape[0]
+        H, dk, dv = self.num_heads, self.head_k_dim, self.head_v_dim
+        q = jax.nn.silu(self.q_proj(x)).reshape(B, H, dk)
+        k = jax.nn.silu(self.k_proj(x)).reshape(B, H, dk)
+        v, conv = self.dynamic_conv1d.step(self.v_proj(x), x, cache.conv)
+        g, beta = self.gates(x)
+        o, state = ops.gated_delta_rule_step(q, k, v.reshape(B, H, dv), g, beta, cache.state)
+        return self.output(o, x), JetCache(conv, state)
