@@ -35,7 +35,7 @@ def save_hf(model, directory: str | os.PathLike, *, dtype: str | None = "bfloat1
     dtype: "bfloat16" (default), "float32", or None to keep each parameter's dtype. A tied lm_head is
     not written (the official checkpoints omit it). The directory appears only when complete.
     """
-    entries = [(name, path, var) for name, path, var in param_entries(model)]
+    entries = list(param_entries(model))
     sizes = [int(np.prod(var.shape)) * _export_dtype(name, dtype, var.dtype).itemsize for name, _, var in entries]
     shards, current, current_bytes = [], [], 0
     for entry, size in zip(entries, sizes):
@@ -47,7 +47,7 @@ def save_hf(model, directory: str | os.PathLike, *, dtype: str | None = "bfloat1
     shards.append(current)
 
     cfg = model.config.to_hf_dict()
-    cfg["torch_dtype"] = "float32" if dtype == "float32" else "bfloat16"
+    cfg["torch_dtype"] = np.dtype(_export_dtype("weight", dtype, model.model.embed_tokens.embedding.dtype)).name
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         weight_map = {}
         for i, shard in enumerate(shards):
