@@ -43,6 +43,29 @@ class DecoderLayer(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def init_cache(self, batch: int, max_len: int, dtype):
+        if self.layer_type == "jet":
+            return self.self_attn.init_cache(batch, dtype)
+        return self.self_attn.init_cache(batch, max_len, dtype)
+
+    def prefill(self, x, *, positions, cache):
+        h = self.input_layernorm(x)
+        if self.layer_type == "jet":
+            h, cache = self.self_attn(h, return_cache=True)
+        else:
+            h, cache = self.self_attn.prefill(h, positions=positions, cache=cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+    def step(self, x, *, position, cache):
+        h = self.input_layernorm(x)
+        if self.layer_type == "jet":
+            h, cache = self.self_attn.step(h, cache)
+        else:
+            h, cache = self.self_attn.step(h, position=position, cache=cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
 
 class JetNemotronModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -94,3 +117,27 @@ class JetNemotronForCausalLM(nnx.Module):
     def __call__(self, input_ids, *, positions=None, segment_ids=None):
         """input_ids [B, T] int -> logits [B, T, vocab] float32. segment_ids [B, T]: packed documents."""
         return self.logits(self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids))
+
+    # Decoding: per-layer caches (JetCache for JetBlocks, KVCache for attention; W slots for sliding window).
+    def init_cache(self, batch: int, max_len: int):
+        dtype = jnp.dtype(self.config.dtype)
+        return [layer.init_cache(batch, max_len, dtype) for layer in self.model.layers]
+
+    def prefill(self, input_ids, caches):
+        """Prompt [B, T] from empty caches -> (logits [B, T, vocab], caches)."""
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        x = self.model.embed_tokens(input_ids)
+        new = []
+        for layer, cache in zip(self.model.layers, caches):
+            x, cache = layer.prefill(x, positions=positions, cache=cache)
+            new.append(cache)
+        return self.logits(self.model.norm(x)), new
+
+    def decode_step(self, token, position, caches):
+        """token, position [B] -> (logits [B, vocab], caches)."""
+        x = self.model.embed_tokens(token)
+        new = []
+        for layer, cache in zip(self.model.layers, caches):
+            x, cache = layer.step(x, position=position, cache=cache)
+            new.append(cache)
+        return self.logits(self.model.norm(x)), new
