@@ -126,18 +126,17 @@ class JetNemotronForCausalLM(nnx.Module):
     def prefill(self, input_ids, caches):
         """Prompt [B, T] from empty caches -> (logits [B, T, vocab], caches)."""
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        x = self.model.embed_tokens(input_ids)
-        new = []
-        for layer, cache in zip(self.model.layers, caches):
-            x, cache = layer.prefill(x, positions=positions, cache=cache)
-            new.append(cache)
-        return self.logits(self.model.norm(x)), new
+        return self._through_caches(input_ids, caches, lambda layer, x, c: layer.prefill(x, positions=positions,
+                                                                                          cache=c))
 
     def decode_step(self, token, position, caches):
         """token, position [B] -> (logits [B, vocab], caches)."""
-        x = self.model.embed_tokens(token)
+        return self._through_caches(token, caches, lambda layer, x, c: layer.step(x, position=position, cache=c))
+
+    def _through_caches(self, tokens, caches, run_layer):
+        x = self.model.embed_tokens(tokens)
         new = []
         for layer, cache in zip(self.model.layers, caches):
-            x, cache = layer.step(x, position=position, cache=cache)
+            x, cache = run_layer(layer, x, cache)
             new.append(cache)
         return self.logits(self.model.norm(x)), new
