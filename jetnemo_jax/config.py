@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 LAYER_TYPES = ("attn", "swa", "jet")
 
@@ -114,7 +115,7 @@ class ModelConfig:
     def num_hidden_layers(self) -> int:
         return len(self.layer_types)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"unknown ModelConfig field(s) {sorted(unknown)}")
@@ -122,11 +123,11 @@ class ModelConfig:
 
     # ----------------------------------------------------------------------------------- HF schema
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], **overrides) -> "ModelConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any], **overrides) -> ModelConfig:
         return _from_hf(dict(d), overrides)
 
     @classmethod
-    def from_hf_file(cls, path: str | os.PathLike, **overrides) -> "ModelConfig":
+    def from_hf_file(cls, path: str | os.PathLike, **overrides) -> ModelConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")

@@ -77,11 +77,31 @@ class JetNemotronModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.layer_types])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
 
-    def __call__(self, input_ids, *, positions, doc_ids):
+    def __call__(self, input_ids, *, positions, doc_ids, remat: str = "none", keep_layers=()):
+        """-> (final-normed hidden [B, T, hidden], {i: output of layer i} for i in keep_layers)."""
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        run = _run_layer if remat == "none" else nnx.remat(_run_layer, policy=REMAT_POLICIES[remat])
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, positions=positions, doc_ids=doc_ids)
-        return self.norm(x)
+        kept = {}
+        for i, layer in enumerate(self.layers):
+            x = run(layer, x, positions, doc_ids)
+            if i in keep_layers:
+                kept[i] = x
+        return self.norm(x), kept
+
+
+# Rematerialisation of each decoder layer in the backward pass: what the forward may keep.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": None,  # keep only layer inputs, recompute the rest
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs
+    "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def _run_layer(layer, x, positions, doc_ids):
+    return layer(x, positions=positions, doc_ids=doc_ids)
 
 
 def positions_in_documents(doc_ids):
@@ -99,13 +119,13 @@ class JetNemotronForCausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), rngs=rngs, cfg=cfg)
 
-    def hidden_states(self, input_ids, *, positions=None, segment_ids=None):
-        """Final-normed hidden states [B, T, hidden]."""
+    def hidden_states(self, input_ids, *, positions=None, segment_ids=None, remat="none", keep_layers=()):
+        """Final-normed hidden states [B, T, hidden], and {i: output of layer i} for i in keep_layers."""
         doc_ids = None if segment_ids is None else doc_ids_from_segments(segment_ids, input_ids.shape)
         if positions is None:
             positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape) if doc_ids is None
                          else positions_in_documents(doc_ids))
-        return self.model(input_ids, positions=positions, doc_ids=doc_ids)
+        return self.model(input_ids, positions=positions, doc_ids=doc_ids, remat=remat, keep_layers=keep_layers)
 
     def logits(self, hidden):
         if self.config.tie_word_embeddings:
@@ -116,7 +136,7 @@ class JetNemotronForCausalLM(nnx.Module):
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None):
         """input_ids [B, T] int -> logits [B, T, vocab] float32. segment_ids [B, T]: packed documents."""
-        return self.logits(self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids))
+        return self.logits(self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids)[0])
 
     # Decoding: per-layer caches (JetCache for JetBlocks, KVCache for attention; W slots for sliding window).
     def init_cache(self, batch: int, max_len: int):

@@ -11,7 +11,7 @@ source attention weights of those layers are reported as dropped.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 from flax import nnx

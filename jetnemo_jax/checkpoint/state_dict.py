@@ -6,7 +6,7 @@ only the leaf differs (`kernel` is a transposed `weight`, `embedding` is `weight
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp

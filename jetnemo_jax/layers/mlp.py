@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from jetnemo_jax.layers.params import EMBED, MLP as MLP_AXIS, linear
+from jetnemo_jax.layers.params import EMBED, linear
+from jetnemo_jax.layers.params import MLP as MLP_AXIS
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,1 @@
+"""Training data: text sources, tokenizers, grain pipelines with packing and segment ids."""

@@ -1,0 +1,121 @@
+"""Device mesh (data, fsdp, tensor) and logical-axis -> mesh-axis rules.
+
+Parameters carry logical axis names (layers/params.py); the rules, kept in the training config, map them
+onto mesh axes. A dimension a mesh axis does not divide stays replicated on that axis (logged once): that
+changes memory, never numerics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = "batch"  # logical axis of activations' leading dimension
+# MaxText-style defaults: weights sharded over fsdp on the model dim and over tensor on the head/MLP dims.
+DEFAULT_RULES = (
+    (BATCH, ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("jet_heads", "tensor"),
+    ("norm", None),
+)
+
+
+def mesh_shape(axes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
+    """Sizes for (data, fsdp, tensor); one of them may be -1 (takes the remaining devices)."""
+    unknown = [k for k in axes if k not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"mesh axes {unknown} unknown; expected {MESH_AXES}")
+    sizes = [int(axes.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {n_devices} devices")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices, "
+                         f"but {n_devices} are present")
+    return tuple(sizes)
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh. Across TPU slices (multislice), `data` spans the slices over DCN."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(axes, len(devices))
+    n_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if n_slices > 1:
+        if shape[0] % n_slices:
+            raise ValueError(f"{n_slices} slices: the data axis ({shape[0]}) must be a multiple of it")
+        ici = (shape[0] // n_slices, *shape[1:])
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (n_slices, 1, 1), devices)
+    else:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(np.asarray(grid), MESH_AXES)
+
+
+def _rules_dict(rules) -> dict:
+    out = {}
+    for name, target in rules:
+        target = tuple(target) if isinstance(target, (list, tuple)) else ((target,) if target else ())
+        bad = [t for t in target if t not in MESH_AXES]
+        if bad:
+            raise ValueError(f"sharding rule {name!r} -> {bad}: mesh axes are {MESH_AXES}")
+        out[name] = target
+    return out
+
+
+_warned: set = set()
+
+
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
+    """PartitionSpec for an array with these logical axes; mesh axes that don't divide a dim are dropped."""
+    table = _rules_dict(rules)
+    spec, used = [], set()
+    for name, dim in zip(logical, shape):
+        if name is not None and name not in table:
+            raise ValueError(f"no sharding rule for logical axis {name!r}; rules cover {sorted(table)}")
+        axes = tuple(a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1)
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            if (name, dim, axes) not in _warned:
+                _warned.add((name, dim, axes))
+                log.info("logical axis %r of size %d is not divisible by mesh axes %s: dropping %r",
+                         name, dim, axes, axes[-1])
+            axes = axes[:-1]
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> dict[tuple, NamedSharding]:
+    """{parameter path: NamedSharding} from each parameter's logical axes (`out_sharding` metadata)."""
+    out = {}
+    for path, var in nnx.to_flat_state(abstract_state):
+        logical = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        out[path] = NamedSharding(mesh, logical_to_spec(logical, var.shape, mesh, rules))
+    return out
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    """Activations and token batches: leading dim over the batch rule's axes, the rest replicated."""
+    axes = _rules_dict(rules).get(BATCH, ())
+    return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def batch_divisor(mesh: Mesh, rules) -> int:
+    return math.prod(mesh.shape[a] for a in _rules_dict(rules).get(BATCH, ()))

@@ -1,0 +1,1 @@
+"""Continued pretraining: config, trainable/frozen split, optimiser, step, distillation, metrics, loop."""

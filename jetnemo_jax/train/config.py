@@ -1,0 +1,104 @@
+"""Training configuration (ml_collections): defaults, and the model section <-> ModelConfig.
+
+Config files in configs/ start from `default_config()` and change what they need; every key exists here,
+so a misspelt key (in a file or on the command line) fails instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+import ml_collections
+
+from jetnemo_jax import config as model_config_lib
+from jetnemo_jax import sharding
+
+
+def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
+    """Every ModelConfig field of a preset, so any of them can be set from the command line."""
+    cfg = model_config_lib.preset(preset, **overrides)
+    d = dataclasses.asdict(cfg)
+    d["jet"] = d["jet"] or dataclasses.asdict(model_config_lib.JetBlockConfig())
+    return ml_collections.ConfigDict(d)
+
+
+def to_model_config(section) -> model_config_lib.ModelConfig:
+    d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    jet = d.pop("jet")
+    d["layer_types"] = tuple(d["layer_types"])
+    # The JetBlock section is always present in the config; the model gets it where it has JetBlocks.
+    d["jet"] = model_config_lib.JetBlockConfig(**jet) if "jet" in d["layer_types"] else None
+    return model_config_lib.ModelConfig(**d)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/tiny"  # checkpoints/, frozen/, tokenizer/, metrics.jsonl, tensorboard/, loss.png
+    c.seed = 0
+    c.model = model_section("tiny")
+
+    # Initial weights: "random" (seed), "qwen2" (an HF Qwen2.5 directory, converted with
+    # model.layer_types; the distillation teacher comes from it too) or "params" (a Jet-Nemotron
+    # checkpoint: an HF safetensors directory or one written by convert_torch_ckpt.py / this trainer).
+    c.init = ml_collections.ConfigDict(dict(mode="random", path=""))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="pydoc_data",  # comma-separated files/dirs/globs (.jsonl .txt .parquet .array_record)
+        text_key="text",
+        tokenizer="",  # local HF tokenizer dir; "" trains a BPE of model.vocab_size on the data (small corpora)
+        eos_token="",  # "" reads tokenizer_config.json
+        seq_len=128,
+        global_batch=8,  # rows per optimizer step, over all processes
+        shuffle=True,
+        worker_count=0,  # grain worker processes for tokenisation (0: in the main process)
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+        clip_norm=1.0,
+        no_decay=r"(norm|bias|A_log|dt_bias)",  # regex on parameter paths: no weight decay
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=300,
+        microbatches=1,  # gradient accumulation: global_batch is split into this many sequential parts
+        remat="none",  # none | full | dots | dots_saveable
+        frozen="",  # regex on parameter paths (e.g. "mlp|embed_tokens"); frozen: no grads, no optimizer state
+        nonfinite="stop",  # stop | skip: what a NaN/inf loss or gradient does
+        log_every=10,
+        sample_prompt="def ",  # printed with a short greedy sample at the end ("" to skip)
+        sample_tokens=48,
+    ))
+
+    c.distill = ml_collections.ConfigDict(dict(
+        enabled=False,  # teacher: the all-attention original, sharing the student's frozen weights
+        temperature=1.0,
+        kl_weight=1.0,
+        ce_weight=0.0,  # next-token cross entropy alongside the KL
+        mse_weight=0.0,  # MSE between student and teacher hidden states at hidden_layers
+        hidden_layers=(),
+    ))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.sharding_rules = tuple(sharding.DEFAULT_RULES)
+    # Multi-process GPU/CPU clusters: explicit values, else JAX's auto-detection (TPU pods, SLURM, ...).
+    c.distributed = ml_collections.ConfigDict(dict(
+        mode="auto",  # auto (initialise on multi-host TPU or with a coordinator address) | on | off
+        coordinator_address="", num_processes=0, process_id=-1, cpu_collectives="gloo"))
+    return c
+
+
+def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+               prefix: str = "") -> None:
+    """Every key of `config` must exist in the defaults; the error lists the valid keys."""
+    reference = default_config() if reference is None else reference
+    for key, value in config.items():
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise KeyError(f"unknown config key {prefix}{key!r}{hint}; valid keys under "
+                           f"{prefix or 'the top level'}: {', '.join(sorted(reference.keys()))}")
+        if isinstance(value, ml_collections.ConfigDict) and key != "model":
+            check_keys(value, reference[key], f"{prefix}{key}.")
