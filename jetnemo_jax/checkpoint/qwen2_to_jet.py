@@ -3,7 +3,7 @@
 Copied from the source: embeddings, final norm, lm_head (if untied), and in every layer both RMSNorms and
 the MLP; attention ("attn") and sliding-window ("swa") layers keep their attention weights. JetBlock layers
 are initialised as the official block initialises itself (Linear weights N(0, initializer_range), kernel
-generator W1 = W2 = 0 with b2 ~ N(0, initializer_range), Mamba2-style A_log / dt_bias): the paper leaves
+generator W2 = 0 with W1, b2 ~ N(0, initializer_range), Mamba2-style A_log / dt_bias): the paper leaves
 open whether JetBlock projections start from the attention weights they replace; we do not, and the
 source attention weights of those layers are reported as dropped.
 """
@@ -75,8 +75,8 @@ def qwen2_to_jet(src: str | os.PathLike, layout: ModelConfig, *,
     report = {
         "source": os.path.abspath(os.fspath(src)), "seed": seed, "param_dtype": param_dtype,
         "layer_types": list(cfg.layer_types), "copied": copied, "initialised": initialised, "dropped": dropped,
-        "jet_block_init": "official: Linear N(0, initializer_range); kernel generator W1 = W2 = 0, "
-                          "b2 ~ N(0, initializer_range); A = U(0, 16), A_log = log A; dt log-uniform "
+        "jet_block_init": "official: Linear N(0, initializer_range); kernel generator W2 = 0, "
+                          "W1 and b2 ~ N(0, initializer_range) (the official W1 = 0 never trains); A = U(0, 16), A_log = log A; dt log-uniform "
                           "[1e-3, 1e-1] clamped >= 1e-4, dt_bias = softplus^-1(dt); o_norm weight 1",
     }
     return model, report

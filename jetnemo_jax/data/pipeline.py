@@ -16,14 +16,11 @@ import numpy as np
 from grain import experimental as grain_exp
 
 
-def packed_dataset(source, encode: Callable[[str], np.ndarray], eos_id: int, *, seq_len: int,
-                   local_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
-                   shuffle: bool = True, worker_count: int = 0) -> grain.IterDataset:
-    """Infinite stream of {"tokens", "segment_ids"}: int32 [local_batch, seq_len] each."""
+def _packed_shard(source, encode, eos_id, *, seq_len, rows, seed, shard, num_shards, shuffle):
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None)[process_index::process_count]
+    ds = ds.repeat(None)[shard::num_shards]
 
     def tokenize(text):
         return {"tokens": np.append(encode(text), np.int32(eos_id)).astype(np.int32)}
@@ -31,15 +28,28 @@ def packed_dataset(source, encode: Callable[[str], np.ndarray], eos_id: int, *, 
     ds = ds.map(tokenize).to_iter_dataset()
     ds = grain_exp.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len})
     ds = ds.map(lambda r: {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"]})
-    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.batch(rows, drop_remainder=True)
+
+
+def packed_dataset(source, encode: Callable[[str], np.ndarray], eos_id: int, *, seq_len: int,
+                   global_batch: int, seed: int, num_shards: int = 0, process_index: int = 0,
+                   process_count: int = 1, shuffle: bool = True, worker_count: int = 0) -> grain.IterDataset:
+    """This process's rows of each global batch: {"tokens", "segment_ids"}, int32 [rows, seq_len].
+
+    The data is split into `num_shards` streams (default: one per process), each packed on its own and
+    giving global_batch / num_shards consecutive rows of every batch; a process reads the streams of its
+    rows. So the global batch is the same for any process count that divides `num_shards`.
+    """
+    num_shards = num_shards or process_count
+    if num_shards % process_count or global_batch % num_shards:
+        raise ValueError(f"data.num_shards={num_shards} must be a multiple of the {process_count} processes "
+                         f"and divide data.global_batch={global_batch}")
+    per_process = num_shards // process_count
+    shards = [_packed_shard(source, encode, eos_id, seq_len=seq_len, rows=global_batch // num_shards, seed=seed,
+                            shard=process_index * per_process + i, num_shards=num_shards, shuffle=shuffle)
+              for i in range(per_process)]
+    ds = shards[0] if per_process == 1 else grain_exp.ZipIterDataset(shards).map(
+        lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     if worker_count > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return ds
-
-
-def targets_and_mask(tokens: np.ndarray, segment_ids: np.ndarray):
-    """Next-token targets inside each document; the last token of a row or document predicts nothing."""
-    targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)
-    same = np.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
-                           np.zeros_like(segment_ids[:, :1], bool)], axis=1)
-    return targets, same & (segment_ids > 0)

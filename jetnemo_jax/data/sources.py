@@ -151,6 +151,8 @@ def open_source(spec: str, text_key: str = "text"):
     """A random-access source of document strings."""
     if spec == BUNDLED:
         return bundled_texts()
+    if not spec.strip():
+        raise ValueError("data.source is empty: name .jsonl/.txt/.parquet/.array_record files, directories or globs")
     files = expand(spec)
     parts = []
     txt = [f for f in files if f.endswith(".txt")]

@@ -33,8 +33,11 @@ class KernelGenerator(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         j = cfg.jet
-        # w1 = w2 = 0 and b2 ~ N(0, initializer_range): training starts from a static convolution.
-        self.w1 = linear(cfg.hidden_size, j.generator_dim, (EMBED, None), rngs=rngs, cfg=cfg, zero_init=True)
+        # w2 = 0 and b2 ~ N(0, initializer_range): training starts from a static convolution. The official
+        # module also zeroes w1, but silu(0) = 0 makes w1 = w2 = 0 a saddle where neither ever gets a
+        # gradient (the generator stays dead); w1 ~ N(0, initializer_range) keeps the static start and
+        # lets w2 learn from the first step.
+        self.w1 = linear(cfg.hidden_size, j.generator_dim, (EMBED, None), rngs=rngs, cfg=cfg)
         self.w2 = linear(j.generator_dim, j.value_dim * j.conv_size, (None, JET_HEADS), rngs=rngs, cfg=cfg,
                          zero_init=True, use_bias=True, bias_std=cfg.initializer_range)
 

@@ -51,6 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
         seq_len=128,
         global_batch=8,  # rows per optimizer step, over all processes
         shuffle=True,
+        num_shards=0,  # data streams, each packed separately (0: one per process); fixing it makes the
+        #               global batch independent of the process count
         worker_count=0,  # grain worker processes for tokenisation (0: in the main process)
     ))
 

@@ -64,6 +64,9 @@ def get_tokenizer(config, workdir: Path, source) -> tokenizer_lib.Tokenizer:
     d = config.data
     if d.tokenizer:
         return tokenizer_lib.load_tokenizer(d.tokenizer, d.eos_token or None)
+    if d.source != sources.BUNDLED:
+        raise ValueError("data.tokenizer is empty: set it to a local HF tokenizer directory (only the bundled "
+                         f"{sources.BUNDLED!r} corpus trains its own)")
     # Small corpora: a BPE trained on the data itself, deterministic, so every process gets the same one.
     n = min(len(source), 5000)
     return tokenizer_lib.train_bpe((source[i] for i in range(n)), config.model.vocab_size, workdir / "tokenizer")
@@ -175,9 +178,9 @@ def run(config) -> dict:
     tok = get_tokenizer(config, workdir, source)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.vocab_size}")
-    data = iter(packed_dataset(source, tok.encode, tok.eos_id, seq_len=d.seq_len, local_batch=d.global_batch // n_proc,
-                               seed=config.seed, process_index=jax.process_index(), process_count=n_proc,
-                               shuffle=d.shuffle, worker_count=d.worker_count))
+    data = iter(packed_dataset(source, tok.encode, tok.eos_id, seq_len=d.seq_len, global_batch=d.global_batch,
+                               seed=config.seed, num_shards=d.num_shards, process_index=jax.process_index(),
+                               process_count=n_proc, shuffle=d.shuffle, worker_count=d.worker_count))
 
     ckpt = RunCheckpoints(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
                           async_save=config.checkpoint.async_save)
@@ -276,7 +279,9 @@ def run(config) -> dict:
         ckpt.close()
     plot = writer.close()
     history = writer.history() if main else []
-    result = {"workdir": str(workdir), "checkpoint": str(ckpt.directory), "metrics": str(writer.jsonl),
+    final = export_final(program, state, frozen, tok, workdir / "final") if step_no == total else None
+    result = {"workdir": str(workdir), "checkpoint": str(ckpt.directory), "final": final,
+              "metrics": str(writer.jsonl),
               "tensorboard": str(writer.tb_dir), "plot": str(plot) if plot else None, "steps": step_no,
               "final_loss": history[-1]["loss"] if history else None}
     if step_no == total and config.train.sample_prompt and config.train.sample_tokens > 0:
@@ -285,9 +290,35 @@ def run(config) -> dict:
             print(f"sample: {sample!r}", flush=True)
         result["sample"] = sample
     if main:
-        print(f"checkpoints: {result['checkpoint']}\nmetrics: {result['metrics']} (TensorBoard: "
+        print(f"checkpoints: {result['checkpoint']}\nfinal weights: {final}\nmetrics: {result['metrics']} (TensorBoard: "
               f"{result['tensorboard']})\nloss plot: {result['plot']}", flush=True)
     return result
+
+
+def export_final(program: Program, state, frozen, tok, directory: Path) -> str:
+    """The trained model as `config.json` + `params/` (+ tokenizer): what init.mode='params',
+    `convert_torch_ckpt.py jax-to-hf` and generation read."""
+    import orbax.checkpoint as ocp
+
+    from jetnemo_jax.checkpoint.orbax_params import PARAMS_DIR, save_params
+
+    model = program.split.merge(state["params"], frozen)
+    tokenizer_files = {}
+    if tok.path is not None:
+        tokenizer_files = {f.name: f.read_text() for f in Path(tok.path).iterdir()
+                           if f.name in ("tokenizer.json", "tokenizer_config.json")}
+    if jax.process_count() == 1:
+        save_params(model, directory, overwrite=True, extra_files=tokenizer_files)
+    else:  # Orbax coordinates the processes' writes; process 0 writes the small files
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(directory / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
+        if jax.process_index() == 0:
+            import json
+
+            (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+            for name, text in tokenizer_files.items():
+                (directory / name).write_text(text)
+    return str(directory)
 
 
 def greedy_sample(program: Program, state, frozen, tok, prompt: str, n_tokens: int) -> str:

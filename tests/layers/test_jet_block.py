@@ -51,13 +51,19 @@ def test_block_matches_reference(rng, jet, dtype, tol):
     assert rel_err(out, expect) <= tol
 
 
-def test_official_initialisation(rng):
+def test_initialisation(rng):
     cfg = config.tiny()
     block = JetBlock(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     gen = block.dynamic_conv1d.kernel_generator
-    assert float(jnp.abs(gen.w1.kernel[...]).max()) == 0.0 and float(jnp.abs(gen.w2.kernel[...]).max()) == 0.0
+    assert float(jnp.abs(gen.w2.kernel[...]).max()) == 0.0  # a static convolution at step 0 ...
+    assert 0.015 < float(np.asarray(gen.w1.kernel[...]).std()) < 0.025  # ... that is not a dead saddle
     b2 = np.asarray(gen.w2.bias[...])
     assert 0.015 < b2.std() < 0.025  # N(0, initializer_range)
+
+    # The generator learns: its weights get gradients at initialisation (w1 = w2 = 0 would give none).
+    x = jnp.asarray(rng.standard_normal((2, 9, cfg.hidden_size)), jnp.float32)
+    grads = nnx.grad(lambda b: jnp.sum(b(x) ** 2))(block).dynamic_conv1d.kernel_generator
+    assert float(jnp.abs(grads.w2.kernel[...]).max()) > 0
     A = np.exp(np.asarray(block.A_log[...]))
     assert block.A_log[...].dtype == jnp.float32 and block.dt_bias[...].dtype == jnp.float32
     assert ((A > 0) & (A < 16)).all()

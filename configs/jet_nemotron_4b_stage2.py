@@ -1,0 +1,13 @@
+"""Jet-Nemotron-4B, stage 2: full fine-tuning from the stage-1 result (its `final/` directory), next-token
+loss only. The paper trains 350B tokens with more math and code.
+
+    python train.py --config configs/jet_nemotron_4b_stage2.py \
+        --config.init.path=runs/jet_nemotron_4b_stage1/final --config.data.tokenizer=/ckpt/Qwen2.5-3B \
+        --config.data.source='/data/*.jsonl'
+"""
+
+from jetnemo_jax.train.recipes import stage2
+
+
+def get_config():
+    return stage2("jet_nemotron_4b")

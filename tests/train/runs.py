@@ -1,0 +1,56 @@
+"""Small run configs and subprocess helpers shared by the training tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jetnemo_jax.train.config import default_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def small_config(workdir, **overrides):
+    """The tiny model in fp32 on short rows: seconds per run on 2 CPU cores."""
+    c = default_config()
+    c.workdir = str(workdir)
+    c.model.dtype = "float32"
+    c.data.seq_len = 32
+    c.data.global_batch = 8
+    c.train.steps = 6
+    c.train.log_every = 1
+    c.train.sample_tokens = 0
+    c.checkpoint.every = 3
+    c.optim.warmup_steps = 2
+    for key, value in overrides.items():
+        section, field = key.split(".") if "." in key else (None, key)
+        (c[section] if section else c)[field] = value
+    return c
+
+
+def cli_flags(**overrides) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def small_flags(workdir, **overrides) -> list[str]:
+    base = {"workdir": workdir, "model.dtype": "float32", "data.seq_len": 32, "data.global_batch": 8,
+            "train.steps": 6, "train.log_every": 1, "train.sample_tokens": 0, "checkpoint.every": 3,
+            "optim.warmup_steps": 2}
+    return cli_flags(**{**base, **overrides})
+
+
+def env(**extra) -> dict:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    e.pop("XLA_FLAGS", None) if "XLA_FLAGS" not in extra else None
+    return e
+
+
+def train_cmd(flags: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"), *flags]
+
+
+def run_train(flags: list[str], timeout=600, **env_extra) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(flags), env=env(**env_extra), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
