@@ -9,10 +9,13 @@ ones, reporting each one that fails.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,25 @@ class RunCheckpoints:
                     state=ocp.args.StandardRestore(abstract_state),
                     data=grain.checkpoint.CheckpointRestore(data_iterator)))
             except Exception as e:  # a corrupt or partial checkpoint: report it, use the previous one
-                log.error("checkpoint %s/%d failed to restore (%s: %s); trying the previous one",
-                          self.directory, s, type(e).__name__, e)
-                print(f"checkpoint step {s} failed to restore ({type(e).__name__}: {e}); trying the previous one",
-                      flush=True)
+                aside = self._move_aside(s)
+                msg = (f"checkpoint step {s} failed to restore ({type(e).__name__}: {e}); moved to {aside}, "
+                       "trying the previous one")
+                log.error(msg)
+                if jax.process_index() == 0:
+                    print(msg, flush=True)
                 continue
             return s, out["state"]
         return None, None
+
+    def _move_aside(self, step: int) -> Path:
+        """Rename a bad checkpoint so the run can save that step again; nothing is deleted."""
+        aside = self.directory / f"{step}.failed-{int(time.time())}"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
+        return aside
 
     def has_frozen(self) -> bool:
         return self.frozen_directory.exists()
