@@ -99,8 +99,8 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
     for key, value in config.items():
         if key not in reference:
             close = difflib.get_close_matches(key, list(reference.keys()), n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-            raise KeyError(f"unknown config key {prefix}{key!r}{hint}; valid keys under "
-                           f"{prefix or 'the top level'}: {', '.join(sorted(reference.keys()))}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise KeyError(f"unknown config key '{prefix}{key}'{hint}; valid keys under "
+                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(reference.keys()))}")
         if isinstance(value, ml_collections.ConfigDict) and key != "model":
             check_keys(value, reference[key], f"{prefix}{key}.")

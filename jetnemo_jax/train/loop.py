@@ -234,8 +234,9 @@ def run(config) -> dict:
         if step_no % config.train.log_every and step_no != total:
             return
         tps, step_s = throughput.report()
-        m.update(tokens_per_s=tps, step_s=step_s)
-        if peak:
+        if tps > 0:
+            m.update(tokens_per_s=tps, step_s=step_s)
+        if peak and tps > 0:
             per_chip = tps / jax.device_count()
             m.update(mfu_frozen_aware=per_chip * fpt["frozen_aware"] / peak, mfu_6n=per_chip * fpt["6N"] / peak)
         writer.write(step_no, m)

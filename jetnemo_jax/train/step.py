@@ -89,7 +89,7 @@ def make_train_step(split, tx, schedule, cfg, teacher=None):
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    "tokens": n_valid, **{k: v / n_valid for k, v in sums.items()}}
         return new_state, metrics
 
