@@ -36,9 +36,13 @@ def load_tokenizer(directory: str | Path, eos_token: str | None = None) -> Token
     """tokenizer.json from `directory`; EOS from `eos_token`, else tokenizer_config.json's eos_token."""
     directory = Path(directory)
     path = directory / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no tokenizer.json (a local HF tokenizer directory is expected)")
-    tok = tokenizers.Tokenizer.from_file(str(path))
+    if path.is_file():
+        tok = tokenizers.Tokenizer.from_file(str(path))
+    elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        tok = _from_vocab_and_merges(directory)
+    else:
+        raise FileNotFoundError(f"{directory}: no tokenizer.json, nor vocab.json + merges.txt (a local HF "
+                                "tokenizer directory is expected)")
     if eos_token is None:
         cfg_path = directory / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -50,6 +54,19 @@ def load_tokenizer(directory: str | Path, eos_token: str | None = None) -> Token
     if eos_id is None:
         raise ValueError(f"{directory}: eos token {eos_token!r} is not in the vocabulary")
     return Tokenizer(tok, eos_id, directory)
+
+
+def _from_vocab_and_merges(directory: Path) -> tokenizers.Tokenizer:
+    """A directory with only the slow-tokenizer files: transformers converts it (as AutoTokenizer does)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ImportError(f"{directory} has vocab.json + merges.txt but no tokenizer.json; converting it needs "
+                          "transformers (pip install transformers), or save a tokenizer.json") from e
+    fast = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+    if not getattr(fast, "is_fast", False):
+        raise ValueError(f"{directory}: transformers could not build a fast tokenizer from these files")
+    return fast.backend_tokenizer
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tokenizer:
