@@ -17,6 +17,7 @@ from jetnemo_jax.layers.mlp import MLP
 from jetnemo_jax.layers.norms import RMSNorm
 from jetnemo_jax.layers.params import EMBED, VOCAB, linear, normal
 from jetnemo_jax.ops.dispatch import doc_ids_from_segments
+from jetnemo_jax.sharding import constrain_batch
 
 
 class DecoderLayer(nnx.Module):
@@ -82,10 +83,10 @@ class JetNemotronModel(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         run = _run_layer if remat == "none" else nnx.remat(_run_layer, policy=REMAT_POLICIES[remat])
-        x = self.embed_tokens(input_ids)
+        x = constrain_batch(self.embed_tokens(input_ids))
         kept = {}
         for i, layer in enumerate(self.layers):
-            x = run(layer, x, positions, doc_ids)
+            x = constrain_batch(run(layer, x, positions, doc_ids))
             if i in keep_layers:
                 kept[i] = x
         return self.norm(x), kept
@@ -132,7 +133,7 @@ class JetNemotronForCausalLM(nnx.Module):
             out = self.model.embed_tokens.attend(hidden)
         else:
             out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return constrain_batch(out.astype(jnp.float32))
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None):
         """input_ids [B, T] int -> logits [B, T, vocab] float32. segment_ids [B, T]: packed documents."""

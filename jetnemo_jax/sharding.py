@@ -7,6 +7,8 @@ changes memory, never numerics.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -119,3 +121,30 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh, rules) -> int:
     return math.prod(mesh.shape[a] for a in _rules_dict(rules).get(BATCH, ()))
+
+
+# Activations: the batch dimension over the batch rule's mesh axes, set while a train step is traced. Without
+# these constraints XLA may resolve the conflict between FSDP-sharded weights and the batch by gathering
+# the batch onto every device.
+_activation_batch: contextvars.ContextVar = contextvars.ContextVar("activation_batch", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+    token = _activation_batch.set((mesh, _rules_dict(rules).get(BATCH, ())))
+    try:
+        yield
+    finally:
+        _activation_batch.reset(token)
+
+
+def constrain_batch(x):
+    """Shard x's leading (batch) dim as the active rules say; a no-op outside `activation_sharding`."""
+    active = _activation_batch.get()
+    if active is None:
+        return x
+    mesh, axes = active
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1)))))

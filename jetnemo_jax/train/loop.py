@@ -95,35 +95,32 @@ def initial_params(config, program: Program) -> tuple[dict, dict, dict]:
     """(trainable, frozen, teacher_own) as sharded global arrays, per `config.init`."""
     mode, path, cfg = config.init.mode, config.init.path, program.model_config
     split = program.split
-    if mode == "random":
-        def init():
-            model = JetNemotronForCausalLM(cfg, rngs=nnx.Rngs(config.seed))
-            return split.split(nnx.state(model, nnx.Param))
-        trainable, frozen = jax.jit(init, out_shardings=(program.state_shardings["params"],
-                                                         program.frozen_shardings))()
-        if program.teacher is not None:
-            raise ValueError("distill.enabled with init.mode='random': the teacher needs pre-trained weights "
-                             "(init.mode='qwen2')")
-        return trainable, frozen, {}
-    if not path:
+    if mode == "random" and program.teacher is not None:
+        raise ValueError("distill.enabled with init.mode='random': the teacher needs pre-trained weights "
+                         "(init.mode='qwen2')")
+    if mode not in ("random", "qwen2", "params"):
+        raise ValueError(f"init.mode={mode!r}: expected random, qwen2 or params")
+    if mode != "random" and not path:
         raise ValueError(f"init.mode={mode!r} needs init.path")
     from jetnemo_jax.checkpoint import hf, orbax_params, qwen2_to_jet
 
+    # Weights are built or read on the host, then each process places its shards. (Initialising inside a
+    # jitted function instead compiles one random-number program per tensor: minutes for a 2B model on GPU.)
     cpu = jax.local_devices(backend="cpu")[0]
+    teacher_src = None
     with jax.default_device(cpu):
-        if mode == "qwen2":
+        if mode == "random":
+            model = JetNemotronForCausalLM(cfg, rngs=nnx.Rngs(config.seed))
+        elif mode == "qwen2":
             model, _ = qwen2_to_jet.qwen2_to_jet(path, cfg, layer_types=cfg.layer_types, seed=config.seed,
                                                  param_dtype=cfg.param_dtype)
             teacher_src = hf.load_hf_model(path) if program.teacher is not None else None
-        elif mode == "params":
-            model = (orbax_params.load_params(path) if os.path.isdir(os.path.join(path, "params"))
-                     else hf.load_hf_model(path))
-            teacher_src = None
+        else:
             if program.teacher is not None:
                 raise ValueError("distill.enabled with init.mode='params': the teacher is built from the "
                                  "original Qwen2.5 weights (init.mode='qwen2')")
-        else:
-            raise ValueError(f"init.mode={mode!r}: expected random, qwen2 or params")
+            model = (orbax_params.load_params(path) if os.path.isdir(os.path.join(path, "params"))
+                     else hf.load_hf_model(path))
     if not _same_architecture(model.config, cfg):
         raise ValueError(f"init.path {path}: its model config differs from config.model:\n  checkpoint "
                          f"{model.config}\n  config     {cfg}")

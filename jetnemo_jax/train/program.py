@@ -106,7 +106,7 @@ def build(config, mesh: Mesh) -> Program:
                                      "opt_state": opt_abs}, state_sh)
     batch_sh = sharding.batch_sharding(mesh, rules)
 
-    train_step = step.make_train_step(split, tx, sched, config, teacher)
+    train_step = step.make_train_step(split, tx, sched, config, teacher, mesh)
     step_fn = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, teacher_sh, {"tokens": batch_sh,
                                                                                     "segment_ids": batch_sh}),
                       out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))

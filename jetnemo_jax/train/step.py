@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jetnemo_jax import sharding
+
 
 def next_token_targets(tokens, segment_ids):
     """Targets inside each document; a row's or document's last token predicts nothing (mask False)."""
@@ -26,7 +28,7 @@ def kl_per_token(teacher_logits, student_logits, temperature):
     return temperature ** 2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
 
 
-def make_loss_fn(split, cfg, teacher=None):
+def make_loss_fn(split, cfg, teacher=None, mesh=None):
     """loss(trainable, frozen, teacher_params, batch, n_valid) -> (loss, per-term sums)."""
     distill = cfg.distill.enabled
     if distill and teacher is None:
@@ -34,6 +36,12 @@ def make_loss_fn(split, cfg, teacher=None):
     keep = tuple(cfg.distill.hidden_layers) if distill and cfg.distill.mse_weight > 0 else ()
 
     def loss_fn(trainable, frozen, teacher_params, batch, n_valid):
+        if mesh is None:
+            return _loss(trainable, frozen, teacher_params, batch, n_valid)
+        with sharding.activation_sharding(mesh, cfg.sharding_rules):
+            return _loss(trainable, frozen, teacher_params, batch, n_valid)
+
+    def _loss(trainable, frozen, teacher_params, batch, n_valid):
         tokens, seg = batch["tokens"], batch["segment_ids"]
         targets, valid = next_token_targets(tokens, seg)
         validf = valid.astype(jnp.float32)
@@ -59,9 +67,9 @@ def make_loss_fn(split, cfg, teacher=None):
     return loss_fn
 
 
-def make_train_step(split, tx, schedule, cfg, teacher=None):
+def make_train_step(split, tx, schedule, cfg, teacher=None, mesh=None):
     """step(state, frozen, teacher_params, batch) -> (state, metrics); state = {step, params, opt_state}."""
-    loss_fn = make_loss_fn(split, cfg, teacher)
+    loss_fn = make_loss_fn(split, cfg, teacher, mesh)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     n_micro = cfg.train.microbatches
 

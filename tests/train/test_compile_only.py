@@ -1,0 +1,46 @@
+"""Ahead-of-time compilation of the train step for TPU pods on this CPU machine (needs libtpu)."""
+
+import importlib.util
+import re
+
+import pytest
+
+from tests.train.runs import ROOT, env
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu is not installed (pip install -e '.[tpu]')")
+
+TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
+           "TPU_WORKER_ID": "0", "JAX_PLATFORMS": "cpu"}
+
+
+def compile_only(config, topology, *flags, slices=1):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / config),
+           f"--compile_only={topology}", f"--compile_only_slices={slices}", *flags]
+    out = subprocess.run(cmd, env=env(**TPU_ENV), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    print(out.stdout)
+    head = re.search(r"(\d+) chips \((.+?)\) on (\d+) hosts", out.stdout)
+    total = float(re.search(r"total ([\d.]+) GiB", out.stdout).group(1))
+    return int(head.group(1)), head.group(2), int(head.group(3)), total, out.stdout
+
+
+def test_tiny_model_on_v5e_4x4_four_hosts():
+    chips, kind, hosts, total, _ = compile_only("tiny.py", "v5e:4x4", "--config.mesh.data=4",
+                                                "--config.mesh.fsdp=4", "--config.data.global_batch=16")
+    assert (chips, hosts) == (16, 4) and "v5" in kind and 0 < total < 1
+
+
+def test_tiny_model_multislice():
+    chips, _, hosts, _, out = compile_only("tiny.py", "v5e:2x2", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+                                           "--config.data.global_batch=16", slices=2)
+    assert chips == 8 and "2 slice(s)" in out
+
+
+def test_2b_stage1_on_v5p_4x4x4():
+    chips, _, hosts, total, _ = compile_only("jet_nemotron_2b_stage1.py", "v5p:4x4x4")
+    assert chips == 64 and hosts == 16
+    assert total < 95  # fits a v5p chip's HBM (the compiler would have refused otherwise)
