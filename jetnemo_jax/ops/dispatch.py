@@ -56,9 +56,11 @@ def _check_gdr_shapes(q, k, v, g, beta):
     return B, T, H, dk, v.shape[-1]
 
 
-def _pallas_interpret() -> bool:
-    """The Pallas kernels are Mosaic TPU kernels: compiled on TPU, interpreted on CPU (tests)."""
-    backend = jax.default_backend()
+def _pallas_interpret(mesh) -> bool:
+    """The Pallas kernels are Mosaic TPU kernels: compiled on TPU, interpreted on CPU (tests). The
+    platform is that of `mesh`'s devices when given (a TPU topology compiles ahead of time from a CPU
+    host), else the default backend."""
+    backend = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
     if backend not in ("tpu", "cpu"):
         raise ValueError(f"impl='pallas' has TPU kernels only; on {backend} use impl='chunked'")
     if backend == "cpu" and ("pallas-interpret", "cpu") not in _logged:
@@ -88,7 +90,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         if chunk_size != 64:
             raise ValueError(f"impl='pallas' uses chunk_size=64, got {chunk_size}")
         pallas_gdr.check_supported(dk, dv)
-        interpret = _pallas_interpret()
+        interpret = _pallas_interpret(mesh)
     _announce("gated_delta_rule", impl)
     scale = dk ** -0.5 if scale is None else scale
     f32 = lambda x: x.astype(jnp.float32)

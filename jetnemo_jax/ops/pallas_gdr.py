@@ -20,7 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from pallas_kernels import gated_delta_rule as kernels
 
@@ -88,8 +88,16 @@ def shard_over_mesh(fn, mesh, batch_axes=BATCH_AXES, head_axis=HEAD_AXIS):
     h = head_axis if head_axis in names else None
     tok, gate = P(b, None, h, None), P(b, None, h)
     state = P(b, h, None, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(tok, tok, tok, gate, gate, state, P(b, None)),
-                         out_specs=(tok, state), check_vma=False)
+    in_specs = (tok, tok, tok, gate, gate, state, P(b, None))
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(tok, state), check_vma=False)
+    used = {a for a in (*(b or ()), h) if a is not None}
+    if not any(t == AxisType.Explicit for a, t in zip(mesh.axis_names, mesh.axis_types) if a in used):
+        return mapped  # shard_map reshards inputs on Auto axes itself
+
+    def resharded(*args):  # Explicit axes: shard_map wants the inputs already laid out as in_specs
+        return mapped(*(jax.reshard(x, NamedSharding(mesh, spec)) for x, spec in zip(args, in_specs)))
+
+    return resharded
 
 
 def _context_mesh():
