@@ -57,10 +57,8 @@ def _check_gdr_shapes(q, k, v, g, beta):
 
 
 def _pallas_interpret(mesh) -> bool:
-    """The Pallas kernels are Mosaic TPU kernels: compiled on TPU, interpreted on CPU (tests). The
-    platform is that of `mesh`'s devices when given (a TPU topology compiles ahead of time from a CPU
-    host), else the default backend."""
-    backend = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
+    """The Pallas kernels are Mosaic TPU kernels: compiled on TPU, interpreted on CPU (tests)."""
+    backend = pallas_gdr.platform(mesh)
     if backend not in ("tpu", "cpu"):
         raise ValueError(f"impl='pallas' has TPU kernels only; on {backend} use impl='chunked'")
     if backend == "cpu" and ("pallas-interpret", "cpu") not in _logged:
@@ -77,7 +75,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     initial_state [B,H,dk,dv] float32; segment_ids [B,T] int (a change of id starts a new document,
     which starts from a zero state). Returns (o [B,T,H,dv] in v's dtype, final_state float32 or None).
     impl="pallas" (chunk 64 only) runs per shard of `mesh` (or of the `jax.set_mesh` mesh), batch over
-    the data axes and heads over the tensor axis; XLA partitions the other impls by itself.
+    the data axes and heads over the tensor axis; XLA partitions the other impls by itself. "auto" picks
+    "pallas" on TPU when one device or a mesh makes the layout known, else "chunked".
     """
     B, T, H, dk, dv = _check_gdr_shapes(q, k, v, g, beta)
     if initial_state is not None and initial_state.shape != (B, H, dk, dv):
@@ -85,7 +84,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     if impl not in GDR_IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {GDR_IMPLS}")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "tpu" and chunk_size == 64 else "chunked"
+        impl = "pallas" if chunk_size == 64 and pallas_gdr.auto_eligible(dk, dv, mesh) else "chunked"
     if impl == "pallas":
         if chunk_size != 64:
             raise ValueError(f"impl='pallas' uses chunk_size=64, got {chunk_size}")

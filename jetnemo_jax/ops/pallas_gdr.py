@@ -39,6 +39,19 @@ def check_supported(dk, dv):
             raise ValueError(f"impl='pallas' supports {name} up to {MAX_HEAD_DIM}, got {name}={size}")
 
 
+def platform(mesh) -> str:
+    """Where the kernels will run: `mesh`'s devices when given (a TPU topology compiles ahead of time from
+    a CPU host), else the default backend."""
+    return mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
+
+
+def auto_eligible(dk, dv, mesh) -> bool:
+    """Whether impl="auto" may pick the kernels: TPU, supported head sizes, and a known layout (one device,
+    or a mesh to shard_map over; XLA would otherwise fail to partition the kernels of a sharded jit)."""
+    return (platform(mesh) == "tpu" and max(dk, dv) <= MAX_HEAD_DIM
+            and (mesh is not None or _context_mesh() is not None or jax.device_count() == 1))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _core(q, k, v, g, beta, starts, h0, scale, interpret):
     return kernels.forward(q, k, v, g, beta, starts, h0, scale=scale, interpret=interpret)
