@@ -107,8 +107,7 @@ def _chunk_terms(k, g, beta, starts):
     kk = _dot_t(k, k)
     a = jnp.where(strict, beta * kk * d, 0.0)
     t = _unit_lower_inverse(a, row, col)
-    return dict(row=row, col=col, incl=incl, after=after, strict=strict, d=d, e=e, d_last=d_last,
-                e_last=e_last, kk=kk, t=t)
+    return dict(row=row, col=col, strict=strict, d=d, e=e, d_last=d_last, e_last=e_last, kk=kk, t=t)
 
 
 def _load(refs):
@@ -196,7 +195,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, s_ref, do_ref, dst_re
     row, col = c["row"], c["col"]
     ge = (col >= row).astype(_F32)  # [m, i] = i >= m
     dseg = _dot(ge, dd * d)  # [m, j] = sum_{i >= m} dD_ij D_ij
-    dg = (_rowsum(jnp.where(row > col, dseg, 0.0)) + _matvec(ge, de * e)
+    dg = (_rowsum(jnp.where(c["strict"], dseg, 0.0)) + _matvec(ge, de * e)
           + _matvec(c["strict"].astype(_F32), dd_last * d_last) + de_last * c["e_last"])
 
     ds_scr[...] = ds_prev
