@@ -11,11 +11,11 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from jetnemo_jax.ops import chunked, reference
+from jetnemo_jax.ops import chunked, pallas_gdr, reference
 
 log = logging.getLogger(__name__)
 
-GDR_IMPLS = ("auto", "chunked", "reference")
+GDR_IMPLS = ("auto", "pallas", "chunked", "reference")
 CONV_IMPLS = ("auto", "reference")
 _logged: set[tuple[str, str]] = set()
 
@@ -56,13 +56,27 @@ def _check_gdr_shapes(q, k, v, g, beta):
     return B, T, H, dk, v.shape[-1]
 
 
+def _pallas_interpret(mesh) -> bool:
+    """The Pallas kernels are Mosaic TPU kernels: compiled on TPU, interpreted on CPU (tests)."""
+    backend = pallas_gdr.platform(mesh)
+    if backend not in ("tpu", "cpu"):
+        raise ValueError(f"impl='pallas' has TPU kernels only; on {backend} use impl='chunked'")
+    if backend == "cpu" and ("pallas-interpret", "cpu") not in _logged:
+        _logged.add(("pallas-interpret", "cpu"))
+        log.info("gated_delta_rule: running the Pallas TPU kernels in interpret mode on CPU")
+    return backend == "cpu"
+
+
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                     segment_ids=None, use_qk_l2norm=True, impl="auto", chunk_size=64):
+                     segment_ids=None, use_qk_l2norm=True, impl="auto", chunk_size=64, mesh=None):
     """Gated delta rule over a sequence (fla's conventions).
 
     q, k [B,T,H,dk]; v [B,T,H,dv]; g (log decay, <= 0) and beta (in (0, 1]) [B,T,H];
     initial_state [B,H,dk,dv] float32; segment_ids [B,T] int (a change of id starts a new document,
     which starts from a zero state). Returns (o [B,T,H,dv] in v's dtype, final_state float32 or None).
+    impl="pallas" (chunk 64 only) runs per shard of `mesh` (or of the `jax.set_mesh` mesh), batch over
+    the data axes and heads over the tensor axis; XLA partitions the other impls by itself. "auto" picks
+    "pallas" on TPU when one device or a mesh makes the layout known, else "chunked".
     """
     B, T, H, dk, dv = _check_gdr_shapes(q, k, v, g, beta)
     if initial_state is not None and initial_state.shape != (B, H, dk, dv):
@@ -70,7 +84,12 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     if impl not in GDR_IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {GDR_IMPLS}")
     if impl == "auto":
-        impl = "chunked"
+        impl = "pallas" if chunk_size == 64 and pallas_gdr.auto_eligible(dk, dv, mesh) else "chunked"
+    if impl == "pallas":
+        if chunk_size != 64:
+            raise ValueError(f"impl='pallas' uses chunk_size=64, got {chunk_size}")
+        pallas_gdr.check_supported(dk, dv)
+        interpret = _pallas_interpret(mesh)
     _announce("gated_delta_rule", impl)
     scale = dk ** -0.5 if scale is None else scale
     f32 = lambda x: x.astype(jnp.float32)
@@ -79,7 +98,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
              else initial_state.astype(jnp.float32))
     doc_ids = doc_ids_from_segments(segment_ids, (B, T))
     args = (qf, kf, f32(v), f32(g), f32(beta), scale, state, doc_ids)
-    if impl == "chunked":
+    if impl == "pallas":  # v goes in its own dtype: the kernels read it as is and compute in float32
+        o, final_state = pallas_gdr.gated_delta_rule(qf, kf, v, *args[3:], interpret=interpret, mesh=mesh)
+    elif impl == "chunked":
         o, final_state = chunked.gated_delta_rule(*args, chunk_size=chunk_size)
     else:
         o, final_state = reference.gated_delta_rule(*args)
