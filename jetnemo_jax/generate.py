@@ -185,7 +185,8 @@ def generate(model: JetNemotronForCausalLM, prompts: Sequence[Sequence[int]], *,
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _fail(msg: str):
+def cli_error(msg: str):
+    """One line on stderr, exit status 2 (bad input)."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -193,13 +194,13 @@ def _fail(msg: str):
 def load_tokenizer(path: str):
     """A local HF tokenizer directory (no downloads); a one-line error and exit 2 if it cannot be read."""
     if not os.path.isdir(path):
-        _fail(f"--tokenizer {path}: no such directory")
+        cli_error(f"--tokenizer {path}: no such directory")
     try:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises many kinds; all mean "not a usable tokenizer"
-        _fail(f"--tokenizer {path}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})")
+        cli_error(f"--tokenizer {path}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})")
 
 
 def load_checkpoint(path: str, dtype: str | None):
@@ -210,7 +211,7 @@ def load_checkpoint(path: str, dtype: str | None):
     try:
         return load_model(path, **({"dtype": dtype} if dtype else {}))
     except (CheckpointError, ConfigError) as e:
-        _fail(f"--checkpoint: {e}")
+        cli_error(f"--checkpoint: {e}")
 
 
 def main(argv=None):
@@ -236,30 +237,30 @@ def main(argv=None):
             with open(args.prompt_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            _fail(f"--prompt-file: {e}")
+            cli_error(f"--prompt-file: {e}")
     if not prompts:
-        _fail("no prompt: give --prompt and/or --prompt-file")
+        cli_error("no prompt: give --prompt and/or --prompt-file")
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
-        _fail(str(e))
+        cli_error(str(e))
     if args.max_new_tokens < 1:
-        _fail(f"--max-new-tokens {args.max_new_tokens}: must be positive")
+        cli_error(f"--max-new-tokens {args.max_new_tokens}: must be positive")
     if not os.path.isdir(args.checkpoint):
-        _fail(f"--checkpoint {args.checkpoint}: no such directory")
+        cli_error(f"--checkpoint {args.checkpoint}: no such directory")
     tokenizer = load_tokenizer(args.tokenizer)
     model = load_checkpoint(args.checkpoint, args.dtype)
 
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     if any(len(i) == 0 for i in ids):
-        _fail("a prompt encodes to no tokens")
+        cli_error("a prompt encodes to no tokens")
     stops = [t for t in {tokenizer.eos_token_id, model.config.eos_token_id} if t is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0] if stops else 0
     try:
         result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stops,
                           pad_id=pad, seed=args.seed, prefill_chunk_len=args.prefill_chunk)
     except ValueError as e:
-        _fail(str(e))
+        cli_error(str(e))
     for i, (prompt, toks, n) in enumerate(zip(prompts, result.tokens, result.lengths)):
         text = tokenizer.decode(toks[:n], skip_special_tokens=True)
         print(f"--- {i}: {prompt!r}\n{prompt}{text}")
