@@ -49,12 +49,12 @@ class DecoderLayer(nnx.Module):
             return self.self_attn.init_cache(batch, dtype)
         return self.self_attn.init_cache(batch, max_len, dtype)
 
-    def prefill(self, x, *, positions, cache):
+    def prefill(self, x, *, positions, cache, valid=None):
         h = self.input_layernorm(x)
         if self.layer_type == "jet":
-            h, cache = self.self_attn(h, return_cache=True)
+            h, cache = self.self_attn(h, cache=cache, return_cache=True, valid=valid)
         else:
-            h, cache = self.self_attn.prefill(h, positions=positions, cache=cache)
+            h, cache = self.self_attn.prefill(h, positions=positions, cache=cache, valid=valid)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -144,20 +144,32 @@ class JetNemotronForCausalLM(nnx.Module):
         dtype = jnp.dtype(self.config.dtype)
         return [layer.init_cache(batch, max_len, dtype) for layer in self.model.layers]
 
-    def prefill(self, input_ids, caches):
-        """Prompt [B, T] from empty caches -> (logits [B, T, vocab], caches)."""
-        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        return self._through_caches(input_ids, caches, lambda layer, x, c: layer.prefill(x, positions=positions,
-                                                                                          cache=c))
+    def prefill(self, input_ids, caches, *, positions=None, valid=None):
+        """A prompt chunk [B, T] -> (logits [B, T, vocab], caches). See `prefill_hidden`."""
+        hidden, caches = self.prefill_hidden(input_ids, caches, positions=positions, valid=valid)
+        return self.logits(hidden), caches
+
+    def prefill_hidden(self, input_ids, caches, *, positions=None, valid=None):
+        """Run a prompt chunk [B, T] through the caches -> (final-normed hidden [B, T, hidden], caches).
+
+        Call repeatedly on consecutive chunks; `positions` [B, T] (default arange(T): the first chunk)
+        continue from the previous chunk. valid [B, T] bool (default all True): False marks left padding,
+        which attention never attends and JetBlocks skip; its outputs are meaningless.
+        """
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        return self._through_caches(input_ids, caches, lambda layer, x, c: layer.prefill(
+            x, positions=positions, cache=c, valid=valid), normed_hidden=True)
 
     def decode_step(self, token, position, caches):
         """token, position [B] -> (logits [B, vocab], caches)."""
         return self._through_caches(token, caches, lambda layer, x, c: layer.step(x, position=position, cache=c))
 
-    def _through_caches(self, tokens, caches, run_layer):
+    def _through_caches(self, tokens, caches, run_layer, normed_hidden=False):
         x = self.model.embed_tokens(tokens)
         new = []
         for layer, cache in zip(self.model.layers, caches):
             x, cache = run_layer(layer, x, cache)
             new.append(cache)
-        return self.logits(self.model.norm(x)), new
+        x = self.model.norm(x)
+        return (x if normed_hidden else self.logits(x)), new

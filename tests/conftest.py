@@ -21,3 +21,32 @@ def pytest_configure(config):
 
     # Parity tests compare float32 to 1e-5: no TF32 / bf16-pass matmuls on accelerators.
     jax.config.update("jax_default_matmul_precision", "highest")
+
+
+QWEN_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "qwen2.5-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir():
+    if not os.path.isdir(QWEN_TOKENIZER):
+        pytest.skip(f"the Qwen2.5 tokenizer is not at {os.path.abspath(QWEN_TOKENIZER)} (shared/data)")
+    return os.path.abspath(QWEN_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vocab_checkpoint(tmp_path_factory):
+    """A small random hybrid model with the Qwen2.5 vocabulary, saved as a jetnemo_jax checkpoint:
+    (directory, model)."""
+    from flax import nnx
+
+    from jetnemo_jax import config
+    from jetnemo_jax.checkpoint.orbax_params import save_params
+    from jetnemo_jax.model import JetNemotronForCausalLM
+
+    cfg = config.tiny(vocab_size=151936, hidden_size=64, intermediate_size=96, num_attention_heads=2,
+                      num_key_value_heads=1, layer_types=("jet", "swa", "attn", "jet"), sliding_window=16,
+                      jet=config.JetBlockConfig(num_heads=2, head_dim=16, head_v_dim=32), eos_token_id=151643)
+    model = JetNemotronForCausalLM(cfg, rngs=nnx.Rngs(7))
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny_qwen_vocab")
+    save_params(model, path)
+    return path, model

@@ -71,31 +71,52 @@ class Attention(nnx.Module):
         shape = (batch, slots, self.num_kv_heads, self.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, slots), -1, jnp.int32))
 
-    def prefill(self, x, *, positions, cache: KVCache):
-        """Causal attention over the prompt x [B,T,hidden] (positions [B,T]); its keys and values enter `cache`."""
+    def prefill(self, x, *, positions, cache: KVCache, valid=None):
+        """Causal attention of the chunk x [B,T,hidden] (positions [B,T]) over the cached tokens and itself;
+        the chunk's keys and values enter `cache`. Call again on the next chunk to continue the sequence.
+        valid [B,T] bool (default all): False marks left padding, which is neither attended nor cached.
+        Full attention needs every position < the cache's slot count (`init_cache(max_len)`)."""
         B, T, _ = x.shape
         q, k, v = self._qkv(x, positions)
-        o = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(None, self.window, T),
-                                         scale=self.head_dim ** -0.5, implementation="xla")
+        valid = jnp.ones((B, T), bool) if valid is None else valid
         S = cache.pos.shape[1]
-        keep = min(T, S)  # older tokens would only be overwritten in a rolling window
-        pos = positions[:, T - keep:]
-        rows = jnp.arange(B)[:, None]
-        cache = KVCache(cache.k.at[rows, pos % S].set(k[:, T - keep:].astype(cache.k.dtype)),
-                        cache.v.at[rows, pos % S].set(v[:, T - keep:].astype(cache.v.dtype)),
-                        cache.pos.at[rows, pos % S].set(pos.astype(jnp.int32)))
+        if self.window is None:
+            # Every position has its own slot: write first, then the chunk attends over the whole cache.
+            cache = _write(cache, k, v, positions, valid)
+            keys, values, key_pos = cache.k, cache.v, cache.pos
+        else:
+            # Rolling buffer: the chunk may overwrite slots its own early queries still need, so attend
+            # over [cache; chunk] and keep only the last S tokens.
+            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], 1)
+            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], 1)
+            key_pos = jnp.concatenate([cache.pos, jnp.where(valid, positions, -1).astype(jnp.int32)], 1)
+            keep = min(T, S)
+            cache = _write(cache, k[:, T - keep:], v[:, T - keep:], positions[:, T - keep:], valid[:, T - keep:])
+        qp, kp = positions[:, :, None], key_pos[:, None, :]
+        mask = (kp >= 0) & (kp <= qp)
+        if self.window is not None:
+            mask = mask & (qp - kp < self.window)
+        o = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None],
+                                         scale=self.head_dim ** -0.5, implementation="xla")
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim)), cache
 
     def step(self, x, *, position, cache: KVCache):
         """One token x [B,hidden] at `position` [B] -> (y [B,hidden], new cache)."""
         B = x.shape[0]
         q, k, v = self._qkv(x[:, None], position[:, None])
-        S = cache.pos.shape[1]
-        here = jnp.arange(S)[None] == (position % S)[:, None]  # [B, S]
-        cache = KVCache(jnp.where(here[..., None, None], k.astype(cache.k.dtype), cache.k),
-                        jnp.where(here[..., None, None], v.astype(cache.v.dtype), cache.v),
-                        jnp.where(here, position[:, None].astype(jnp.int32), cache.pos))
+        cache = _write(cache, k, v, position[:, None], jnp.ones((B, 1), bool))
         seen = (cache.pos >= 0) & (cache.pos <= position[:, None])
         o = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=seen[:, None, None, :],
                                          scale=self.head_dim ** -0.5, implementation="xla")
         return self.o_proj(o.reshape(B, self.num_heads * self.head_dim)), cache
+
+
+def _write(cache: KVCache, k, v, positions, valid) -> KVCache:
+    """Scatter k, v [B,T,kv,hd] into slot position % S (in place under donation); invalid tokens are dropped.
+    Positions in one call must fall in distinct slots."""
+    S = cache.pos.shape[1]
+    slots = jnp.where(valid, positions % S, S)  # slot S is out of bounds: mode="drop" skips it
+    rows = jnp.arange(k.shape[0])[:, None]
+    return KVCache(cache.k.at[rows, slots].set(k.astype(cache.k.dtype), mode="drop"),
+                   cache.v.at[rows, slots].set(v.astype(cache.v.dtype), mode="drop"),
+                   cache.pos.at[rows, slots].set(positions.astype(jnp.int32), mode="drop"))

@@ -107,16 +107,24 @@ class JetBlock(nnx.Module):
         y = self.o_norm(o, out_dtype=jnp.float32) * jax.nn.silu(gate)
         return self.o_proj(y.reshape(*o.shape[:-2], -1).astype(x.dtype))
 
-    def __call__(self, x, *, segment_ids=None, cache: JetCache | None = None, return_cache: bool = False):
+    def __call__(self, x, *, segment_ids=None, cache: JetCache | None = None, return_cache: bool = False,
+                 valid=None):
         """x [B,T,hidden] (normalised). With `cache`, continue from it (prefill in pieces); with
-        `return_cache`, also return the JetCache after the last token."""
+        `return_cache`, also return the JetCache after the last token. valid [B,T] bool: False marks left
+        padding, which leaves the conv taps and the state exactly as they were."""
         B, T, _ = x.shape
         H, dk, dv = self.num_heads, self.head_k_dim, self.head_v_dim
         q = jax.nn.silu(self.q_proj(x)).reshape(B, T, H, dk)
         k = jax.nn.silu(self.k_proj(x)).reshape(B, T, H, dk)
-        v, conv = self.dynamic_conv1d(self.v_proj(x), x, segment_ids=segment_ids,
-                                      cache=None if cache is None else cache.conv, return_cache=return_cache)
+        u = self.v_proj(x)
         g, beta = self.gates(x)
+        if valid is not None:
+            # Padding enters the conv as the zeros a sequence start sees, and with g = 0, beta = 0 the
+            # delta rule carries the state through it unchanged.
+            u = jnp.where(valid[..., None], u, 0)
+            g, beta = jnp.where(valid[..., None], g, 0.0), jnp.where(valid[..., None], beta, 0.0)
+        v, conv = self.dynamic_conv1d(u, x, segment_ids=segment_ids,
+                                      cache=None if cache is None else cache.conv, return_cache=return_cache)
         o, state = ops.gated_delta_rule(q, k, v.reshape(B, T, H, dv), g, beta, segment_ids=segment_ids,
                                         initial_state=None if cache is None else cache.state,
                                         output_final_state=return_cache, impl=self.gdr_impl)

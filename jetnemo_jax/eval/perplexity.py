@@ -1,0 +1,126 @@
+"""Perplexity of a checkpoint on a local text file: sliding windows, token-weighted.
+
+    python -m jetnemo_jax.eval.perplexity --checkpoint DIR --tokenizer DIR --text-file FILE
+        [--seq-len 2048] [--stride 1024] [--batch-size 1] [--dtype bfloat16]
+
+Windows of `seq_len` tokens start every `stride` (< seq_len) tokens; each token is scored exactly once, in
+the window whose new part (after the previous window's end) holds it, so every token after the first window
+sees at least seq_len - stride tokens of context. The first token of the text is never scored (nothing
+predicts it). Perplexity = exp(total negative log-likelihood / scored tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jetnemo_jax.model import JetNemotronForCausalLM
+
+
+@dataclasses.dataclass
+class Perplexity:
+    perplexity: float
+    nll: float  # summed over scored tokens, nats
+    tokens: int  # scored tokens
+    windows: int
+
+
+def windows(n_tokens: int, seq_len: int, stride: int):
+    """-> [(begin, end, first scored index)]: window ids[begin:end] scores tokens [first, end)."""
+    if not 1 <= stride < seq_len:
+        raise ValueError(f"need 1 <= stride < seq_len, got seq_len={seq_len}, stride={stride}")
+    out, prev_end = [], 1
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + seq_len, n_tokens)
+        out.append((begin, end, prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _token_logprobs(graphdef, state, ids):
+    """ids [B, T] -> log p(ids[:, t+1] | ids[:, :t+1]) [B, T-1] float32."""
+    logits = nnx.merge(graphdef, state)(ids)[:, :-1]
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), ids[:, 1:, None], -1)[..., 0]
+
+
+def perplexity(model: JetNemotronForCausalLM, ids, *, seq_len: int, stride: int, batch_size: int = 1,
+               progress=None) -> Perplexity:
+    """Token-weighted perplexity of the token ids [N]. Windows are run `batch_size` at a time, each padded
+    on the right to seq_len (one compiled shape; right padding cannot change a causal model's scores).
+    `progress(done, total)` is called after every batch."""
+    ids = np.asarray(ids, np.int32)
+    if ids.ndim != 1 or ids.size < 2:
+        raise ValueError(f"need at least 2 tokens, got {ids.size}")
+    spans = windows(ids.size, seq_len, stride)
+    graphdef, state = nnx.split(model)
+    nll, count = 0.0, 0
+    for b0 in range(0, len(spans), batch_size):
+        batch = spans[b0:b0 + batch_size]
+        x = np.zeros((batch_size, seq_len), np.int32)
+        weight = np.zeros((batch_size, seq_len - 1), np.float64)
+        for i, (begin, end, first) in enumerate(batch):
+            x[i, :end - begin] = ids[begin:end]
+            weight[i, first - begin - 1:end - begin - 1] = 1  # logprob column t scores token begin + t + 1
+        logp = np.asarray(_token_logprobs(graphdef, state, jnp.asarray(x)), np.float64)
+        nll -= float((logp * weight).sum())
+        count += int(weight.sum())
+        if progress:
+            progress(min(b0 + batch_size, len(spans)), len(spans))
+    return Perplexity(math.exp(nll / count), nll, count, len(spans))
+
+
+def main(argv=None):
+    from jetnemo_jax.generate import cli_error, load_checkpoint, load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m jetnemo_jax.eval.perplexity", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="HF safetensors directory or jetnemo_jax checkpoint")
+    parser.add_argument("--tokenizer", required=True, help="local HF tokenizer directory")
+    parser.add_argument("--text-file", required=True)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--stride", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="activation dtype (default: the checkpoint config's)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.stride < args.seq_len:
+        cli_error(f"need 1 <= --stride < --seq-len (got --seq-len {args.seq_len}, --stride {args.stride})")
+    if args.batch_size < 1:
+        cli_error(f"--batch-size {args.batch_size}: must be positive")
+    try:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        cli_error(f"--text-file: {e}")
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = load_checkpoint(args.checkpoint, args.dtype)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < 2:
+        cli_error(f"--text-file {args.text_file}: {len(ids)} token(s); need at least 2")
+    start = time.time()
+
+    def progress(done, total):
+        rate = done / (time.time() - start)
+        print(f"\rwindow {done}/{total}, {rate:.2f} windows/s, eta {(total - done) / rate:.0f}s",
+              end="", file=sys.stderr, flush=True)
+
+    result = perplexity(model, ids, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
+                        progress=progress)
+    print(file=sys.stderr)
+    print(f"perplexity {result.perplexity:.4f} (nll {result.nll / result.tokens:.4f} nats/token over "
+          f"{result.tokens} tokens, {result.windows} windows of {args.seq_len}, stride {args.stride})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Perplexity against direct computations from the model's logits."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from jetnemo_jax.eval import perplexity as ppl
+from tests.test_generate import CFG, forward_right_padded
+
+
+@pytest.fixture(scope="module")
+def model():
+    from tests.test_model import model_pair
+
+    return model_pair(np.random.default_rng(99), CFG)[0]
+
+
+def direct_logprobs(model, seqs):
+    """Per sequence: log p(ids[t+1] | ids[:t+1]) from the model's full-forward logits."""
+    out = []
+    for ids, logits in zip(seqs, forward_right_padded(model, seqs)):
+        lp = np.asarray(jax.nn.log_softmax(logits[:-1], -1), np.float64)
+        out.append(lp[np.arange(len(ids) - 1), ids[1:]])
+    return out
+
+
+def test_windows_score_every_token_once():
+    for n, seq_len, stride in ((10, 4, 2), (37, 8, 3), (5, 8, 4), (2, 2, 1), (100, 16, 15)):
+        spans = ppl.windows(n, seq_len, stride)
+        scored = np.concatenate([np.arange(first, end) for _, end, first in spans])
+        np.testing.assert_array_equal(scored, np.arange(1, n))
+        for begin, end, first in spans:
+            assert end - begin <= seq_len and first > begin
+            assert first - begin >= min(seq_len - stride, first)  # context of at least seq_len - stride
+    for seq_len, stride in ((4, 4), (4, 0), (1, 1)):
+        with pytest.raises(ValueError):
+            ppl.windows(10, seq_len, stride)
+
+
+def test_single_window_equals_the_full_forward(rng, model):
+    ids = rng.integers(0, CFG.vocab_size, 40)
+    got = ppl.perplexity(model, ids, seq_len=64, stride=32)
+    (lp,) = direct_logprobs(model, [ids])
+    assert got.tokens == 39 and got.windows == 1
+    assert abs(got.nll + lp.sum()) <= 1e-4 and abs(got.perplexity - math.exp(-lp.mean())) <= 1e-5 * got.perplexity
+
+
+def test_sliding_windows_equal_a_direct_computation(rng, model):
+    ids = rng.integers(0, CFG.vocab_size, 45)
+    seq_len, stride = 16, 6
+    spans, begin, prev_end = [], 0, 1
+    while True:  # each window scores the tokens after the previous window's end, from its own context only
+        end = min(begin + seq_len, len(ids))
+        spans.append((begin, end, prev_end))
+        if end == len(ids):
+            break
+        prev_end, begin = end, begin + stride
+    lps = direct_logprobs(model, [ids[b:e] for b, e, _ in spans])
+    expect = -sum(lp[first - b - 1:].sum() for lp, (b, _, first) in zip(lps, spans))
+    count = sum(e - first for _, e, first in spans)
+    for batch_size in (1, 3):
+        got = ppl.perplexity(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size)
+        assert got.tokens == count == 44
+        assert abs(got.nll - expect) <= 1e-4 * abs(expect)
+
+
+def test_cli(qwen_tokenizer_dir, tiny_qwen_vocab_checkpoint, tmp_path, capsys):
+    ckpt, model = tiny_qwen_vocab_checkpoint
+    from transformers import AutoTokenizer
+
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    (tmp_path / "t.txt").write_text(text)
+    ppl.main(["--checkpoint", ckpt, "--tokenizer", qwen_tokenizer_dir, "--text-file", str(tmp_path / "t.txt"),
+              "--seq-len", "16", "--stride", "8", "--batch-size", "2", "--dtype", "float32"])
+    captured = capsys.readouterr()
+    ids = AutoTokenizer.from_pretrained(qwen_tokenizer_dir).encode(text, add_special_tokens=False)
+    expect = ppl.perplexity(model, ids, seq_len=16, stride=8).perplexity
+    assert f"perplexity {expect:.4f}" in captured.out and "window" in captured.err  # progress on stderr
+    with pytest.raises(SystemExit) as e:
+        ppl.main(["--checkpoint", ckpt, "--tokenizer", qwen_tokenizer_dir, "--text-file", str(tmp_path / "no.txt")])
+    assert e.value.code == 2 and "--text-file" in capsys.readouterr().err
