@@ -138,6 +138,12 @@ def activation_sharding(mesh: Mesh, rules):
         _activation_batch.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The concrete mesh of the enclosing `activation_sharding` (kernels shard_map over it)."""
+    active = _activation_batch.get()
+    return None if active is None else active[0]
+
+
 def constrain_batch(x):
     """Shard x's leading (batch) dim as the active rules say; a no-op outside `activation_sharding`."""
     active = _activation_batch.get()

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jetnemo_jax.ops import chunked, pallas_gdr, reference
+from jetnemo_jax.sharding import active_mesh
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,11 @@ CONV_IMPLS = ("auto", "reference")
 _logged: set[tuple[str, str]] = set()
 
 
-def _announce(op: str, impl: str) -> None:
-    if (op, impl) not in _logged:
-        _logged.add((op, impl))
-        log.info("%s: using the %r implementation on %s", op, impl, jax.default_backend())
+def _announce(op: str, impl: str, platform: str | None = None) -> None:
+    platform = platform or jax.default_backend()
+    if (op, impl, platform) not in _logged:
+        _logged.add((op, impl, platform))
+        log.info("%s: using the %r implementation on %s", op, impl, platform)
 
 
 def l2_normalize(x, eps=1e-6):
@@ -74,11 +76,13 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     q, k [B,T,H,dk]; v [B,T,H,dv]; g (log decay, <= 0) and beta (in (0, 1]) [B,T,H];
     initial_state [B,H,dk,dv] float32; segment_ids [B,T] int (a change of id starts a new document,
     which starts from a zero state). Returns (o [B,T,H,dv] in v's dtype, final_state float32 or None).
-    impl="pallas" (chunk 64 only) runs per shard of `mesh` (or of the `jax.set_mesh` mesh), batch over
-    the data axes and heads over the tensor axis; XLA partitions the other impls by itself. "auto" picks
-    "pallas" on TPU when one device or a mesh makes the layout known, else "chunked".
+    impl="pallas" (chunk 64 only) runs per shard of `mesh` (else of the training step's mesh,
+    `sharding.activation_sharding`, else of the `jax.set_mesh` mesh), batch over the data axes and heads
+    over the tensor axis; XLA partitions the other impls by itself. "auto" picks "pallas" on TPU when one
+    device or a mesh makes the layout known, else "chunked".
     """
     B, T, H, dk, dv = _check_gdr_shapes(q, k, v, g, beta)
+    mesh = mesh if mesh is not None else active_mesh()
     if initial_state is not None and initial_state.shape != (B, H, dk, dv):
         raise ValueError(f"initial_state has shape {initial_state.shape}, expected {(B, H, dk, dv)}")
     if impl not in GDR_IMPLS:
@@ -90,7 +94,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
             raise ValueError(f"impl='pallas' uses chunk_size=64, got {chunk_size}")
         pallas_gdr.check_supported(dk, dv)
         interpret = _pallas_interpret(mesh)
-    _announce("gated_delta_rule", impl)
+    _announce("gated_delta_rule", impl, pallas_gdr.platform(mesh))
     scale = dk ** -0.5 if scale is None else scale
     f32 = lambda x: x.astype(jnp.float32)
     qf, kf = (l2_normalize(q), l2_normalize(k)) if use_qk_l2norm else (f32(q), f32(k))
