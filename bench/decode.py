@@ -90,7 +90,10 @@ def max_batch(model, cfg, context: int, steps: int, cap: int, log):
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        per_seq = cache_bytes(cfg, context + steps + 1)["total"] + 4 * cfg.vocab_size * 4  # caches + logits
+        # The decode loop holds the caches twice (loop carry in and out; the JetBlock state update writes a
+        # new state), plus logits; an H100 run that counted them once started at 1,232 rows for the 2B model
+        # at 4K, needed ~110 GiB and spent minutes in out-of-memory retries.
+        per_seq = 2 * cache_bytes(cfg, context + steps + 1)["total"] + 4 * cfg.vocab_size * 4
         hi = max(1, min(cap, int(free * 0.9 // per_seq)))
     else:  # no memory statistics (CPU): the cap is the estimate
         hi = cap

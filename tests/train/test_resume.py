@@ -10,7 +10,13 @@ from pathlib import Path
 
 from tests.train.runs import ROOT, env, run_train, small_flags, train_cmd
 
-FLAGS = {"train.steps": 12, "checkpoint.every": 3, "train.frozen": "/mlp/", "checkpoint.keep": 5}
+FLAGS = {"train.steps": 40, "checkpoint.every": 3, "train.frozen": "/mlp/", "checkpoint.keep": 5}
+
+
+def saved_steps(workdir: Path) -> list[int]:
+    """Complete checkpoints (Orbax renames a checkpoint to its step number when it is finalised)."""
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
 def losses(workdir: Path) -> dict[int, float]:
@@ -31,18 +37,18 @@ def test_kill_9_then_resume_reproduces_the_loss_trajectory(tmp_path):
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if (crashed / "metrics.jsonl").exists() and max(losses(crashed), default=0) >= 8:
+            if len(saved_steps(crashed)) >= 2:  # two complete checkpoints, and the run goes on
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
         proc.kill()  # SIGKILL: no handler runs
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
-    steps = sorted(int(p.name) for p in (crashed / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and max(steps) >= 6, steps
-    assert max(losses(crashed)) < 12
+    steps = saved_steps(crashed)
+    assert len(steps) >= 2, steps
+    assert max(losses(crashed)) < 40
     # Corrupt the newest checkpoint: the resume must report it and use the one before.
     newest = crashed / "checkpoints" / str(max(steps)) / "state"
     shutil.rmtree(newest)

@@ -1,9 +1,9 @@
-"""Training-step throughput and MFU of the real train step (train/program.py) with random weights and
-synthetic tokens, on all local devices (FSDP over them).
+"""Training-step throughput, MFU and multi-GPU scaling of the real train step (train/program.py) with random
+weights and synthetic tokens.
 
-    python bench/train_step.py --preset jet_nemotron_2b --batch 2 --seq 4096 [--distill] [--remat full]
-    python bench/train_step.py --preset qwen2_5_1_5b ...        # the Qwen2.5-1.5B shape through the same code
-    python bench/train_step.py ... --devices 1,2                # FSDP scaling: per-device batch held fixed
+    python bench/train_scaling.py --preset jet_nemotron_2b --batch 2 --seq 4096 [--distill] [--remat full]
+    python bench/train_scaling.py --preset qwen2_5_1_5b ...      # the Qwen2.5-1.5B shape through the same code
+    python bench/train_scaling.py ... --devices 1,2,4,8 [--tensor 2]  # scaling, per-device batch held fixed
 
 Stage-1 freezing (MLPs, embeddings, norms) unless --full-finetune. MFU uses train/flops.py (frozen-aware
 and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--out).
@@ -31,14 +31,16 @@ def make_config(args, n_devices):
     c.init.mode = "random"
     c.distill.enabled = args.distill
     c.data.seq_len = args.seq
-    c.data.global_batch = args.batch * n_devices
+    c.data.global_batch = args.batch * (n_devices // args.tensor)
     c.train.remat = args.remat
     c.train.steps = 1000
     if args.full_finetune:
         c.train.frozen = ""
     if args.gdr_impl:
         c.model.gdr_impl = args.gdr_impl
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, n_devices, 1
+    if n_devices % args.tensor:
+        raise SystemExit(f"--tensor {args.tensor} does not divide {n_devices} devices")
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, n_devices // args.tensor, args.tensor
     return c
 
 
@@ -78,7 +80,7 @@ def bench(args, n_devices):
     fpt = program.flops_per_token
     tps = B * T / step_s
     mem = [d.memory_stats() or {} for d in devices]
-    row = {"preset": args.preset, "devices": n_devices, "device_kind": kind, "batch": B, "seq": T,
+    row = {"preset": args.preset, "devices": n_devices, "tensor": args.tensor, "device_kind": kind, "batch": B, "seq": T,
            "distill": args.distill, "remat": args.remat, "frozen": c.train.frozen, "step_ms": 1e3 * step_s,
            "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_devices, "compile_s": compile_s,
            "loss": float(m["loss"]), "flops_per_token": fpt,
@@ -91,7 +93,7 @@ def bench(args, n_devices):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="jet_nemotron_2b")
-    p.add_argument("--batch", type=int, default=2, help="rows per device")
+    p.add_argument("--batch", type=int, default=2, help="rows per data-parallel (FSDP) group")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--remat", default="full")
@@ -99,6 +101,7 @@ def main():
     p.add_argument("--full-finetune", action="store_true")
     p.add_argument("--gdr-impl", default="")
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (FSDP x tensor)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     counts = [int(x) for x in args.devices.split(",")] if args.devices else [jax.device_count()]
