@@ -10,24 +10,30 @@ from jetnemo_jax.train.config import default_config, model_section
 STAGE1_FROZEN = r"/mlp/|embed_tokens|layernorm|^model/norm/"
 
 
-def stage1(preset: str) -> ml_collections.ConfigDict:
-    """From Qwen2.5 (init.path): MLPs, embeddings and norms frozen; KL distillation from the original."""
+def _full_size(preset: str, stage: str, init_mode: str) -> ml_collections.ConfigDict:
+    """What both stages share: the preset at sequence 4096, data and tokenizer named by the user."""
     c = default_config()
-    c.workdir = f"runs/{preset}_stage1"
+    c.workdir = f"runs/{preset}_{stage}"
     c.model = model_section(preset)
-    c.init.mode = "qwen2"
+    c.init.mode = init_mode
     c.data.source = ""  # required
     c.data.tokenizer = ""  # required: the Qwen2.5 tokenizer directory
     c.data.seq_len = 4096
-    c.data.global_batch = 64  # 256K tokens per step; 50B tokens = 190K steps
     c.data.worker_count = 4
+    c.train.remat = "full"
+    c.train.log_every = 20
+    c.train.sample_prompt = "The capital of France is"
+    return c
+
+
+def stage1(preset: str) -> ml_collections.ConfigDict:
+    """From Qwen2.5 (init.path): MLPs, embeddings and norms frozen; KL distillation from the original."""
+    c = _full_size(preset, "stage1", "qwen2")
+    c.data.global_batch = 64  # 256K tokens per step; 50B tokens = 190K steps
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 1000
     c.train.steps = 190_000
     c.train.frozen = STAGE1_FROZEN
-    c.train.remat = "full"
-    c.train.log_every = 20
-    c.train.sample_prompt = "The capital of France is"
     c.distill.enabled = True
     c.distill.temperature = 1.0
     c.distill.kl_weight = 1.0
@@ -37,20 +43,10 @@ def stage1(preset: str) -> ml_collections.ConfigDict:
 
 def stage2(preset: str) -> ml_collections.ConfigDict:
     """Full fine-tuning from the stage-1 result (init.path = its final/ directory), next-token loss."""
-    c = default_config()
-    c.workdir = f"runs/{preset}_stage2"
-    c.model = model_section(preset)
-    c.init.mode = "params"
-    c.data.source = ""  # required
-    c.data.tokenizer = ""  # required
-    c.data.seq_len = 4096
+    c = _full_size(preset, "stage2", "params")
     c.data.global_batch = 128  # 512K tokens per step; 350B tokens = 670K steps
-    c.data.worker_count = 4
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 2000
     c.train.steps = 670_000
-    c.train.remat = "full"
-    c.train.log_every = 20
-    c.train.sample_prompt = "The capital of France is"
     c.checkpoint.every = 2000
     return c

@@ -68,9 +68,13 @@ def test_forward_fp32_matches_float64_recurrence(rng, impl, B, T, H, dk, dv, gat
     ("reference", "float32", 1, 70, 2, 96, 64, "normal"),
 ])
 def test_gradients_match_float64(rng, impl, dtype, B, T, H, dk, dv, gates):
+    check_gradients(rng, impl, dtype, B, T, H, dk, dv, gates, packed_segments(rng, B, T))
+
+
+def check_gradients(rng, impl, dtype, B, T, H, dk, dv, gates, seg):
+    """o, final state and every gradient (of a loss on both) against the float64 recurrence and torch."""
     x = make_inputs(rng, B, T, H, dk, dv, gates=gates, dtype=dtype)
     h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
-    seg = packed_segments(rng, B, T)
     # The cotangent of a bf16 output is bf16 (as in fla's tests): the oracle gets the same rounded values.
     do = np.asarray(jnp.asarray(rng.standard_normal((B, T, H, dv)), dtype), np.float64)
     dS = rng.standard_normal((B, H, dk, dv))
@@ -80,7 +84,7 @@ def test_gradients_match_float64(rng, impl, dtype, B, T, H, dk, dv, gates):
                                     segment_ids=seg, impl=impl)
         return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s * dS), (o, s)
 
-    grads, (o, s) = jax.grad(loss, argnums=range(6), has_aux=True)(*x.values(), h0)
+    grads, (o, s) = jax.jit(jax.grad(loss, argnums=range(6), has_aux=True))(*x.values(), h0)
     o_ref, s_ref = gdr_numpy(**x, initial_state=h0, segment_ids=seg)
     ref = gdr_torch_grads(**x, do=do, initial_state=h0, segment_ids=seg, dS=dS)
     tol = TOL[dtype]

@@ -11,12 +11,11 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jetnemo_jax import ops
-from tests.oracles import gdr_numpy, gdr_torch_grads, rel_err
-from tests.ops.test_gated_delta_rule import TOL, make_inputs, packed_segments
+from tests.oracles import gdr_numpy, rel_err
+from tests.ops.test_gated_delta_rule import TOL, check_gradients, make_inputs, packed_segments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,27 +53,7 @@ def test_forward_matches_float64_recurrence(rng, dtype, B, T, H, dk, dv, gates):
     ("bfloat16", 1, 70, 2, 128, 128, "normal"),
 ])
 def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
-    x = make_inputs(rng, B, T, H, dk, dv, gates=gates, dtype=dtype)
-    h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
-    seg = _segments(rng, B, T)
-    # The cotangent of a bf16 output is bf16 (as in fla's tests): the oracle gets the same rounded values.
-    do = np.asarray(jnp.asarray(rng.standard_normal((B, T, H, dv)), dtype), np.float64)
-    dS = rng.standard_normal((B, H, dk, dv))
-
-    def loss(q, k, v, g, beta, initial_state):
-        o, s = ops.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, output_final_state=True,
-                                    segment_ids=seg, impl="pallas")
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s * dS), (o, s)
-
-    grads, (o, s) = jax.jit(jax.grad(loss, argnums=range(6), has_aux=True))(*x.values(), h0)
-    o_ref, s_ref = gdr_numpy(**x, initial_state=h0, segment_ids=seg)
-    ref = gdr_torch_grads(**x, do=do, initial_state=h0, segment_ids=seg, dS=dS)
-    tol = TOL[dtype]
-    assert rel_err(o, o_ref) <= tol["o"]
-    assert rel_err(s, s_ref) <= tol["state"]
-    for name, grad in zip(["q", "k", "v", "g", "beta", "initial_state"], grads):
-        assert grad.dtype == (x[name].dtype if name in x else jnp.float32)
-        assert rel_err(grad, ref[name]) <= tol[name], name
+    check_gradients(rng, "pallas", dtype, B, T, H, dk, dv, gates, _segments(rng, B, T))
 
 
 def test_auto_stays_chunked_off_tpu(rng):
