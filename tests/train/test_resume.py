@@ -59,3 +59,22 @@ def test_kill_9_then_resume_reproduces_the_loss_trajectory(tmp_path):
     assert (crashed / "frozen").is_dir()
     assert losses(crashed) == losses(ref)  # exact: same data stream, same state, same program
     assert (crashed / "final" / "config.json").is_file() and (crashed / "loss.png").is_file()
+
+
+def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path):
+    run_dir = tmp_path / "preempted"
+    flags = small_flags(run_dir, **{**FLAGS, "checkpoint.every": 1000})  # only SIGTERM and the end save
+    proc = subprocess.Popen(train_cmd(flags), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 3:
+            break
+        time.sleep(0.02)
+    proc.terminate()  # SIGTERM, as a scheduler or a TPU preemption sends
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    step = saved_steps(run_dir)[-1]
+    assert f"SIGTERM: saved step {step}" in out and 3 <= step < 40
+    resumed = run_train(flags)
+    assert resumed.returncode == 0 and f"resumed from {run_dir / 'checkpoints'}/{step}" in resumed.stdout
