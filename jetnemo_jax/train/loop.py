@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -257,8 +256,9 @@ def run(config) -> dict:
             else:
                 steps_timed += 1
             stop = signals.stop
-            if n_proc > 1:
-                stop = bool(multihost_utils.process_allgather(np.asarray(stop)).any())
+            if n_proc > 1:  # all processes must stop at the same step: agree at log steps (a host sync)
+                stop = (step_no % config.train.log_every == 0
+                        and bool(multihost_utils.process_allgather(np.asarray(stop)).any()))
             if ckpt.should_save(step_no) or stop or step_no == total:
                 m = finish(*pending)  # never save a state whose loss is not finite
                 report(*pending[:1], m)
@@ -320,25 +320,9 @@ def export_final(program: Program, state, frozen, tok, directory: Path) -> str:
 
 
 def greedy_sample(program: Program, state, frozen, tok, prompt: str, n_tokens: int) -> str:
-    """A short greedy continuation through the decode caches (one compiled prefill, one compiled step)."""
-    model = program.split.merge(state["params"], frozen)
-    ids = tok.encode(prompt)[None, :] if prompt else np.asarray([[tok.eos_id]], np.int32)
-    graphdef, params = nnx.split(model)
+    """A short greedy continuation of `prompt` (jetnemo_jax.generate: cached prefill and decode)."""
+    from jetnemo_jax.generate import generate
 
-    @jax.jit
-    def prefill(params, ids):
-        m = nnx.merge(graphdef, params)
-        logits, caches = m.prefill(ids, m.init_cache(1, ids.shape[1] + n_tokens))
-        return jnp.argmax(logits[:, -1], -1), caches
-
-    @jax.jit
-    def step(params, token, position, caches):
-        logits, caches = nnx.merge(graphdef, params).decode_step(token, position, caches)
-        return jnp.argmax(logits, -1), caches
-
-    token, caches = prefill(params, jnp.asarray(ids))
-    out = [int(token[0])]
-    for i in range(n_tokens - 1):
-        token, caches = step(params, token, jnp.full((1,), ids.shape[1] + i, jnp.int32), caches)
-        out.append(int(token[0]))
-    return prompt + tok.decode(out)
+    ids = tok.encode(prompt) if prompt else np.asarray([tok.eos_id], np.int32)
+    out = generate(program.split.merge(state["params"], frozen), [ids.tolist()], max_new_tokens=n_tokens)
+    return prompt + tok.decode(out.tokens[0, :out.lengths[0]])
