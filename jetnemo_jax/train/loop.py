@@ -29,7 +29,6 @@ from jetnemo_jax.train import flops
 from jetnemo_jax.train.checkpointing import RunCheckpoints
 from jetnemo_jax.train.config import check_keys
 from jetnemo_jax.train.metrics import MetricsWriter, Throughput
-from jetnemo_jax.train.partition import path_name
 from jetnemo_jax.train.program import Program, build
 
 log = logging.getLogger(__name__)
@@ -81,10 +80,6 @@ def _place(flat: dict, abstract: dict) -> dict:
     return {n: one(flat[n], a) for n, a in abstract.items()}
 
 
-def _flat_params(model) -> dict:
-    return {path_name(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
 def _same_architecture(a, b) -> bool:
     strip = dict(dtype="float32", param_dtype="float32", gdr_impl="auto", conv_impl="auto")
     return dataclasses.replace(a, **strip) == dataclasses.replace(b, **strip)
@@ -123,7 +118,7 @@ def initial_params(config, program: Program) -> tuple[dict, dict, dict]:
     if not _same_architecture(model.config, cfg):
         raise ValueError(f"init.path {path}: its model config differs from config.model:\n  checkpoint "
                          f"{model.config}\n  config     {cfg}")
-    trainable, frozen = split.split_flat(_flat_params(model))
+    trainable, frozen = split.split(nnx.state(model, nnx.Param))
     teacher_own = (program.teacher.own_params(teacher_src) if teacher_src is not None else {})
     return (_place(trainable, program.abstract_state["params"]), _place(frozen, program.abstract_frozen),
             _place(teacher_own, program.abstract_teacher))
