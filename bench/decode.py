@@ -1,11 +1,11 @@
 """Decode and prefill throughput: Jet-Nemotron-2B vs the Qwen2.5-1.5B shape, random weights, same code.
 
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python bench/decode.py --out decode.json      # one GPU
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python bench/decode.py --out decode.json [--deadline-s 300]  # one GPU
     python bench/decode.py --smoke                                                     # tiny preset on CPU
 
 For each model and context (4K, 16K, 64K, then doubling while batch 1 still fits, up to --max-context):
-- the largest decode batch that fits (estimated from cache_bytes and free device memory, then bisected down
-  on out-of-memory), and decode tokens/s at that batch: caches filled with a synthetic state (only the
+- the largest decode batch that fits (from XLA's memory analysis of the compiled decode loop, starting at
+  the cache estimate; nothing is allocated until it fits), and decode tokens/s at that batch: caches filled with a synthetic state (only the
   positions matter for the work done), `--steps` steps of the jitted decode loop of jetnemo_jax.generate
   (greedy) after a warm-up run, timed with block_until_ready;
 - bytes moved per decode step (every weight once, the tied embedding again as the LM head, every cache
@@ -42,7 +42,8 @@ def is_oom(e: Exception) -> bool:
 
 def synthetic_caches(model, batch: int, context: int, slots: int):
     """Caches as if `context` tokens had been prefilled: every attention slot up to `context` holds a
-    position, JetBlock states are random. Built on device."""
+    position, JetBlock states are random. Built on device, one layer at a time (donated) so that no more
+    than one layer's cache is ever held twice."""
     def fill(cache):
         if isinstance(cache, KVCache):
             S = cache.pos.shape[1]
@@ -53,7 +54,8 @@ def synthetic_caches(model, batch: int, context: int, slots: int):
         return cache._replace(state=jax.random.normal(jax.random.key(0), cache.state.shape, cache.state.dtype) * 0.1)
 
     caches = jax.jit(lambda: model.init_cache(batch, slots))()
-    return [jax.jit(fill)(c) for c in caches]
+    fill = jax.jit(fill, donate_argnums=0)
+    return [fill(caches.pop(0)) for _ in range(len(caches))]
 
 
 def step_bytes(model, cfg, batch: int, context: int) -> int:
@@ -65,19 +67,37 @@ def step_bytes(model, cfg, batch: int, context: int) -> int:
     return params + head + cache["total"] + jet_state
 
 
-def time_decode(model, batch: int, context: int, steps: int):
-    """-> seconds per decode step at this batch and context (raises on OOM)."""
-    graphdef, state = nnx.split(model)
-    slots = context + steps + 1
-    caches = synthetic_caches(model, batch, context, slots)
+def decode_args(model, batch: int, steps: int):
     logits = jnp.zeros((batch, model.config.vocab_size), jnp.float32)
-    pos = jnp.full((batch,), context, jnp.int32)
     kw = dict(out_len=steps, sampling=Sampling(), stop_tokens=(), pad_id=0)
-    out, _, caches = decode(graphdef, state, caches, logits, pos, jax.random.key(0), jnp.int32(2), **kw)  # compile
+    return logits, jax.random.key(0), kw
+
+
+def compile_decode(model, batch: int, context: int, steps: int):
+    """Ahead-of-time compile of generate.decode at this batch -> (compiled, bytes it needs on top of the
+    weights: caches, outputs and temporaries, from XLA's own memory analysis, before anything is allocated)."""
+    graphdef, state = nnx.split(model)
+    caches = jax.eval_shape(lambda: model.init_cache(batch, context + steps + 1))
+    logits, key, kw = decode_args(model, batch, steps)
+    pos = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    compiled = decode.lower(graphdef, state, caches, logits, pos, key, jnp.int32(steps), **kw).compile()
+    m = compiled.memory_analysis()
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return compiled, need - weights
+
+
+def time_decode(model, compiled, batch: int, context: int, steps: int):
+    """-> seconds per decode step of the compiled loop at this batch and context (raises on OOM)."""
+    _, state = nnx.split(model)
+    caches = synthetic_caches(model, batch, context, context + steps + 1)
+    logits, key, _ = decode_args(model, batch, steps)
+    pos = jnp.full((batch,), context, jnp.int32)
+    out, _, caches = compiled(state, caches, logits, pos, key, jnp.int32(2))  # warm-up
     out.block_until_ready()
     # Same positions again: the caches' contents do not change the work.
     t = time.perf_counter()
-    out, n, caches = decode(graphdef, state, caches, logits, pos, jax.random.key(0), jnp.int32(steps), **kw)
+    out, n, caches = compiled(state, caches, logits, pos, key, jnp.int32(steps))
     out.block_until_ready()
     dt = time.perf_counter() - t
     assert int(n) == steps
@@ -86,31 +106,37 @@ def time_decode(model, batch: int, context: int, steps: int):
 
 
 def max_batch(model, cfg, context: int, steps: int, cap: int, log):
-    """Largest batch <= cap whose decode runs: start from the memory estimate, bisect down on OOM."""
+    """Largest batch <= cap whose decode fits, chosen by XLA's memory analysis of the compiled loop: start
+    from the cache estimate, rescale by what the compiler says the loop needs (no out-of-memory retries,
+    which cost minutes on a GPU), then run; shrink by 10% if the run still fails to allocate."""
     stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        # The decode loop holds the caches twice (loop carry in and out; the JetBlock state update writes a
-        # new state), plus logits; an H100 run that counted them once started at 1,232 rows for the 2B model
-        # at 4K, needed ~110 GiB and spent minutes in out-of-memory retries.
-        per_seq = 2 * cache_bytes(cfg, context + steps + 1)["total"] + 4 * cfg.vocab_size * 4
-        hi = max(1, min(cap, int(free * 0.9 // per_seq)))
-    else:  # no memory statistics (CPU): the cap is the estimate
-        hi = cap
-    lo, best, b = 0, None, hi  # lo: the largest batch known to fit
-    while lo < hi:
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else None
+    per_seq = cache_bytes(cfg, context + steps + 1)["total"] + 4 * cfg.vocab_size * 4
+    b = cap if free is None else max(1, min(cap, int(0.9 * free // per_seq)))
+    for _ in range(4):
+        compiled, need = compile_decode(model, b, context, steps)
+        log(f"  batch {b}: compiled, needs {need / 2**30:.1f} GiB" + (f" of {free / 2**30:.1f} free" if free else ""))
+        if free is None or 0.85 * free <= need <= 0.95 * free or (need < 0.85 * free and b == cap):
+            break
+        new = max(1, min(cap, int(b * 0.92 * free / need)))
+        if new == b:
+            break
+        b = new
+    if free is not None and need > free:
+        return None
+    for _ in range(3):
         try:
-            t = time_decode(model, b, context, steps)
-            lo, best = b, (b, t)
-            log(f"  batch {b}: fits, {b / t:,.0f} tok/s")
+            t = time_decode(model, compiled, b, context, steps)
+            log(f"  batch {b}: {b / t:,.0f} tok/s")
+            return b, t
         except Exception as e:  # noqa: BLE001 - only out-of-memory is expected here
-            if not is_oom(e):
+            if not is_oom(e) or b == 1:
                 raise
-            hi = b - 1
-            log(f"  batch {b}: out of memory")
-        gc.collect()
-        b = (lo + hi + 1) // 2
-    return best
+            log(f"  batch {b}: out of memory at run time")
+            gc.collect()
+            b = max(1, int(b * 0.9))
+            compiled, _ = compile_decode(model, b, context, steps)
+    return None
 
 
 def time_prefill(model, context: int, chunk: int):
@@ -145,6 +171,7 @@ def main(argv=None):
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", help="activations and weights")
+    parser.add_argument("--deadline-s", type=float, default=0, help="start no new (model, context) after this")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -158,22 +185,31 @@ def main(argv=None):
     log = lambda msg: print(msg, flush=True)
     log(f"device: {device} ({jax.default_backend()}), jax {jax.__version__}, dtype {args.dtype}")
 
-    rows = []
-    for name in models:
+    def build(name):
         if name == "tiny_attn":  # the smoke run's stand-in for the all-attention baseline
             cfg = config.tiny(layer_types=("attn",) * 6, dtype=args.dtype, param_dtype=args.dtype)
         else:
             cfg = config.preset(name, dtype=args.dtype, param_dtype=args.dtype)
-        model = JetNemotronForCausalLM(cfg, rngs=nnx.Rngs(0))
-        ctxs = list(contexts)
-        while ctxs[-1] * 2 <= args.max_context:
-            ctxs.append(ctxs[-1] * 2)
-        for ctx in ctxs:
+        return cfg, JetNemotronForCausalLM(cfg, rngs=nnx.Rngs(0))
+
+    built = {name: build(name) for name in models}
+    ctxs = list(contexts)
+    while ctxs[-1] * 2 <= args.max_context:
+        ctxs.append(ctxs[-1] * 2)
+    rows, start = [], time.perf_counter()
+    # Contexts outside, models inside: a run cut short by --deadline-s still has both models at each context.
+    for ctx in ctxs:
+        for name, (cfg, model) in list(built.items()):
+            if args.deadline_s and time.perf_counter() - start > args.deadline_s:
+                log(f"{name} @ {ctx}: skipped, past --deadline-s {args.deadline_s}")
+                continue
             log(f"{name} @ {ctx}:")
             found = max_batch(model, cfg, ctx, args.steps, args.max_batch_cap, log)
             if found is None:
-                log("  batch 1 does not fit: stopping this model here")
-                break
+                log("  batch 1 does not fit: no longer contexts for this model")
+                del built[name]
+                gc.collect()
+                continue
             batch, dt = found
             moved = step_bytes(model, cfg, batch, ctx)
             row = dict(model=name, context=ctx, batch=batch, decode_tok_s=batch / dt, step_ms=dt * 1e3,
@@ -190,9 +226,8 @@ def main(argv=None):
                     log("  prefill: out of memory")
             rows.append(row)
             log(f"  -> {row['decode_tok_s']:,.0f} tok/s decode at batch {batch}, "
-                f"prefill {row.get('prefill_tok_s') or 0:,.0f} tok/s")
-        del model
-        gc.collect()
+                f"prefill {row.get('prefill_tok_s') or 0:,.0f} tok/s ({time.perf_counter() - start:.0f} s in)")
+            gc.collect()
 
     by = {(r["model"], r["context"]): r for r in rows}
     print(f"\n{device}: decode at the largest batch that fits; prefill at batch 1; {args.dtype}, random weights")

@@ -33,10 +33,30 @@ def attention_mask(doc_ids, window: int | None, length: int | None = None):
 class KVCache(NamedTuple):
     """Keys (after RoPE) and values in S slots; token at position p lives in slot p % S. A sliding-window
     layer needs only S = W slots (the slot of position p - W is overwritten by p); `pos` is the position
-    each slot holds (-1 when empty)."""
-    k: jax.Array  # [B, S, kv_heads, head_dim]
+    each slot holds (-1 when empty). Head-major, so that attention over the cache is a batched matmul over
+    (batch, kv head) in the layout the cache already has: [B, S, kv, hd] made XLA transpose a copy of every
+    layer's cache at every decode step (3x the bytes of reading it)."""
+    k: jax.Array  # [B, kv_heads, S, head_dim]
     v: jax.Array
     pos: jax.Array  # [B, S] int32
+
+
+def cached_attention(q, keys, values, query_pos, key_pos, window: int | None, scale: float):
+    """q [B,T,H,hd] over cached keys/values [B,kv,S,hd] -> [B,T,H,hd]. Query head h reads kv head
+    h // (H / kv). Key slot s is seen iff 0 <= key_pos[s] <= query_pos (and within the window).
+    Logits and softmax in fp32, probabilities in the value dtype (as jax.nn.dot_product_attention)."""
+    B, T, H, hd = q.shape
+    kv = keys.shape[1]
+    qg = q.reshape(B, T, kv, H // kv, hd)
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, keys, preferred_element_type=jnp.float32) * scale
+    qp, kp = query_pos[:, :, None], key_pos[:, None, :]
+    seen = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        seen = seen & (qp - kp < window)
+    # A finite floor, not -inf: a left-padding query sees no key, and its (unused) row must not be NaN.
+    p = jax.nn.softmax(jnp.where(seen[:, None, None], s, -0.7 * jnp.finfo(jnp.float32).max), axis=-1)
+    o = jnp.einsum("bkgts,bksd->btkgd", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return o.reshape(B, T, H, hd).astype(q.dtype)
 
 
 class Attention(nnx.Module):
@@ -68,7 +88,7 @@ class Attention(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
         slots = min(max_len, self.window) if self.window else max_len
-        shape = (batch, slots, self.num_kv_heads, self.head_dim)
+        shape = (batch, self.num_kv_heads, slots, self.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, slots), -1, jnp.int32))
 
     def prefill(self, x, *, positions, cache: KVCache, valid=None):
@@ -87,17 +107,12 @@ class Attention(nnx.Module):
         else:
             # Rolling buffer: the chunk may overwrite slots its own early queries still need, so attend
             # over [cache; chunk] and keep only the last S tokens.
-            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], 1)
-            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], 1)
+            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype).transpose(0, 2, 1, 3)], 2)
+            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype).transpose(0, 2, 1, 3)], 2)
             key_pos = jnp.concatenate([cache.pos, jnp.where(valid, positions, -1).astype(jnp.int32)], 1)
             keep = min(T, S)
             cache = _write(cache, k[:, T - keep:], v[:, T - keep:], positions[:, T - keep:], valid[:, T - keep:])
-        qp, kp = positions[:, :, None], key_pos[:, None, :]
-        mask = (kp >= 0) & (kp <= qp)
-        if self.window is not None:
-            mask = mask & (qp - kp < self.window)
-        o = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None],
-                                         scale=self.head_dim ** -0.5, implementation="xla")
+        o = cached_attention(q, keys, values, positions, key_pos, self.window, self.head_dim ** -0.5)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim)), cache
 
     def step(self, x, *, position, cache: KVCache):
@@ -105,18 +120,19 @@ class Attention(nnx.Module):
         B = x.shape[0]
         q, k, v = self._qkv(x[:, None], position[:, None])
         cache = _write(cache, k, v, position[:, None], jnp.ones((B, 1), bool))
-        seen = (cache.pos >= 0) & (cache.pos <= position[:, None])
-        o = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=seen[:, None, None, :],
-                                         scale=self.head_dim ** -0.5, implementation="xla")
+        o = cached_attention(q, cache.k, cache.v, position[:, None], cache.pos, self.window, self.head_dim ** -0.5)
         return self.o_proj(o.reshape(B, self.num_heads * self.head_dim)), cache
 
 
 def _write(cache: KVCache, k, v, positions, valid) -> KVCache:
     """Scatter k, v [B,T,kv,hd] into slot position % S (in place under donation); invalid tokens are dropped.
     Positions in one call must fall in distinct slots."""
+    B, T, kv, _ = k.shape
     S = cache.pos.shape[1]
     slots = jnp.where(valid, positions % S, S)  # slot S is out of bounds: mode="drop" skips it
-    rows = jnp.arange(k.shape[0])[:, None]
-    return KVCache(cache.k.at[rows, slots].set(k.astype(cache.k.dtype), mode="drop"),
-                   cache.v.at[rows, slots].set(v.astype(cache.v.dtype), mode="drop"),
+    rows = jnp.arange(B)[:, None]
+    idx = (rows[:, :, None], jnp.arange(kv)[None, :, None], slots[:, None, :])  # -> [B, kv, T]
+    head_major = lambda x: x.astype(cache.k.dtype).transpose(0, 2, 1, 3)  # noqa: E731
+    return KVCache(cache.k.at[idx].set(head_major(k), mode="drop"),
+                   cache.v.at[idx].set(head_major(v), mode="drop"),
                    cache.pos.at[rows, slots].set(positions.astype(jnp.int32), mode="drop"))
