@@ -46,7 +46,7 @@ def backward(k_at, u_at, dy_at, pos_at, width):
     du, dks = None, None
     for j in range(width):
         pos = pos_at(j)
-        c = conv(lambda w: k_at(j, w), lambda s: u_at(s + j), pos, width)
+        c = conv(lambda w, j=j: k_at(j, w), lambda s, j=j: u_at(s + j), pos, width)
         dc = silu_grad(c, dy_at(j))
         if j == 0:
             dks = [jnp.where(pos >= width - 1 - w, dc * u_at(w - width + 1), 0.0) for w in range(width)]

@@ -50,9 +50,9 @@ def _fwd_kernel(h_ref, w2_ref, b2_ref, u_ref, uprev_ref, pos_ref, y_ref, *, widt
 def _blocks(bd):
     """BlockSpecs (grid (channel tile j, token tile i)) of a [rows, D] array in the padded frame."""
     per = BT // HALO
-    return dict(cur=pl.BlockSpec((BT, bd), lambda j, i: (i + 1, j)),
-                prev=pl.BlockSpec((HALO, bd), lambda j, i: ((i + 1) * per - 1, j)),
-                next=pl.BlockSpec((HALO, bd), lambda j, i: ((i + 2) * per, j)))
+    return {"cur": pl.BlockSpec((BT, bd), lambda j, i: (i + 1, j)),
+            "prev": pl.BlockSpec((HALO, bd), lambda j, i: ((i + 1) * per - 1, j)),
+            "next": pl.BlockSpec((HALO, bd), lambda j, i: ((i + 2) * per, j))}
 
 
 def forward(h, w2t, b2t, u, pos, *, interpret=False):
