@@ -24,7 +24,7 @@ import numpy as np
 
 from jetnemo_jax import ops
 
-SHAPES = {"2b": dict(hidden=1536, gen=384, dv=3072), "4b": dict(hidden=2048, gen=512, dv=4096)}
+SHAPES = {"2b": {"hidden": 1536, "gen": 384, "dv": 3072}, "4b": {"hidden": 2048, "gen": 512, "dv": 4096}}
 W = 4
 HBM_BYTES_S, BF16_FLOPS_S = 3.35e12, 989e12  # H100 SXM peaks
 
@@ -33,8 +33,8 @@ def make(rng, tokens, hidden, gen, dv, dtype, seq=4096):
     B, T = max(1, tokens // seq), min(seq, tokens)
     f = lambda *s, scale=1.0: jnp.asarray(rng.standard_normal(s) * scale, dtype)
     seg = np.cumsum(rng.random((B, T)) < 1 / 700, axis=1).astype(np.int32)  # ~700-token documents
-    return dict(x=f(B, T, hidden), u=f(B, T, dv), w1=f(hidden, gen, scale=hidden ** -0.5),
-                w2=f(gen, dv * W, scale=gen ** -0.5), b2=f(dv * W, scale=0.1)), jnp.asarray(seg)
+    return {"x": f(B, T, hidden), "u": f(B, T, dv), "w1": f(hidden, gen, scale=hidden ** -0.5),
+                "w2": f(gen, dv * W, scale=gen ** -0.5), "b2": f(dv * W, scale=0.1)}, jnp.asarray(seg)
 
 
 def value_path(impl, seg):
@@ -100,17 +100,17 @@ def bench(rng, name, tokens):
     fwd_bytes = 2 * N * (H + 2 * G + 2 * Dv)
     bwd_bytes = 2 * N * (2 * H + 3 * G + 3 * Dv)
     mm = 2 * N * (H * G + G * Dv * W)
-    row = dict(shape=name, tokens=N, fwd_bytes=fwd_bytes, fwd_bwd_bytes=fwd_bytes + bwd_bytes,
-               fwd_flops=mm, fwd_bwd_flops=3 * mm, kernel_tensor_bytes=2 * N * Dv * W)
+    row = {"shape": name, "tokens": N, "fwd_bytes": fwd_bytes, "fwd_bwd_bytes": fwd_bytes + bwd_bytes,
+               "fwd_flops": mm, "fwd_bwd_flops": 3 * mm, "kernel_tensor_bytes": 2 * N * Dv * W}
     res = {}
     for impl in ("pallas", "reference"):
         fwd = jax.jit(value_path(impl, seg))
         step = jax.jit(fwd_bwd(impl, seg))
         tf, sf = timeit(fwd, *a)
         tb, sb = timeit(step, a, dy)
-        res[impl] = dict(fwd_ms=tf * 1e3, fwd_spread_ms=sf * 1e3, fwd_bwd_ms=tb * 1e3, fwd_bwd_spread_ms=sb * 1e3,
-                         residual_bytes=residual_bytes(impl, seg, a),
-                         temp_bytes=step.lower(a, dy).compile().memory_analysis().temp_size_in_bytes)
+        res[impl] = {"fwd_ms": tf * 1e3, "fwd_spread_ms": sf * 1e3, "fwd_bwd_ms": tb * 1e3, "fwd_bwd_spread_ms": sb * 1e3,
+                         "residual_bytes": residual_bytes(impl, seg, a),
+                         "temp_bytes": step.lower(a, dy).compile().memory_analysis().temp_size_in_bytes}
         flops_b = 3 * mm + (2 * N * G * Dv * W if impl == "pallas" else 0)
         r = res[impl]
         r["fwd_hbm_frac"] = fwd_bytes / HBM_BYTES_S / tf
@@ -126,6 +126,11 @@ def bench(rng, name, tokens):
     return row
 
 
+def dump(report, path):
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="dynamic_conv_bench.json")
@@ -136,13 +141,13 @@ def main():
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "checks": {}, "rows": []}
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
         ok, errs = check(rng, jnp.dtype(dtype), tol)
-        report["checks"][dtype] = dict(ok=ok, rel_err=errs)
+        report["checks"][dtype] = {"ok": ok, "rel_err": errs}
         print(f"check {dtype}: {'ok' if ok else 'FAILED'} {errs}", flush=True)
     if not args.check_only:
         for name in SHAPES:
             row = bench(rng, name, args.tokens)
             report["rows"].append(row)
-            json.dump(report, open(args.out, "w"), indent=1)
+            dump(report, args.out)
             print(json.dumps(row), flush=True)
         print(f"\n{'shape':5} {'impl':9} {'fwd ms':>8} {'f+b ms':>8} {'fwd HBM':>8} {'f+b HBM':>8} "
               f"{'f+b MXU':>8} {'resid MiB':>10}")
@@ -152,7 +157,7 @@ def main():
                 print(f"{row['shape']:5} {impl:9} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:8.3f} {r['fwd_hbm_frac']:8.1%} "
                       f"{r['fwd_bwd_hbm_frac']:8.1%} {r['fwd_bwd_mxu_frac']:8.1%} {r['residual_bytes'] / 2**20:10.1f}")
             print(f"{row['shape']:5} speedup fwd {row['speedup_fwd']:.2f}x, fwd+bwd {row['speedup_fwd_bwd']:.2f}x")
-    json.dump(report, open(args.out, "w"), indent=1)
+    dump(report, args.out)
     if not all(c["ok"] for c in report["checks"].values()):
         raise SystemExit("pallas and reference disagree")
 
