@@ -126,6 +126,34 @@ def bench(rng, name, tokens):
     return row
 
 
+def sweep(rng, tokens):
+    """Triton block sizes of the two kernels at the 2B shape, beside XLA's h @ W2 alone (the matmul the
+    fused forward hides its conv behind: the lower bound for that kernel)."""
+    from pallas_kernels.dynamic_conv import gpu
+    s = SHAPES["2b"]
+    N, G, D, P = tokens, s["gen"], s["dv"], gpu.PAD
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.bfloat16)
+    h, w2t, u, k, dy = f(N, G), f(W, G, D), f(N + 2 * P, D), f(W, N + 2 * P, D), f(N + 2 * P, D)
+    b2t = jnp.zeros((W, D), jnp.float32)
+    pos = jnp.asarray(np.arange(N + 2 * P) % 700, jnp.int32)
+    out = {"xla_h_at_w2_ms": timeit(jax.jit(lambda h, w: jnp.einsum("ng,wgd->wnd", h, w)), h, w2t)[0] * 1e3}
+    for bt, bd, bg, nw in ((64, 64, 128, 4), (64, 128, 128, 4), (128, 128, 128, 8), (128, 64, 128, 4),
+                           (128, 128, 64, 8), (64, 256, 128, 8), (128, 256, 128, 8)):
+        fn = jax.jit(lambda *a, bt=bt, bd=bd, bg=bg, nw=nw: gpu.forward(*a, bt=bt, bd=bd, bg=bg, num_warps=nw))
+        try:
+            out[f"fwd bt={bt} bd={bd} bg={bg} warps={nw}"] = timeit(fn, h, w2t, b2t, u, pos)[0] * 1e3
+        except Exception as e:  # noqa: BLE001 -- a config Triton cannot compile (registers, shared memory)
+            out[f"fwd bt={bt} bd={bd} bg={bg} warps={nw}"] = repr(e)[:200]
+        print(out, flush=True)
+    for bt, bd, nw in ((32, 128, 4), (64, 128, 4), (16, 256, 4), (64, 64, 4), (32, 256, 8)):
+        fn = jax.jit(lambda *a, bt=bt, bd=bd, nw=nw: gpu.backward(*a, bt=bt, bd=bd, num_warps=nw))
+        try:
+            out[f"bwd bt={bt} bd={bd} warps={nw}"] = timeit(fn, k, u, dy, pos)[0] * 1e3
+        except Exception as e:  # noqa: BLE001 -- as above
+            out[f"bwd bt={bt} bd={bd} warps={nw}"] = repr(e)[:200]
+    return out
+
+
 def dump(report, path):
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
@@ -136,8 +164,14 @@ def main():
     p.add_argument("--out", default="dynamic_conv_bench.json")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--check-only", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time Triton block sizes of both kernels only")
     args = p.parse_args()
     rng = np.random.default_rng(0)
+    if args.sweep:
+        res = sweep(rng, args.tokens)
+        print(json.dumps(res, indent=1))
+        dump(res, args.out)
+        return
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "checks": {}, "rows": []}
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
         ok, errs = check(rng, jnp.dtype(dtype), tol)
