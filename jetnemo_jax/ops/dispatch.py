@@ -162,8 +162,10 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
 
     u [B,T,Dv]; h [B,T,G] = silu(x W1) in the matmul dtype; w2 [G, Dv*W] (channel-major: column d*W + w)
     and b2 [Dv*W], both in h's dtype. impl="pallas" fuses the generation into the conv kernels, so the
-    [B,T,Dv,W] kernels never reach HBM (`ops.pallas_conv`); "auto" picks it on one GPU or TPU with no mesh
-    in effect (the kernels are not partitioned yet), else "reference" (XLA). Returns dynamic_conv's pair.
+    [B,T,Dv,W] kernels never reach HBM (`ops.pallas_conv`): the forward keeps ~20x less activation memory
+    for the backward. "auto" picks it on one TPU with no mesh in effect (the kernels are not partitioned
+    yet), else "reference" (XLA): on an H100 the Triton kernels are still 0.8x XLA's speed (BENCHMARKS.md),
+    so GPUs use them only when asked (impl="pallas", e.g. to save memory). Returns dynamic_conv's pair.
     """
     B, T, D = u.shape
     if h.ndim != 3 or h.shape[:2] != (B, T) or w2.shape[0] != h.shape[-1] or w2.shape[1] % D or b2.shape != w2.shape[1:]:
@@ -177,7 +179,7 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
     backend = jax.default_backend()
     if impl == "auto":
         single = active_mesh() is None and pallas_gdr._context_mesh() is None and jax.device_count() == 1
-        impl = "pallas" if backend in ("gpu", "tpu") and single else "reference"
+        impl = "pallas" if backend == "tpu" and single else "reference"
     if impl == "reference":
         kernels = (jnp.dot(h, w2, preferred_element_type=jnp.float32) + b2).astype(h.dtype)
         return dynamic_conv(u, kernels.reshape(B, T, D, W), segment_ids=segment_ids, cache=cache,
