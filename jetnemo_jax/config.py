@@ -77,7 +77,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # activation / matmul dtype
     param_dtype: str = "float32"  # master weights; A_log and dt_bias are always float32
     gdr_impl: str = "auto"  # gated delta rule: auto | pallas | chunked | reference
-    conv_impl: str = "auto"  # dynamic conv: auto | reference
+    conv_impl: str = "auto"  # dynamic conv: auto | pallas | reference
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -107,7 +107,7 @@ class ModelConfig:
         for name, allowed in (("dtype", ("float32", "bfloat16", "float16")),
                               ("param_dtype", ("float32", "bfloat16")),
                               ("gdr_impl", ("auto", "pallas", "chunked", "reference")),
-                              ("conv_impl", ("auto", "reference"))):
+                              ("conv_impl", ("auto", "pallas", "reference"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
 

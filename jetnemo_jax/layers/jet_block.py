@@ -55,9 +55,13 @@ class DynamicConv(nnx.Module):
         return flat.reshape(*flat.shape[:-1], flat.shape[-1] // self.conv_size, self.conv_size)
 
     def __call__(self, u, x, *, segment_ids=None, cache=None, return_cache=False):
-        """u: raw value projections [B,T,Dv]; x: the generator input. Returns (v, final conv cache or None)."""
-        return ops.dynamic_conv(u, self.kernels(x), segment_ids=segment_ids, cache=cache,
-                                output_final_cache=return_cache, impl=self.impl)
+        """u: raw value projections [B,T,Dv]; x: the generator input. Returns (v, final conv cache or None).
+        The second projection goes to the op unapplied, so a fused kernel can generate the taps itself."""
+        gen = self.kernel_generator
+        h = jax.nn.silu(gen.w1(x))
+        w2, b2 = (p[...].astype(gen.w2.dtype) for p in (gen.w2.kernel, gen.w2.bias))
+        return ops.generated_dynamic_conv(u, h, w2, b2, segment_ids=segment_ids, cache=cache,
+                                          output_final_cache=return_cache, impl=self.impl)
 
     def step(self, u, x, cache):
         """One token: u [B,Dv], x [B,hidden], cache [B,W-1,Dv] -> (v [B,Dv], new cache)."""

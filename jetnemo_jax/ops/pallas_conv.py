@@ -1,0 +1,106 @@
+"""impl="pallas" of the generated causal convolution: `pallas_kernels.dynamic_conv` behind a `jax.custom_vjp`.
+
+The op takes the generator's hidden activation h = silu(x W1) [B, T, G] and its second projection
+(w2 [G, Dv * W] channel-major, b2) instead of the kernels: the forward kernel generates each tile's taps in
+fast memory, so the [B, T, Dv, W] kernel tensor is neither written in the forward nor kept for the
+backward (the activation memory the fusion saves). The backward regenerates the taps with one XLA matmul,
+runs the conv backward kernel (du and the tap gradients, masked at document boundaries both ways), and
+leaves dh = dk w2^T and dw2 = h^T dk to XLA's matmuls.
+
+This module owns the layout (see pallas_kernels/dynamic_conv/common.py): batch rows flattened into one row
+axis, a cache (prefill continuation) prepended to its row as the first document's earlier tokens, rows
+padded to the tile and by PAD zero rows each side, channels and G zero-padded (exact: zero taps and zero
+inputs add nothing), and pos, each token's position in its document.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.dynamic_conv import gpu, tpu
+
+BACKENDS = {"gpu": gpu, "tpu": tpu}
+
+
+def platform() -> str:
+    return jax.default_backend()
+
+
+def kernel_module(backend):
+    """The kernels that run on `backend`; CPU interprets the GPU ones (tests)."""
+    return gpu if backend == "cpu" else BACKENDS[backend]
+
+
+def _roundup(n, m):
+    return -(-n // m) * m
+
+
+def positions(doc_ids):
+    """[B, T] monotone doc ids -> each token's position in its document (int32)."""
+    B, T = doc_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    starts = jnp.concatenate([jnp.ones((B, 1), bool), doc_ids[:, 1:] != doc_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def final_cache(u, cache, doc_ids, width):
+    """The last W-1 inputs of each row's last document (zeros where that document is shorter)."""
+    B, _, D = u.shape
+    prev = jnp.zeros((B, width - 1, D), u.dtype) if cache is None else cache.astype(u.dtype)
+    tail = jnp.concatenate([prev, u], axis=1)[:, -(width - 1):]
+    docs = jnp.concatenate([jnp.broadcast_to(doc_ids[:, :1], (B, width - 1)), doc_ids], axis=1)
+    same = (docs[:, -(width - 1):] == doc_ids[:, -1:])[..., None]
+    return jnp.where(same, tail, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _core(h, w2t, b2t, u, pos, backend, interpret):
+    return kernel_module(backend).forward(h, w2t, b2t, u, pos, interpret=interpret)
+
+
+def _core_fwd(h, w2t, b2t, u, pos, backend, interpret):
+    return _core(h, w2t, b2t, u, pos, backend, interpret), (h, w2t, b2t, u, pos)
+
+
+def _core_bwd(backend, interpret, res, dy):
+    h, w2t, b2t, u, pos = res
+    kern = kernel_module(backend)
+    pad = [(kern.PAD, kern.PAD), (0, 0)]
+    k = jnp.einsum("ng,wgd->wnd", jnp.pad(h, pad), w2t, preferred_element_type=jnp.float32)
+    k = (k + b2t[:, None, :]).astype(h.dtype)  # the regenerated taps, in the matmul dtype
+    du, dk = kern.backward(k, u, jnp.pad(dy, pad), pos, interpret=interpret)
+    dh = jnp.einsum("wnd,wgd->ng", dk, w2t, preferred_element_type=jnp.float32)
+    dw2t = jnp.einsum("ng,wnd->wgd", h, dk, preferred_element_type=jnp.float32)
+    db2t = jnp.sum(dk.astype(jnp.float32), axis=1)
+    return (dh.astype(h.dtype), dw2t.astype(w2t.dtype), db2t, jnp.pad(du, pad), None)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def generated_conv(u, h, w2, b2, doc_ids, cache, *, backend, interpret=False):
+    """silu(causal conv of u with kernels h @ w2 + b2), fused.
+
+    u [B,T,Dv]; h [B,T,G] (the matmul dtype); w2 [G, Dv*W] channel-major; b2 [Dv*W]; doc_ids [B,T]
+    monotone; cache [B,W-1,Dv] or None. Returns y [B,T,Dv] in u's dtype."""
+    kern = kernel_module(backend)
+    B, T, D = u.shape
+    G = h.shape[-1]
+    width = w2.shape[1] // D
+    if cache is not None:  # the cache rows are the first document's earlier tokens; their outputs are dropped
+        u = jnp.concatenate([cache.astype(u.dtype), u], axis=1)
+        h = jnp.concatenate([jnp.zeros((B, width - 1, G), h.dtype), h], axis=1)
+        doc_ids = jnp.concatenate([jnp.broadcast_to(doc_ids[:, :1], (B, width - 1)), doc_ids], axis=1)
+    Tc = u.shape[1]
+    N, Np, Dp, Gp = B * Tc, _roundup(B * Tc, kern.ROWS), _roundup(D, kern.DIM), kern.padded_generator_dim(G)
+    w2t = jnp.transpose(w2.reshape(G, D, width), (2, 0, 1)).astype(h.dtype)
+    w2t = jnp.pad(w2t, [(0, 0), (0, Gp - G), (0, Dp - D)])
+    b2t = jnp.pad(b2.reshape(D, width).T.astype(jnp.float32), [(0, 0), (0, Dp - D)])
+    h = jnp.pad(h.reshape(N, G), [(0, Np - N), (0, Gp - G)])
+    u = jnp.pad(u.reshape(N, D), [(kern.PAD, Np - N + kern.PAD), (0, Dp - D)])
+    pos = jnp.pad(positions(doc_ids).reshape(N), [(kern.PAD, Np - N + kern.PAD)])
+    y = _core(h, w2t, b2t, u, pos, backend, interpret)
+    return y[:N, :D].reshape(B, Tc, D)[:, Tc - T:]
