@@ -122,8 +122,17 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
     scale = dk ** -0.5 if scale is None else scale
     f32 = lambda x: x.astype(jnp.float32)
     qf, kf = (l2_normalize(q), l2_normalize(k)) if use_qk_l2norm else (f32(q), f32(k))
-    o, state = reference.delta_rule_step(f32(state), qf, kf, f32(v), f32(g), f32(beta), scale)
-    return o.astype(v.dtype), state
+    # reference.delta_rule_step rearranged so that decoding, which is bound by the state's bytes, reads S
+    # twice and writes it once (XLA otherwise reads the decayed S for k, again for the update and the new S
+    # for q): with a = exp(g), S^T k and S^T q come from one pass, then
+    # S' = a S + k (beta (v - a S^T k))^T and o = scale (a S^T q + (q.k) beta (v - a S^T k)).
+    S, a, b = f32(state), jnp.exp(f32(g))[..., None], f32(beta)[..., None]
+    sk, sq = jnp.unstack(jnp.einsum("...jk,...kv->...jv", jnp.stack([kf, qf], -2), S,
+                                    precision=jax.lax.Precision.HIGHEST), axis=-2)
+    delta = b * (f32(v) - a * sk)
+    new_state = a[..., None] * S + kf[..., :, None] * delta[..., None, :]
+    o = scale * (a * sq + jnp.sum(qf * kf, -1, keepdims=True) * delta)
+    return o.astype(v.dtype), new_state
 
 
 def dynamic_conv(x, kernels, *, segment_ids=None, cache=None, output_final_cache=False, impl="auto"):
