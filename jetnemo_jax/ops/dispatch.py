@@ -166,15 +166,17 @@ def dynamic_conv_step(x, kernel, cache):
     return y.astype(x.dtype), new_cache.astype(cache.dtype)
 
 
-def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output_final_cache=False, impl="auto"):
+def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output_final_cache=False, impl="auto",
+                           mesh=None):
     """dynamic_conv with the kernels generated from the generator's hidden activation: kernels = h @ w2 + b2.
 
     u [B,T,Dv]; h [B,T,G] = silu(x W1) in the matmul dtype; w2 [G, Dv*W] (channel-major: column d*W + w)
     and b2 [Dv*W], both in h's dtype. impl="pallas" fuses the generation into the conv kernels, so the
     [B,T,Dv,W] kernels never reach HBM (`ops.pallas_conv`): the forward keeps ~20x less activation memory
-    for the backward. "auto" picks it on one TPU with no mesh in effect (the kernels are not partitioned
-    yet), else "reference" (XLA): on an H100 the Triton kernels are still 0.8x XLA's speed (BENCHMARKS.md),
-    so GPUs use them only when asked (impl="pallas", e.g. to save memory). Returns dynamic_conv's pair.
+    for the backward. It runs per shard of `mesh` (else of the training step's mesh, else of the
+    `jax.set_mesh` mesh). "auto" picks it on TPU, else "reference" (XLA): on an H100 the Triton kernels are
+    still 0.8x XLA's speed (BENCHMARKS.md), so GPUs use them only when asked (impl="pallas", e.g. to save
+    memory). Returns dynamic_conv's pair.
     """
     B, T, D = u.shape
     if h.ndim != 3 or h.shape[:2] != (B, T) or w2.shape[0] != h.shape[-1] or w2.shape[1] % D or b2.shape != w2.shape[1:]:
@@ -185,10 +187,10 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
         raise ValueError(f"cache has shape {cache.shape}, expected {(B, W - 1, D)}")
     if impl not in CONV_IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {CONV_IMPLS}")
-    backend = jax.default_backend()
+    mesh = next((m for m in (mesh, active_mesh(), pallas_gdr._context_mesh()) if m is not None), None)
+    backend = pallas_gdr.platform(mesh)
     if impl == "auto":
-        single = active_mesh() is None and pallas_gdr._context_mesh() is None and jax.device_count() == 1
-        impl = "pallas" if backend == "tpu" and single else "reference"
+        impl = "pallas" if backend == "tpu" else "reference"
     if impl == "reference":
         kernels = (jnp.dot(h, w2, preferred_element_type=jnp.float32) + b2).astype(h.dtype)
         return dynamic_conv(u, kernels.reshape(B, T, D, W), segment_ids=segment_ids, cache=cache,
@@ -197,6 +199,7 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
         raise ValueError(f"impl='pallas' has GPU and TPU kernels only, not {backend}")
     _announce("dynamic_conv", "pallas" if backend != "cpu" else "pallas (GPU kernels interpreted)", backend)
     doc_ids = doc_ids_from_segments(segment_ids, (B, T))
-    y = pallas_conv.generated_conv(u, h, w2, b2, doc_ids, cache, backend=backend, interpret=backend == "cpu")
+    y = pallas_conv.generated_conv(u, h, w2, b2, doc_ids, cache, backend=backend, interpret=backend == "cpu",
+                                   mesh=mesh)
     new_cache = pallas_conv.final_cache(u, cache, doc_ids, W) if output_final_cache else None
     return y, new_cache

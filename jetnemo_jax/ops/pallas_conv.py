@@ -20,13 +20,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
+from jetnemo_jax.ops import shard
 from pallas_kernels.dynamic_conv import gpu, tpu
 
 BACKENDS = {"gpu": gpu, "tpu": tpu}
-
-
-def platform() -> str:
-    return jax.default_backend()
 
 
 def kernel_module(backend):
@@ -81,11 +80,29 @@ def _core_bwd(backend, interpret, res, dy):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def generated_conv(u, h, w2, b2, doc_ids, cache, *, backend, interpret=False):
+def generated_conv(u, h, w2, b2, doc_ids, cache, *, backend, interpret=False, mesh=None):
     """silu(causal conv of u with kernels h @ w2 + b2), fused.
 
     u [B,T,Dv]; h [B,T,G] (the matmul dtype); w2 [G, Dv*W] channel-major; b2 [Dv*W]; doc_ids [B,T]
-    monotone; cache [B,W-1,Dv] or None. Returns y [B,T,Dv] in u's dtype."""
+    monotone; cache [B,W-1,Dv] or None. Returns y [B,T,Dv] in u's dtype. On `mesh`, runs per shard: rows
+    over the batch axes, channels (whole heads: Dv is head-major) over the tensor axis, h and doc ids
+    replicated over the tensor axis, w2 and b2 over the batch axes (shard_map sums their gradients)."""
+    if mesh is None:
+        return _local(u, h, w2, b2, doc_ids, cache, backend=backend, interpret=interpret)
+    b, t = shard.mesh_axes(mesh)
+    specs = [P(b, None, t), P(b, None, None), P(None, t), P(t), P(b, None)]
+    args = [u, h, w2, b2, doc_ids]
+    if cache is not None:
+        specs.append(P(b, None, t))
+        args.append(cache)
+
+    def local(u, h, w2, b2, doc_ids, cache=None):
+        return _local(u, h, w2, b2, doc_ids, cache, backend=backend, interpret=interpret)
+
+    return shard.shard_map(local, mesh, tuple(specs), P(b, None, t))(*args)
+
+
+def _local(u, h, w2, b2, doc_ids, cache, *, backend, interpret):
     kern = kernel_module(backend)
     B, T, D = u.shape
     G = h.shape[-1]

@@ -50,4 +50,5 @@ def compile_for_topology(config, topology: str, *, num_slices: int = 1, verbose:
         print(f"compiled the train step for {topology} x{num_slices} slice(s): {len(devices)} chips "
               f"({devices[0].device_kind}) on {hosts} hosts, mesh {dict(mesh.shape)}, in {seconds:.1f} s")
         print("per chip: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in per_chip.items()))
+        print(f"Pallas (Mosaic) kernel calls in the step: {report['pallas_calls']}")
     return report

@@ -119,3 +119,48 @@ def test_auto_is_xla_on_cpu(rng):
     assert "pallas_call" not in jaxpr("auto") and "pallas_call" in jaxpr("pallas")
     with pytest.raises(ValueError, match="expected"):
         ops.generated_dynamic_conv(u, h, w2[:, :-1], b2, impl="pallas")
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jetnemo_jax import ops
+from tests.oracles import rel_err
+from tests.ops.test_generated_conv import inputs
+
+rng = np.random.default_rng({seed})
+u, h, w2, b2, seg, cache = inputs(rng, 4, 29, 16, 48, 4, "float32", True, True)
+seg = jnp.asarray(seg)
+
+def loss(u, h, w2, b2, cache, mesh):
+    y, c = ops.generated_dynamic_conv(u, h, w2, b2, segment_ids=seg, cache=cache, output_final_cache=True,
+                                      impl="pallas", mesh=mesh)
+    return jnp.sum(y * jnp.cos(y)) + jnp.sum(c), y
+
+grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True), static_argnums=5)
+ref = grad(u, h, w2, b2, cache, None)
+mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+assert "shard_map" in str(jax.make_jaxpr(lambda *a: loss(*a, mesh))(u, h, w2, b2, cache))
+put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+args = (put(u, P("data", None, "tensor")), put(h, P("data")), put(w2, P(None, "tensor")), put(b2, P("tensor")),
+        put(cache, P("data", None, "tensor")))
+out = grad(*args, mesh)
+errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref))]
+print("max rel err", max(errs))
+assert max(errs) <= 1e-5, errs
+"""
+
+
+def test_kernels_run_per_shard_on_a_mesh(rng):
+    """Rows over "data", channels over "tensor" on 4 host devices: the same outputs and gradients of every
+    input as one device (w2, b2 replicated over "data" and h over "tensor" get their cotangents summed)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", _SHARDED.format(seed=int(rng.integers(2**31)))], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -31,9 +31,11 @@ def compile_only(config, topology, *flags, slices=1):
 
 
 def test_tiny_model_on_v5e_4x4_four_hosts():
-    chips, kind, hosts, total, _ = compile_only("tiny.py", "v5e:4x4", "--config.mesh.data=4",
-                                                "--config.mesh.fsdp=4", "--config.data.global_batch=16")
+    chips, kind, hosts, total, out = compile_only("tiny.py", "v5e:4x4", "--config.mesh.data=4",
+                                                  "--config.mesh.fsdp=4", "--config.data.global_batch=16")
     assert (chips, hosts) == (16, 4) and "v5" in kind and 0 < total < 1
+    # "auto" puts both kernel families in the sharded step: gated delta rule and generated conv, fwd and bwd
+    assert int(re.search(r"kernel calls in the step: (\d+)", out).group(1)) > 0
 
 
 def test_tiny_model_multislice():
