@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import grain
 import numpy as np
+from absl import flags
 from grain import experimental as grain_exp
 
 
@@ -51,5 +52,7 @@ def packed_dataset(source, encode: Callable[[str], np.ndarray], eos_id: int, *, 
     ds = shards[0] if per_process == 1 else grain_exp.ZipIterDataset(shards).map(
         lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     if worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return ds
