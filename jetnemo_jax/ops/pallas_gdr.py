@@ -45,11 +45,10 @@ def platform(mesh) -> str:
     return mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
 
 
-def auto_eligible(dk, dv, mesh) -> bool:
-    """Whether impl="auto" may pick the kernels: TPU, supported head sizes, and a known layout (one device,
-    or a mesh to shard_map over; XLA would otherwise fail to partition the kernels of a sharded jit)."""
-    return (platform(mesh) == "tpu" and max(dk, dv) <= MAX_HEAD_DIM
-            and (mesh is not None or _context_mesh() is not None or jax.device_count() == 1))
+def layout_known(mesh) -> bool:
+    """Whether kernels can run: one device, or a mesh to shard_map over (XLA would otherwise fail to
+    partition the kernels of a sharded jit)."""
+    return mesh is not None or _context_mesh() is not None or jax.device_count() == 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))

@@ -1,0 +1,348 @@
+"""Pallas GPU kernels (Triton lowering) for the chunked gated delta rule: chunk C = 64, fp32 state.
+
+The kernels read the caller's layout directly and pad inside with masked loads, so no padded or
+transposed copy of the inputs reaches HBM: q, k [B, T, H, dk] raw (L2-normalised here when `l2norm`);
+v [B, T, H, dv]; g, beta [B, T, H]; starts [B, T] float32, 1.0 where a new document starts (never at
+t = 0: the initial state continues the first document); h0 [B, H, dk, dv] float32. Masked-out tokens
+load as q = k = v = g = beta = 0, which leaves the state untouched; masked-out key/value columns are zero,
+which changes no dot product. Triton wants power-of-two tiles with dot dims >= 16, hence the padding.
+
+Per chunk (see shared/spec/gated_delta_rule.md; jetnemo_jax/ops/chunked.py is the XLA twin):
+  D_ij = exp(sum of g over (j, i]) for j <= i in one document, else 0 (masked before exp);
+  e_i = exp(G_i) while token i is still in the entering state's document, else 0;
+  T = (I + strict_lower(beta_i k_i.k_j D_ij))^-1;  W = T diag(beta e) K;  U = T diag(beta) V;
+  V_new = U - W S;  O = scale (diag(e) Q S + (Q K^T * D) V_new);  S' = e_C S + (diag(D_C:) K)^T V_new.
+
+Kernels: `inverses` (T of every chunk: the only chunk quantity that reaches HBM, fully parallel over
+chunks, so the serial state pass below never waits on the 64x64 inverse); `forward` (o and the final
+state) and `chunk_states` (the state entering every chunk, recomputed for the backward), one program per
+(batch*head, dv block) looping over chunks with the state in registers; `backward` (the reverse pass
+carrying dS per dv block). The delta rule is separable over value columns, so dv blocks are independent:
+they add parallelism when B*H is small, and every gradient except dv comes out as one partial per block
+(the caller sums them; the whole backward is linear in the cotangents).
+
+Precision: `fast` dots take bf16 operands with fp32 accumulation when the inputs are bf16 (fla's choice:
+q, k, v, W, V_new and the state rounded to bf16 for the matmul), else `precise` ones; `precise` dots
+(the inverse and its gradient, and everything for fp32 inputs) are IEEE fp32 in interpret mode and
+3xTF32 on the GPU (fp32 accuracy on the tensor cores).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+CHUNK = 64
+_F32 = jnp.float32
+NUM_WARPS, NUM_STAGES = 4, 2
+
+
+def padded(d: int) -> int:
+    """Tile width of a head dim: a power of two, at least 16 (Triton's smallest dot dim)."""
+    return max(16, pl.next_power_of_2(d))
+
+
+class _Dots:
+    """Matmuls a @ b with optional transposes, at the kernel's two precisions."""
+
+    def __init__(self, fast_dtype, interpret):
+        self.fast_dtype = jnp.dtype(fast_dtype)
+        self.precision = (jax.lax.Precision.HIGHEST if interpret
+                          else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+
+    def precise(self, a, b, ta=False, tb=False):
+        dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+        return jax.lax.dot_general(a.astype(_F32), b.astype(_F32), dims, precision=self.precision,
+                                   preferred_element_type=_F32)
+
+    def fast(self, a, b, ta=False, tb=False):
+        if self.fast_dtype == _F32:
+            return self.precise(a, b, ta, tb)
+        dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+        return jax.lax.dot_general(a.astype(self.fast_dtype), b.astype(self.fast_dtype), dims,
+                                   precision=jax.lax.Precision.DEFAULT, preferred_element_type=_F32)
+
+
+def _iota():
+    idx = jnp.arange(CHUNK, dtype=jnp.int32)
+    return idx, idx[:, None], idx[None, :]
+
+
+def _l2norm(x):
+    r = jax.lax.rsqrt(jnp.sum(x * x, axis=1) + 1e-6)
+    return x * r[:, None], r
+
+
+class _Chunk:
+    """Loads of chunk n of row (b, h), masked to the true T, dk and dv."""
+
+    def __init__(self, b, h, T, dk, dv, dkp):
+        self.b, self.h, self.T, self.dk, self.dv, self.dkp = b, h, T, dk, dv, dkp
+
+    def rows(self, n):
+        t = n * CHUNK + jnp.arange(CHUNK, dtype=jnp.int32)
+        return pl.ds(n * CHUNK, CHUNK), t < self.T
+
+    def tokens(self, ref, n, width, start, true_width):
+        """[C, width] slice of a [B, T, H, d] ref: columns start..start+width, zero outside."""
+        rows, ok = self.rows(n)
+        cols = start + jnp.arange(width, dtype=jnp.int32)
+        mask = ok[:, None] & (cols < true_width)[None, :]
+        ref = ref.at[self.b, rows, self.h, pl.ds(start, width)]
+        return plt.load(ref, mask=mask, other=0.0).astype(_F32), mask
+
+    def scalars(self, ref, n):  # [C] from a [B, T, H] ref
+        rows, ok = self.rows(n)
+        return plt.load(ref.at[self.b, rows, self.h], mask=ok, other=0.0).astype(_F32)
+
+    def starts(self, ref, n):  # [C] from a [B, T] ref
+        rows, ok = self.rows(n)
+        return plt.load(ref.at[self.b, rows], mask=ok, other=0.0)
+
+    def key(self, ref, n, l2norm):
+        """Keys or queries, L2-normalised in fp32 when asked: (x, 1 / norm or None, mask)."""
+        x, mask = self.tokens(ref, n, self.dkp, 0, self.dk)
+        if not l2norm:
+            return x, None, mask
+        x, r = _l2norm(x)
+        return x, r, mask
+
+
+def _gates(g, st):
+    """D, e, D's last row and e's last entry of one chunk; every exponent masked before exp.
+
+    Sums over (j, i] come from one cumsum down each column (never a difference of two cumsums, which
+    cancels catastrophically under strong decay)."""
+    idx, row, col = _iota()
+    strict = row > col
+    doc = jnp.cumsum(st)  # documents started inside the chunk up to token i
+    seg = jnp.cumsum(jnp.where(strict, g[:, None], 0.0), axis=0)  # [i, j] = sum_{j < m <= i} g_m
+    keep = (row >= col) & (doc[:, None] == doc[None, :])
+    d = jnp.where(keep, jnp.exp(jnp.where(keep, seg, 0.0)), 0.0)
+    in_doc = doc < 0.5
+    e = jnp.where(in_doc, jnp.exp(jnp.where(in_doc, jnp.cumsum(g), 0.0)), 0.0)
+    d_last = jnp.sum(jnp.where(row == CHUNK - 1, d, 0.0), axis=0)
+    e_last = jnp.sum(jnp.where(idx == CHUNK - 1, e, 0.0))
+    return d, e, d_last, e_last, strict
+
+
+def _unit_lower_inverse(a, dots):
+    """(I + a)^-1 for strictly lower a [C, C] by recursive block doubling: with X block-diagonal in
+    s-blocks (the inverses so far), X - X a_s X, where a_s keeps the lower-left s-block of every
+    2s-block, fills in -T2 A21 T1 (the TPU kernel's scheme)."""
+    _, row, col = _iota()
+    x = (row == col).astype(_F32)
+    diff = jnp.bitwise_xor(row, col)  # i, j share a 2s-block but not an s-block iff s <= i ^ j < 2s
+    s = 1
+    while s < CHUNK:
+        a_s = jnp.where((diff >= s) & (diff < 2 * s) & (row > col), a, 0.0)
+        x = x - dots.precise(x, dots.precise(a_s, x))
+        s *= 2
+    return x
+
+
+def _rev_cumsum(x, axis=0):  # inclusive sums from the end (Triton lowers forward cumsums only)
+    return jnp.sum(x, axis=axis, keepdims=True) - jnp.cumsum(x, axis=axis) + x
+
+
+def _inverse_kernel(k_ref, g_ref, b_ref, st_ref, t_ref, *, heads, T, dk, dkp, l2norm, dots):
+    bh, n = pl.program_id(0), pl.program_id(1)
+    ld = _Chunk(bh // heads, bh % heads, T, dk, 0, dkp)
+    k, _, _ = ld.key(k_ref, n, l2norm)
+    beta = ld.scalars(b_ref, n)
+    d, _, _, _, strict = _gates(ld.scalars(g_ref, n), ld.starts(st_ref, n))
+    a = jnp.where(strict, beta[:, None] * dots.fast(k, k, tb=True) * d, 0.0)
+    plt.store(t_ref.at[bh, pl.ds(n * CHUNK, CHUNK)], _unit_lower_inverse(a, dots))
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, h0_ref, t_ref, *out_refs, heads, T, dk, dv,
+                    dkp, bv, n_chunks, scale, l2norm, dots, with_output):
+    bh, iv = pl.program_id(0), pl.program_id(1)
+    b, h, v0 = bh // heads, bh % heads, iv * bv
+    ld = _Chunk(b, h, T, dk, dv, dkp)
+    krows, vcols = jnp.arange(dkp, dtype=jnp.int32), v0 + jnp.arange(bv, dtype=jnp.int32)
+    smask = (krows < dk)[:, None] & (vcols < dv)[None, :]
+    state_at = lambda ref: ref.at[b, h, pl.ds(0, dkp), pl.ds(v0, bv)]
+    s0 = plt.load(state_at(h0_ref), mask=smask, other=0.0)
+
+    def body(n, s):
+        k, _, _ = ld.key(k_ref, n, l2norm)
+        v, vmask = ld.tokens(v_ref, n, bv, v0, dv)
+        beta = ld.scalars(b_ref, n)
+        d, e, d_last, e_last, _ = _gates(ld.scalars(g_ref, n), ld.starts(st_ref, n))
+        t = plt.load(t_ref.at[bh, pl.ds(n * CHUNK, CHUNK)])
+        w = dots.fast(t, (beta * e)[:, None] * k)
+        v_new = dots.fast(t, beta[:, None] * v) - dots.fast(w, s)
+        if with_output:
+            q, _, _ = ld.key(q_ref, n, l2norm)
+            o = dots.fast(e[:, None] * q, s) + dots.fast(dots.fast(q, k, tb=True) * d, v_new)
+            plt.store(out_refs[0].at[b, ld.rows(n)[0], h, pl.ds(v0, bv)],
+                      (scale * o).astype(out_refs[0].dtype), mask=vmask)
+        else:  # the state entering chunk n, rows n*dkp.. of [BH, N*dkp, dvp]
+            states = out_refs[0]
+            plt.store(states.at[bh, pl.ds(n * dkp, dkp), pl.ds(v0, bv)], s.astype(states.dtype))
+        return e_last * s + dots.fast(d_last[:, None] * k, v_new, ta=True)
+
+    s = jax.lax.fori_loop(0, n_chunks, body, s0)
+    if with_output:
+        plt.store(state_at(out_refs[1]), s, mask=smask)
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_ref, dfin_ref,
+                     dq_ref, dk_ref, dv_ref, dg_ref, db_ref, dh0_ref, *, heads, T, dk, dv, dkp, bv,
+                     n_chunks, scale, l2norm, dots):
+    bh, iv = pl.program_id(0), pl.program_id(1)
+    b, h, v0 = bh // heads, bh % heads, iv * bv
+    ld = _Chunk(b, h, T, dk, dv, dkp)
+    krows, vcols = jnp.arange(dkp, dtype=jnp.int32), v0 + jnp.arange(bv, dtype=jnp.int32)
+    smask = (krows < dk)[:, None] & (vcols < dv)[None, :]
+    state_at = lambda ref: ref.at[b, h, pl.ds(0, dkp), pl.ds(v0, bv)]
+    ds0 = plt.load(state_at(dfin_ref), mask=smask, other=0.0)
+    fast, precise = dots.fast, dots.precise
+
+    def body(i, ds):  # ds: gradient of the state leaving chunk n
+        n = n_chunks - 1 - i
+        q, rq, kmask = ld.key(q_ref, n, l2norm)
+        k, rk_norm, _ = ld.key(k_ref, n, l2norm)
+        v, vmask = ld.tokens(v_ref, n, bv, v0, dv)
+        do, _ = ld.tokens(do_ref, n, bv, v0, dv)
+        g, beta = ld.scalars(g_ref, n), ld.scalars(b_ref, n)
+        d, e, d_last, e_last, strict = _gates(g, ld.starts(st_ref, n))
+        t = plt.load(t_ref.at[bh, pl.ds(n * CHUNK, CHUNK)])
+        s = plt.load(s_ref.at[bh, pl.ds(n * dkp, dkp), pl.ds(v0, bv)]).astype(_F32)
+        rk, rv = (beta * e)[:, None] * k, beta[:, None] * v
+        w = fast(t, rk)
+        v_new = fast(t, rv) - fast(w, s)
+        qk = fast(q, k, tb=True)
+
+        # Output and state-update terms.
+        dv_new = scale * fast(qk * d, do, ta=True) + fast(d_last[:, None] * k, ds)
+        dp = scale * fast(do, v_new, tb=True)  # gradient of P = QK^T * D
+        dqk = dp * d
+        dq = scale * e[:, None] * fast(do, s, tb=True) + fast(dqk, k)
+        dkd = fast(v_new, ds, tb=True)  # gradient of diag(d_last) K
+        dk_ = fast(dqk, q, ta=True) + d_last[:, None] * dkd
+        dd = dp * qk
+        dd_last = jnp.sum(dkd * k, axis=1)
+        de = scale * jnp.sum(do * fast(q, s), axis=1)
+        de_last = jnp.sum(s * ds)
+        ds_prev = e_last * ds + scale * fast(e[:, None] * q, do, ta=True) - fast(w, dv_new, ta=True)
+
+        # Through W = T Rk, U = T Rv and V_new = U - W S.
+        dw = -fast(dv_new, s, tb=True)
+        dt = precise(dw, rk, tb=True) + precise(dv_new, rv, tb=True)
+        drk = fast(t, dw, ta=True)
+        drv = fast(t, dv_new, ta=True)
+        dk_ = dk_ + (beta * e)[:, None] * drk
+        drk_k = jnp.sum(drk * k, axis=1)
+        dbeta = e * drk_k + jnp.sum(drv * v, axis=1)
+        de = de + beta * drk_k
+
+        # Through T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part, A = beta_i (k_i.k_j) D_ij.
+        da = jnp.where(strict, -precise(t, precise(dt, t, tb=True), ta=True), 0.0)
+        kk = fast(k, k, tb=True)
+        dbeta = dbeta + jnp.sum(da * kk * d, axis=1)
+        dkk = da * beta[:, None] * d
+        dk_ = dk_ + fast(dkk, k) + fast(dkk, k, ta=True)
+        dd = dd + da * beta[:, None] * kk
+
+        # Gates: D_ij = exp(sum of g over (j, i]) -> dg_m = sum_{i >= m > j} dD_ij D_ij; e_i over [0, i];
+        # d_last_j over (j, C-1]; e_last over the whole chunk.
+        dseg = _rev_cumsum(dd * d, axis=0)  # [m, j] = sum_{i >= m} dD_ij D_ij
+        x = dd_last * d_last
+        dg = (jnp.sum(jnp.where(strict, dseg, 0.0), axis=1) + _rev_cumsum(de * e)
+              + (jnp.cumsum(x) - x) + de_last * e_last)
+
+        if l2norm:  # d/dx of x / |x| (linear in the cotangent, so per-block partials still add up)
+            dq = rq[:, None] * (dq - q * jnp.sum(dq * q, axis=1)[:, None])
+            dk_ = rk_norm[:, None] * (dk_ - k * jnp.sum(dk_ * k, axis=1)[:, None])
+        rows, ok = ld.rows(n)
+        plt.store(dq_ref.at[iv, b, rows, h, pl.ds(0, dkp)], dq, mask=kmask)
+        plt.store(dk_ref.at[iv, b, rows, h, pl.ds(0, dkp)], dk_, mask=kmask)
+        plt.store(dg_ref.at[iv, b, rows, h], dg, mask=ok)
+        plt.store(db_ref.at[iv, b, rows, h], dbeta, mask=ok)
+        plt.store(dv_ref.at[b, rows, h, pl.ds(v0, bv)], (beta[:, None] * drv).astype(dv_ref.dtype),
+                  mask=vmask)
+        return ds_prev
+
+    ds = jax.lax.fori_loop(0, n_chunks, body, ds0)
+    plt.store(state_at(dh0_ref), ds, mask=smask)
+
+
+def _dims(q, v, block_v):
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    dkp, dvp = padded(dk), padded(dv)
+    bv = min(dvp, block_v)
+    if bv & (bv - 1) or bv < 16:
+        raise ValueError(f"block_v={block_v} must be a power of two >= 16")
+    return dict(B=B, T=T, H=H, dk=dk, dv=dv, dkp=dkp, dvp=dvp, bv=bv, nv=dvp // bv, N=pl.cdiv(T, CHUNK))
+
+
+def dot_dtype(*xs):
+    """bf16 operands for the fast dots when every input is bf16, else float32."""
+    return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else _F32
+
+
+def _call(kernel, grid, out_shape, interpret, *args):
+    return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret,
+                          compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES))(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", "interpret"))
+def inverses(k, g, beta, starts, *, l2norm, fast_dtype, interpret=False):
+    """T of every chunk, [B*H, N*C, C] float32 (chunk n in rows n*C..)."""
+    B, T, H, dk = k.shape
+    N = pl.cdiv(T, CHUNK)
+    kernel = functools.partial(_inverse_kernel, heads=H, T=T, dk=dk, dkp=padded(dk), l2norm=l2norm,
+                               dots=_Dots(fast_dtype, interpret))
+    return _call(kernel, (B * H, N), jax.ShapeDtypeStruct((B * H, N * CHUNK, CHUNK), _F32), interpret,
+                 k, g, beta, starts)
+
+
+def _state_pass(q, k, v, g, beta, starts, h0, tinv, *, scale, l2norm, block_v, interpret, with_output):
+    m = _dims(q, v, block_v)
+    fast_dtype = dot_dtype(q, k, v)
+    kernel = functools.partial(_forward_kernel, heads=m["H"], T=m["T"], dk=m["dk"], dv=m["dv"], dkp=m["dkp"],
+                               bv=m["bv"], n_chunks=m["N"], scale=scale, l2norm=l2norm,
+                               dots=_Dots(fast_dtype, interpret), with_output=with_output)
+    if with_output:
+        out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(h0.shape, _F32)]
+    else:  # states in the dtype the fast dots round them to anyway
+        out_shape = jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * m["dkp"], m["dvp"]), fast_dtype)
+    return _call(kernel, (m["B"] * m["H"], m["nv"]), out_shape, interpret, q, k, v, g, beta, starts, h0, tinv)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "l2norm", "block_v", "interpret"))
+def forward(q, k, v, g, beta, starts, h0, tinv, *, scale, l2norm, block_v=64, interpret=False):
+    """(o [B, T, H, dv] in v's dtype, final state [B, H, dk, dv] float32), given `inverses`' T."""
+    return tuple(_state_pass(q, k, v, g, beta, starts, h0, tinv, scale=scale, l2norm=l2norm, block_v=block_v,
+                             interpret=interpret, with_output=True))
+
+
+@functools.partial(jax.jit, static_argnames=("l2norm", "block_v", "interpret"))
+def chunk_states(q, k, v, g, beta, starts, h0, tinv, *, l2norm, block_v=64, interpret=False):
+    """The state entering every chunk, [B*H, N*dkp, dvp] (chunk n in rows n*dkp..), in bf16 for bf16
+    inputs (what the backward's bf16 dots read), else float32."""
+    return _state_pass(q, k, v, g, beta, starts, h0, tinv, scale=1.0, l2norm=l2norm, block_v=block_v,
+                       interpret=interpret, with_output=False)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "l2norm", "block_v", "interpret"))
+def backward(q, k, v, g, beta, starts, tinv, states, do, d_final, *, scale, l2norm, block_v=64,
+             interpret=False):
+    """Gradients (dq, dk, dg, dbeta) as float32 partials with a leading dv-block axis (sum it), dv in v's
+    dtype and dh0 float32, from `inverses`' T, `chunk_states`, do [B, T, H, dv] and d_final [B, H, dk, dv]."""
+    m = _dims(q, v, block_v)
+    kernel = functools.partial(_backward_kernel, heads=m["H"], T=m["T"], dk=m["dk"], dv=m["dv"], dkp=m["dkp"],
+                               bv=m["bv"], n_chunks=m["N"], scale=scale, l2norm=l2norm,
+                               dots=_Dots(dot_dtype(q, k, v), interpret))
+    part = lambda shape: jax.ShapeDtypeStruct((m["nv"], *shape), _F32)
+    out_shape = [part(q.shape), part(k.shape), jax.ShapeDtypeStruct(v.shape, v.dtype), part(g.shape),
+                 part(beta.shape), jax.ShapeDtypeStruct(d_final.shape, _F32)]
+    return tuple(_call(kernel, (m["B"] * m["H"], m["nv"]), out_shape, interpret,
+                       q, k, v, g, beta, starts, tinv, states, do, d_final))
