@@ -129,6 +129,41 @@ def fla_runners(B, T, H, dk, dv, reps):
     return median_ms(fwd, sync, reps), median_ms(fwdbwd, sync, reps)
 
 
+def profile_kernels(name, reps, warps):
+    """Each kernel of the op alone (bf16, the default dv block) at num_warps in `warps`: where time goes."""
+    from pallas_kernels.gated_delta_rule import gpu as kern
+
+    B, T, H, dk, dv = SHAPES[name]
+    x, do = jax_inputs(B, T, H, dk, dv, seed=1)
+    q, k, v, g, beta = x.values()
+    starts = jnp.zeros((B, T), jnp.float32)
+    h0 = jnp.zeros((B, H, dk, dv), jnp.float32)
+    flags = dict(l2norm=True, block_v=triton_gdr.default_block_v(B * H, dv), interpret=False)
+    scale, fd = dk ** -0.5, jnp.bfloat16
+    out = {}
+    for nw in warps:
+        t = kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw)
+        st, fin = kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, num_warps=nw, **flags)
+        dst, _ = kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale, num_warps=nw, **flags)
+        runs = {
+            "inverses": lambda: kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw),
+            "chunk_states": lambda: kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, num_warps=nw,
+                                                      **flags),
+            "output": lambda: kern.output(q, k, v, g, beta, starts, t, st, scale=scale, num_warps=nw, **flags),
+            "state_grads": lambda: kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale,
+                                                    num_warps=nw, **flags),
+            "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, st, do, dst, scale=scale,
+                                                    num_warps=nw, **flags),
+        }
+        for kname, fn in runs.items():
+            try:
+                out[f"{kname}_w{nw}"] = median_ms(fn, jax.block_until_ready, reps)
+            except Exception as e:  # noqa: BLE001
+                out[f"{kname}_w{nw}"] = f"{type(e).__name__}: {e}"[:200]
+            print(name, kname, f"num_warps={nw}", out[f"{kname}_w{nw}"], flush=True)
+    return out
+
+
 def rel(a, b):
     a, b = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (a, b))
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -172,6 +207,8 @@ def bench_shape(name, reps, block_vs):
 def table(rows, bw):
     lines = [f"{'shape':6} {'impl':10} {'fwd ms':>8} {'f+b ms':>8} {'fwd %HBM':>9} {'f+b %HBM':>9}"]
     for name, r in rows.items():
+        if name == "kernels":
+            continue
         for impl, t in r["ms"].items():
             lines.append(f"{name:6} {impl:10} {t['fwd']:8.3f} {t['fwdbwd']:8.3f} "
                          f"{100 * r['fwd_bytes'] / (t['fwd'] * 1e-3) / bw:8.1f}% "
@@ -195,6 +232,8 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--block-v", default="32,128", help="other dv-block sizes of the kernels to time")
     p.add_argument("--check", action="store_true", help="run the GPU correctness tests first")
+    p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
+                   "(on the first shape)")
     p.add_argument("--out", default="gdr_bench.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)  # dispatch logs the implementation impl="auto" picked
@@ -207,6 +246,10 @@ def main():
     print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     block_vs = [int(b) for b in args.block_v.split(",") if b]
     rows = {}
+    if args.profile_warps:
+        warps = [int(w) for w in args.profile_warps.split(",")]
+        first = args.shapes.split(",")[0]
+        rows["kernels"] = {first: profile_kernels(first, args.reps, warps)}
     for name in args.shapes.split(","):
         rows[name] = bench_shape(name, args.reps, block_vs)
         with open(args.out, "w") as f:

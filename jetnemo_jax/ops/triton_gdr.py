@@ -2,9 +2,11 @@
 `jax.custom_vjp` (compiled through Triton on GPUs, Hopper and Ampere alike; interpreted on CPU for tests).
 
 The kernels read [B, T, H, d] as given and pad T, dk and dv inside with masked loads, and they L2-normalise
-q and k themselves, so this module only turns document ids into start flags and sums the per-dv-block
-gradient partials. The forward saves the chunk inverses T (C floats per token and head) for the backward,
-which recomputes the chunk-entry states with a state pass instead of keeping them from the forward.
+q and k themselves, so this module only turns document ids into start flags, chains the kernels and sums
+the per-dv-block gradient partials. Forward: chunk inverses (parallel), chunk-entry states (serial), output
+(parallel). Backward: the states again (recomputed rather than kept from the forward: no activation memory
+in between), state gradients (serial, reverse), input gradients (parallel). The forward saves the chunk
+inverses T (C floats per token and head).
 On a mesh the op runs inside `jax.shard_map` like the TPU kernels (`pallas_gdr.shard_over_mesh`).
 """
 
@@ -38,20 +40,24 @@ def _core(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
 
 
 def _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
-    tinv = kernels.inverses(k, g, beta, starts, l2norm=l2norm, fast_dtype=kernels.dot_dtype(q, k, v),
-                            interpret=interpret)
-    out = kernels.forward(q, k, v, g, beta, starts, h0, tinv, scale=scale, l2norm=l2norm, block_v=block_v,
-                          interpret=interpret)
-    return out, (q, k, v, g, beta, starts, h0, tinv)
+    fast_dtype = kernels.dot_dtype(q, k, v)
+    tinv = kernels.inverses(k, g, beta, starts, l2norm=l2norm, fast_dtype=fast_dtype, interpret=interpret)
+    flags = dict(l2norm=l2norm, block_v=block_v, interpret=interpret)
+    states, final = kernels.chunk_states(k, v, g, beta, starts, h0, tinv, fast_dtype=fast_dtype, **flags)
+    o = kernels.output(q, k, v, g, beta, starts, tinv, states, scale=scale, **flags)
+    return (o, final), (q, k, v, g, beta, starts, h0, tinv)
 
 
 def _core_bwd(scale, l2norm, block_v, interpret, res, cts):
     q, k, v, g, beta, starts, h0, tinv = res
     do, d_final = cts
+    do = do.astype(v.dtype)
     flags = dict(l2norm=l2norm, block_v=block_v, interpret=interpret)
-    states = kernels.chunk_states(q, k, v, g, beta, starts, h0, tinv, **flags)
-    dq, dk, dv, dg, dbeta, dh0 = kernels.backward(q, k, v, g, beta, starts, tinv, states, do.astype(v.dtype),
-                                                  d_final, scale=scale, **flags)
+    states, _ = kernels.chunk_states(k, v, g, beta, starts, h0, tinv, fast_dtype=kernels.dot_dtype(q, k, v),
+                                     **flags)
+    dstates, dh0 = kernels.state_grads(q, k, v, g, beta, starts, tinv, do, d_final, scale=scale, **flags)
+    dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, states, do, dstates,
+                                                scale=scale, **flags)
     total = lambda parts, like: jnp.sum(parts, axis=0).astype(like.dtype)
     return (total(dq, q), total(dk, k), dv, total(dg, g), total(dbeta, beta), None, dh0.astype(h0.dtype))
 

@@ -112,22 +112,30 @@ class _Chunk:
         return x, r, mask
 
 
-def _gates(g, st):
-    """D, e, D's last row and e's last entry of one chunk; every exponent masked before exp.
-
-    Sums over (j, i] come from one cumsum down each column (never a difference of two cumsums, which
-    cancels catastrophically under strong decay)."""
+def _state_gates(g, st):
+    """e, D's last row and e's last entry: what the serial state passes need (no [C, C] scan)."""
     idx, row, col = _iota()
+    after = col > row  # [j, m]: m in (j, C-1]
+    cut_after = jnp.sum(jnp.where(after, st[None, :], 0.0), axis=1) > 0.5
+    g_after = jnp.sum(jnp.where(after, g[None, :], 0.0), axis=1)
+    d_last = jnp.where(cut_after, 0.0, jnp.exp(jnp.where(cut_after, 0.0, g_after)))
+    in_doc = jnp.cumsum(st) < 0.5  # no document start in [0, i]: still the entering state's document
+    e = jnp.where(in_doc, jnp.exp(jnp.where(in_doc, jnp.cumsum(g), 0.0)), 0.0)
+    e_last = jnp.sum(jnp.where(idx == CHUNK - 1, e, 0.0))
+    return e, d_last, e_last
+
+
+def _gates(g, st):
+    """D (the masked decay), e, d_last, e_last and the strict-lower mask of one chunk; every exponent
+    masked before exp. Sums over (j, i] come from one cumsum down each column (never a difference of two
+    cumsums, which cancels catastrophically under strong decay)."""
+    _, row, col = _iota()
     strict = row > col
     doc = jnp.cumsum(st)  # documents started inside the chunk up to token i
     seg = jnp.cumsum(jnp.where(strict, g[:, None], 0.0), axis=0)  # [i, j] = sum_{j < m <= i} g_m
     keep = (row >= col) & (doc[:, None] == doc[None, :])
     d = jnp.where(keep, jnp.exp(jnp.where(keep, seg, 0.0)), 0.0)
-    in_doc = doc < 0.5
-    e = jnp.where(in_doc, jnp.exp(jnp.where(in_doc, jnp.cumsum(g), 0.0)), 0.0)
-    d_last = jnp.sum(jnp.where(row == CHUNK - 1, d, 0.0), axis=0)
-    e_last = jnp.sum(jnp.where(idx == CHUNK - 1, e, 0.0))
-    return d, e, d_last, e_last, strict
+    return (d, *_state_gates(g, st), strict)
 
 
 def _unit_lower_inverse(a, dots):
@@ -154,123 +162,163 @@ def _inverse_kernel(k_ref, g_ref, b_ref, st_ref, t_ref, *, heads, T, dk, dkp, l2
     ld = _Chunk(bh // heads, bh % heads, T, dk, 0, dkp)
     k, _, _ = ld.key(k_ref, n, l2norm)
     beta = ld.scalars(b_ref, n)
-    d, _, _, _, strict = _gates(ld.scalars(g_ref, n), ld.starts(st_ref, n))
+    d, *_, strict = _gates(ld.scalars(g_ref, n), ld.starts(st_ref, n))
     a = jnp.where(strict, beta[:, None] * dots.fast(k, k, tb=True) * d, 0.0)
     plt.store(t_ref.at[bh, pl.ds(n * CHUNK, CHUNK)], _unit_lower_inverse(a, dots))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, h0_ref, t_ref, *out_refs, heads, T, dk, dv,
-                    dkp, bv, n_chunks, scale, l2norm, dots, with_output):
-    bh, iv = pl.program_id(0), pl.program_id(1)
-    b, h, v0 = bh // heads, bh % heads, iv * bv
-    ld = _Chunk(b, h, T, dk, dv, dkp)
-    krows, vcols = jnp.arange(dkp, dtype=jnp.int32), v0 + jnp.arange(bv, dtype=jnp.int32)
-    smask = (krows < dk)[:, None] & (vcols < dv)[None, :]
-    state_at = lambda ref: ref.at[b, h, pl.ds(0, dkp), pl.ds(v0, bv)]
-    s0 = plt.load(state_at(h0_ref), mask=smask, other=0.0)
+class _Program:
+    """Row (b, h) and value columns v0..v0+bv of this program, and the masks of its state tile."""
+
+    def __init__(self, bh, iv, heads, T, dk, dv, dkp, bv):
+        self.bh, self.iv, self.b, self.h, self.v0 = bh, iv, bh // heads, bh % heads, iv * bv
+        self.ld = _Chunk(self.b, self.h, T, dk, dv, dkp)
+        self.dkp, self.bv, self.dv = dkp, bv, dv
+        krows, vcols = jnp.arange(dkp, dtype=jnp.int32), self.v0 + jnp.arange(bv, dtype=jnp.int32)
+        self.smask = (krows < dk)[:, None] & (vcols < dv)[None, :]
+
+    def state(self, ref):  # [dkp, bv] of a [B, H, dk, dv] ref
+        return ref.at[self.b, self.h, pl.ds(0, self.dkp), pl.ds(self.v0, self.bv)]
+
+    def chunk_state(self, ref, n):  # [dkp, bv] of chunk n in a [BH, N*dkp, dvp] ref
+        return ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(self.v0, self.bv)]
+
+    def values(self, ref, n):  # [C, bv] of a [B, T, H, dv] ref and its mask
+        return self.ld.tokens(ref, n, self.bv, self.v0, self.dv)
+
+    def tinv(self, ref, n):
+        return plt.load(ref.at[self.bh, pl.ds(n * CHUNK, CHUNK)])
+
+
+def _v_new(t, k, v, beta, e, s, dots):
+    """W = T diag(beta e) K and V_new = T diag(beta) V - W S."""
+    w = dots.fast(t, (beta * e)[:, None] * k)
+    return w, dots.fast(t, beta[:, None] * v) - dots.fast(w, s)
+
+
+def _states_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, h0_ref, t_ref, states_ref, final_ref, *, heads, T,
+                   dk, dv, dkp, bv, n_chunks, l2norm, dots):
+    """Serial pass: the state entering every chunk (stored) and the final state."""
+    p = _Program(pl.program_id(0), pl.program_id(1), heads, T, dk, dv, dkp, bv)
 
     def body(n, s):
-        k, _, _ = ld.key(k_ref, n, l2norm)
-        v, vmask = ld.tokens(v_ref, n, bv, v0, dv)
-        beta = ld.scalars(b_ref, n)
-        d, e, d_last, e_last, _ = _gates(ld.scalars(g_ref, n), ld.starts(st_ref, n))
-        t = plt.load(t_ref.at[bh, pl.ds(n * CHUNK, CHUNK)])
-        w = dots.fast(t, (beta * e)[:, None] * k)
-        v_new = dots.fast(t, beta[:, None] * v) - dots.fast(w, s)
-        if with_output:
-            q, _, _ = ld.key(q_ref, n, l2norm)
-            o = dots.fast(e[:, None] * q, s) + dots.fast(dots.fast(q, k, tb=True) * d, v_new)
-            plt.store(out_refs[0].at[b, ld.rows(n)[0], h, pl.ds(v0, bv)],
-                      (scale * o).astype(out_refs[0].dtype), mask=vmask)
-        else:  # the state entering chunk n, rows n*dkp.. of [BH, N*dkp, dvp]
-            states = out_refs[0]
-            plt.store(states.at[bh, pl.ds(n * dkp, dkp), pl.ds(v0, bv)], s.astype(states.dtype))
+        plt.store(p.chunk_state(states_ref, n), s.astype(states_ref.dtype))
+        k, _, _ = p.ld.key(k_ref, n, l2norm)
+        v, _ = p.values(v_ref, n)
+        beta = p.ld.scalars(b_ref, n)
+        e, d_last, e_last = _state_gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+        _, v_new = _v_new(p.tinv(t_ref, n), k, v, beta, e, s, dots)
         return e_last * s + dots.fast(d_last[:, None] * k, v_new, ta=True)
 
-    s = jax.lax.fori_loop(0, n_chunks, body, s0)
-    if with_output:
-        plt.store(state_at(out_refs[1]), s, mask=smask)
+    s = jax.lax.fori_loop(0, n_chunks, body, plt.load(p.state(h0_ref), mask=p.smask, other=0.0))
+    plt.store(p.state(final_ref), s, mask=p.smask)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_ref, dfin_ref,
-                     dq_ref, dk_ref, dv_ref, dg_ref, db_ref, dh0_ref, *, heads, T, dk, dv, dkp, bv,
-                     n_chunks, scale, l2norm, dots):
-    bh, iv = pl.program_id(0), pl.program_id(1)
-    b, h, v0 = bh // heads, bh % heads, iv * bv
-    ld = _Chunk(b, h, T, dk, dv, dkp)
-    krows, vcols = jnp.arange(dkp, dtype=jnp.int32), v0 + jnp.arange(bv, dtype=jnp.int32)
-    smask = (krows < dk)[:, None] & (vcols < dv)[None, :]
-    state_at = lambda ref: ref.at[b, h, pl.ds(0, dkp), pl.ds(v0, bv)]
-    ds0 = plt.load(state_at(dfin_ref), mask=smask, other=0.0)
-    fast, precise = dots.fast, dots.precise
+def _output_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, states_ref, o_ref, *, heads, T, dk, dv,
+                   dkp, bv, scale, l2norm, dots):
+    """Parallel over chunks: O = scale (diag(e) Q S + (Q K^T * D) V_new) from the chunk's entering state."""
+    n = pl.program_id(1)
+    p = _Program(pl.program_id(0), pl.program_id(2), heads, T, dk, dv, dkp, bv)
+    s = plt.load(p.chunk_state(states_ref, n)).astype(_F32)
+    q, _, _ = p.ld.key(q_ref, n, l2norm)
+    k, _, _ = p.ld.key(k_ref, n, l2norm)
+    v, vmask = p.values(v_ref, n)
+    beta = p.ld.scalars(b_ref, n)
+    d, e, _, _, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+    _, v_new = _v_new(p.tinv(t_ref, n), k, v, beta, e, s, dots)
+    o = dots.fast(e[:, None] * q, s) + dots.fast(dots.fast(q, k, tb=True) * d, v_new)
+    plt.store(o_ref.at[p.b, p.ld.rows(n)[0], p.h, pl.ds(p.v0, bv)], (scale * o).astype(o_ref.dtype), mask=vmask)
 
-    def body(i, ds):  # ds: gradient of the state leaving chunk n
+
+def _dstates_kernel(q_ref, k_ref, g_ref, b_ref, st_ref, t_ref, do_ref, dfin_ref, dstates_ref, dh0_ref, *,
+                    heads, T, dk, dv, dkp, bv, n_chunks, scale, l2norm, dots):
+    """Serial reverse pass: the gradient of the state leaving every chunk (stored) and of h0:
+    dS <- e_C dS + scale (diag(e) Q)^T dO - W^T dV_new, dV_new = scale (QK^T * D)^T dO + diag(D_C:) K dS."""
+    p = _Program(pl.program_id(0), pl.program_id(1), heads, T, dk, dv, dkp, bv)
+
+    def body(i, ds):
         n = n_chunks - 1 - i
-        q, rq, kmask = ld.key(q_ref, n, l2norm)
-        k, rk_norm, _ = ld.key(k_ref, n, l2norm)
-        v, vmask = ld.tokens(v_ref, n, bv, v0, dv)
-        do, _ = ld.tokens(do_ref, n, bv, v0, dv)
-        g, beta = ld.scalars(g_ref, n), ld.scalars(b_ref, n)
-        d, e, d_last, e_last, strict = _gates(g, ld.starts(st_ref, n))
-        t = plt.load(t_ref.at[bh, pl.ds(n * CHUNK, CHUNK)])
-        s = plt.load(s_ref.at[bh, pl.ds(n * dkp, dkp), pl.ds(v0, bv)]).astype(_F32)
-        rk, rv = (beta * e)[:, None] * k, beta[:, None] * v
-        w = fast(t, rk)
-        v_new = fast(t, rv) - fast(w, s)
-        qk = fast(q, k, tb=True)
+        plt.store(p.chunk_state(dstates_ref, n), ds.astype(dstates_ref.dtype))
+        q, _, _ = p.ld.key(q_ref, n, l2norm)
+        k, _, _ = p.ld.key(k_ref, n, l2norm)
+        do, _ = p.values(do_ref, n)
+        beta = p.ld.scalars(b_ref, n)
+        d, e, d_last, e_last, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+        w = dots.fast(p.tinv(t_ref, n), (beta * e)[:, None] * k)
+        dv_new = scale * dots.fast(dots.fast(q, k, tb=True) * d, do, ta=True) + dots.fast(d_last[:, None] * k, ds)
+        return e_last * ds + scale * dots.fast(e[:, None] * q, do, ta=True) - dots.fast(w, dv_new, ta=True)
 
-        # Output and state-update terms.
-        dv_new = scale * fast(qk * d, do, ta=True) + fast(d_last[:, None] * k, ds)
-        dp = scale * fast(do, v_new, tb=True)  # gradient of P = QK^T * D
-        dqk = dp * d
-        dq = scale * e[:, None] * fast(do, s, tb=True) + fast(dqk, k)
-        dkd = fast(v_new, ds, tb=True)  # gradient of diag(d_last) K
-        dk_ = fast(dqk, q, ta=True) + d_last[:, None] * dkd
-        dd = dp * qk
-        dd_last = jnp.sum(dkd * k, axis=1)
-        de = scale * jnp.sum(do * fast(q, s), axis=1)
-        de_last = jnp.sum(s * ds)
-        ds_prev = e_last * ds + scale * fast(e[:, None] * q, do, ta=True) - fast(w, dv_new, ta=True)
+    ds = jax.lax.fori_loop(0, n_chunks, body, plt.load(p.state(dfin_ref), mask=p.smask, other=0.0))
+    plt.store(p.state(dh0_ref), ds, mask=p.smask)
 
-        # Through W = T Rk, U = T Rv and V_new = U - W S.
-        dw = -fast(dv_new, s, tb=True)
-        dt = precise(dw, rk, tb=True) + precise(dv_new, rv, tb=True)
-        drk = fast(t, dw, ta=True)
-        drv = fast(t, dv_new, ta=True)
-        dk_ = dk_ + (beta * e)[:, None] * drk
-        drk_k = jnp.sum(drk * k, axis=1)
-        dbeta = e * drk_k + jnp.sum(drv * v, axis=1)
-        de = de + beta * drk_k
 
-        # Through T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part, A = beta_i (k_i.k_j) D_ij.
-        da = jnp.where(strict, -precise(t, precise(dt, t, tb=True), ta=True), 0.0)
-        kk = fast(k, k, tb=True)
-        dbeta = dbeta + jnp.sum(da * kk * d, axis=1)
-        dkk = da * beta[:, None] * d
-        dk_ = dk_ + fast(dkk, k) + fast(dkk, k, ta=True)
-        dd = dd + da * beta[:, None] * kk
+def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_ref, ds_ref,
+                  dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, scale, l2norm, dots):
+    """Parallel over chunks: every input gradient of one chunk from its entering state S and the gradient
+    dS of its leaving state; dq, dk, dg, dbeta are this dv block's partials."""
+    n = pl.program_id(1)
+    p = _Program(pl.program_id(0), pl.program_id(2), heads, T, dk, dv, dkp, bv)
+    fast, precise = dots.fast, dots.precise
+    q, rq, kmask = p.ld.key(q_ref, n, l2norm)
+    k, rk_norm, _ = p.ld.key(k_ref, n, l2norm)
+    v, vmask = p.values(v_ref, n)
+    do, _ = p.values(do_ref, n)
+    beta = p.ld.scalars(b_ref, n)
+    d, e, d_last, e_last, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+    t = p.tinv(t_ref, n)
+    s = plt.load(p.chunk_state(s_ref, n)).astype(_F32)
+    ds = plt.load(p.chunk_state(ds_ref, n)).astype(_F32)
+    rk, rv = (beta * e)[:, None] * k, beta[:, None] * v
+    w, v_new = _v_new(t, k, v, beta, e, s, dots)
+    qk = fast(q, k, tb=True)
 
-        # Gates: D_ij = exp(sum of g over (j, i]) -> dg_m = sum_{i >= m > j} dD_ij D_ij; e_i over [0, i];
-        # d_last_j over (j, C-1]; e_last over the whole chunk.
-        dseg = _rev_cumsum(dd * d, axis=0)  # [m, j] = sum_{i >= m} dD_ij D_ij
-        x = dd_last * d_last
-        dg = (jnp.sum(jnp.where(strict, dseg, 0.0), axis=1) + _rev_cumsum(de * e)
-              + (jnp.cumsum(x) - x) + de_last * e_last)
+    # Output and state-update terms.
+    dv_new = scale * fast(qk * d, do, ta=True) + fast(d_last[:, None] * k, ds)
+    dp = scale * fast(do, v_new, tb=True)  # gradient of P = QK^T * D
+    dqk = dp * d
+    dq = scale * e[:, None] * fast(do, s, tb=True) + fast(dqk, k)
+    dkd = fast(v_new, ds, tb=True)  # gradient of diag(d_last) K
+    dk_ = fast(dqk, q, ta=True) + d_last[:, None] * dkd
+    dd = dp * qk
+    dd_last = jnp.sum(dkd * k, axis=1)
+    de = scale * jnp.sum(do * fast(q, s), axis=1)
+    de_last = jnp.sum(s * ds)
 
-        if l2norm:  # d/dx of x / |x| (linear in the cotangent, so per-block partials still add up)
-            dq = rq[:, None] * (dq - q * jnp.sum(dq * q, axis=1)[:, None])
-            dk_ = rk_norm[:, None] * (dk_ - k * jnp.sum(dk_ * k, axis=1)[:, None])
-        rows, ok = ld.rows(n)
-        plt.store(dq_ref.at[iv, b, rows, h, pl.ds(0, dkp)], dq, mask=kmask)
-        plt.store(dk_ref.at[iv, b, rows, h, pl.ds(0, dkp)], dk_, mask=kmask)
-        plt.store(dg_ref.at[iv, b, rows, h], dg, mask=ok)
-        plt.store(db_ref.at[iv, b, rows, h], dbeta, mask=ok)
-        plt.store(dv_ref.at[b, rows, h, pl.ds(v0, bv)], (beta[:, None] * drv).astype(dv_ref.dtype),
-                  mask=vmask)
-        return ds_prev
+    # Through W = T Rk, U = T Rv and V_new = U - W S.
+    dw = -fast(dv_new, s, tb=True)
+    dt = precise(dw, rk, tb=True) + precise(dv_new, rv, tb=True)
+    drk = fast(t, dw, ta=True)
+    drv = fast(t, dv_new, ta=True)
+    dk_ = dk_ + (beta * e)[:, None] * drk
+    drk_k = jnp.sum(drk * k, axis=1)
+    dbeta = e * drk_k + jnp.sum(drv * v, axis=1)
+    de = de + beta * drk_k
 
-    ds = jax.lax.fori_loop(0, n_chunks, body, ds0)
-    plt.store(state_at(dh0_ref), ds, mask=smask)
+    # Through T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part, A = beta_i (k_i.k_j) D_ij.
+    da = jnp.where(strict, -precise(t, precise(dt, t, tb=True), ta=True), 0.0)
+    kk = fast(k, k, tb=True)
+    dbeta = dbeta + jnp.sum(da * kk * d, axis=1)
+    dkk = da * beta[:, None] * d
+    dk_ = dk_ + fast(dkk, k) + fast(dkk, k, ta=True)
+    dd = dd + da * beta[:, None] * kk
+
+    # Gates: D_ij = exp(sum of g over (j, i]) -> dg_m = sum_{i >= m > j} dD_ij D_ij; e_i over [0, i];
+    # d_last_j over (j, C-1]; e_last over the whole chunk.
+    dseg = _rev_cumsum(dd * d, axis=0)  # [m, j] = sum_{i >= m} dD_ij D_ij
+    x = dd_last * d_last
+    dg = (jnp.sum(jnp.where(strict, dseg, 0.0), axis=1) + _rev_cumsum(de * e)
+          + (jnp.cumsum(x) - x) + de_last * e_last)
+
+    if l2norm:  # d/dx of x / |x| (linear in the cotangent, so per-block partials still add up)
+        dq = rq[:, None] * (dq - q * jnp.sum(dq * q, axis=1)[:, None])
+        dk_ = rk_norm[:, None] * (dk_ - k * jnp.sum(dk_ * k, axis=1)[:, None])
+    rows, ok = p.ld.rows(n)
+    iv, b, h = p.iv, p.b, p.h
+    plt.store(dq_ref.at[iv, b, rows, h, pl.ds(0, dkp)], dq, mask=kmask)
+    plt.store(dk_ref.at[iv, b, rows, h, pl.ds(0, dkp)], dk_, mask=kmask)
+    plt.store(dg_ref.at[iv, b, rows, h], dg, mask=ok)
+    plt.store(db_ref.at[iv, b, rows, h], dbeta, mask=ok)
+    plt.store(dv_ref.at[b, rows, h, pl.ds(p.v0, bv)], (beta[:, None] * drv).astype(dv_ref.dtype), mask=vmask)
 
 
 def _dims(q, v, block_v):
@@ -288,61 +336,81 @@ def dot_dtype(*xs):
     return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else _F32
 
 
-def _call(kernel, grid, out_shape, interpret, *args):
+def _call(kernel, grid, out_shape, interpret, num_warps, fast_dtype, *args):
+    # fp32 tiles are twice the size: one pipeline stage keeps the serial passes in shared memory.
+    stages = NUM_STAGES if fast_dtype == jnp.bfloat16 else 1
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret,
-                          compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES))(*args)
+                          compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=stages))(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", "interpret"))
-def inverses(k, g, beta, starts, *, l2norm, fast_dtype, interpret=False):
+def _kernel(fn, m, fast_dtype, interpret, **static):
+    return functools.partial(fn, heads=m["H"], T=m["T"], dk=m["dk"], dkp=m["dkp"],
+                             dots=_Dots(fast_dtype, interpret), **static)
+
+
+_STATIC = ("l2norm", "block_v", "interpret", "num_warps")
+
+
+@functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", "interpret", "num_warps"))
+def inverses(k, g, beta, starts, *, l2norm, fast_dtype, interpret=False, num_warps=NUM_WARPS):
     """T of every chunk, [B*H, N*C, C] float32 (chunk n in rows n*C..)."""
-    B, T, H, dk = k.shape
-    N = pl.cdiv(T, CHUNK)
-    kernel = functools.partial(_inverse_kernel, heads=H, T=T, dk=dk, dkp=padded(dk), l2norm=l2norm,
-                               dots=_Dots(fast_dtype, interpret))
-    return _call(kernel, (B * H, N), jax.ShapeDtypeStruct((B * H, N * CHUNK, CHUNK), _F32), interpret,
-                 k, g, beta, starts)
+    m = _dims(k, k, CHUNK)
+    kernel = _kernel(_inverse_kernel, m, fast_dtype, interpret, l2norm=l2norm)
+    return _call(kernel, (m["B"] * m["H"], m["N"]), jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * CHUNK, CHUNK),
+                                                                        _F32),
+                 interpret, num_warps, fast_dtype, k, g, beta, starts)
 
 
-def _state_pass(q, k, v, g, beta, starts, h0, tinv, *, scale, l2norm, block_v, interpret, with_output):
+@functools.partial(jax.jit, static_argnames=("fast_dtype", *_STATIC))
+def chunk_states(k, v, g, beta, starts, h0, tinv, *, l2norm, fast_dtype, block_v=64, interpret=False,
+                 num_warps=NUM_WARPS):
+    """(the state entering every chunk [B*H, N*dkp, dvp] (chunk n in rows n*dkp..), in `fast_dtype` (what
+    the fast dots round it to anyway); the final state [B, H, dk, dv] float32)."""
+    m = _dims(k, v, block_v)
+    kernel = _kernel(_states_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], n_chunks=m["N"],
+                     l2norm=l2norm)
+    out_shape = [jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * m["dkp"], m["dvp"]), fast_dtype),
+                 jax.ShapeDtypeStruct(h0.shape, _F32)]
+    return tuple(_call(kernel, (m["B"] * m["H"], m["nv"]), out_shape, interpret, num_warps, fast_dtype,
+                       k, v, g, beta, starts, h0, tinv))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", *_STATIC))
+def output(q, k, v, g, beta, starts, tinv, states, *, scale, l2norm, block_v=64, interpret=False,
+           num_warps=NUM_WARPS):
+    """o [B, T, H, dv] in v's dtype from `inverses` and `chunk_states`."""
     m = _dims(q, v, block_v)
     fast_dtype = dot_dtype(q, k, v)
-    kernel = functools.partial(_forward_kernel, heads=m["H"], T=m["T"], dk=m["dk"], dv=m["dv"], dkp=m["dkp"],
-                               bv=m["bv"], n_chunks=m["N"], scale=scale, l2norm=l2norm,
-                               dots=_Dots(fast_dtype, interpret), with_output=with_output)
-    if with_output:
-        out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(h0.shape, _F32)]
-    else:  # states in the dtype the fast dots round them to anyway
-        out_shape = jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * m["dkp"], m["dvp"]), fast_dtype)
-    return _call(kernel, (m["B"] * m["H"], m["nv"]), out_shape, interpret, q, k, v, g, beta, starts, h0, tinv)
+    kernel = _kernel(_output_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], scale=scale, l2norm=l2norm)
+    return _call(kernel, (m["B"] * m["H"], m["N"], m["nv"]), jax.ShapeDtypeStruct(v.shape, v.dtype), interpret,
+                 num_warps, fast_dtype, q, k, v, g, beta, starts, tinv, states)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "l2norm", "block_v", "interpret"))
-def forward(q, k, v, g, beta, starts, h0, tinv, *, scale, l2norm, block_v=64, interpret=False):
-    """(o [B, T, H, dv] in v's dtype, final state [B, H, dk, dv] float32), given `inverses`' T."""
-    return tuple(_state_pass(q, k, v, g, beta, starts, h0, tinv, scale=scale, l2norm=l2norm, block_v=block_v,
-                             interpret=interpret, with_output=True))
-
-
-@functools.partial(jax.jit, static_argnames=("l2norm", "block_v", "interpret"))
-def chunk_states(q, k, v, g, beta, starts, h0, tinv, *, l2norm, block_v=64, interpret=False):
-    """The state entering every chunk, [B*H, N*dkp, dvp] (chunk n in rows n*dkp..), in bf16 for bf16
-    inputs (what the backward's bf16 dots read), else float32."""
-    return _state_pass(q, k, v, g, beta, starts, h0, tinv, scale=1.0, l2norm=l2norm, block_v=block_v,
-                       interpret=interpret, with_output=False)
-
-
-@functools.partial(jax.jit, static_argnames=("scale", "l2norm", "block_v", "interpret"))
-def backward(q, k, v, g, beta, starts, tinv, states, do, d_final, *, scale, l2norm, block_v=64,
-             interpret=False):
-    """Gradients (dq, dk, dg, dbeta) as float32 partials with a leading dv-block axis (sum it), dv in v's
-    dtype and dh0 float32, from `inverses`' T, `chunk_states`, do [B, T, H, dv] and d_final [B, H, dk, dv]."""
+@functools.partial(jax.jit, static_argnames=("scale", *_STATIC))
+def state_grads(q, k, v, g, beta, starts, tinv, do, d_final, *, scale, l2norm, block_v=64, interpret=False,
+                num_warps=NUM_WARPS):
+    """(the gradient of the state leaving every chunk, laid out as `chunk_states`; dh0 [B, H, dk, dv]
+    float32) from do [B, T, H, dv] and the final-state cotangent d_final [B, H, dk, dv]."""
     m = _dims(q, v, block_v)
-    kernel = functools.partial(_backward_kernel, heads=m["H"], T=m["T"], dk=m["dk"], dv=m["dv"], dkp=m["dkp"],
-                               bv=m["bv"], n_chunks=m["N"], scale=scale, l2norm=l2norm,
-                               dots=_Dots(dot_dtype(q, k, v), interpret))
+    fast_dtype = dot_dtype(q, k, v)
+    kernel = _kernel(_dstates_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], n_chunks=m["N"],
+                     scale=scale, l2norm=l2norm)
+    out_shape = [jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * m["dkp"], m["dvp"]), fast_dtype),
+                 jax.ShapeDtypeStruct(d_final.shape, _F32)]
+    return tuple(_call(kernel, (m["B"] * m["H"], m["nv"]), out_shape, interpret, num_warps, fast_dtype,
+                       q, k, g, beta, starts, tinv, do, d_final))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", *_STATIC))
+def input_grads(q, k, v, g, beta, starts, tinv, states, do, dstates, *, scale, l2norm, block_v=64,
+                interpret=False, num_warps=NUM_WARPS):
+    """(dq, dk, dv, dg, dbeta): dv in v's dtype, the others float32 partials with a leading dv-block axis
+    (sum it), from `chunk_states` and `state_grads`."""
+    m = _dims(q, v, block_v)
+    fast_dtype = dot_dtype(q, k, v)
+    kernel = _kernel(_grads_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], scale=scale, l2norm=l2norm)
     part = lambda shape: jax.ShapeDtypeStruct((m["nv"], *shape), _F32)
     out_shape = [part(q.shape), part(k.shape), jax.ShapeDtypeStruct(v.shape, v.dtype), part(g.shape),
-                 part(beta.shape), jax.ShapeDtypeStruct(d_final.shape, _F32)]
-    return tuple(_call(kernel, (m["B"] * m["H"], m["nv"]), out_shape, interpret,
-                       q, k, v, g, beta, starts, tinv, states, do, d_final))
+                 part(beta.shape)]
+    return tuple(_call(kernel, (m["B"] * m["H"], m["N"], m["nv"]), out_shape, interpret, num_warps, fast_dtype,
+                       q, k, v, g, beta, starts, tinv, states, do, dstates))

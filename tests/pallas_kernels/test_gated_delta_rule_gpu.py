@@ -64,8 +64,9 @@ def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
 @pytest.mark.parametrize("dtype,T,dk,dv", [("bfloat16", 333, 96, 256), ("float32", 200, 256, 64),
                                            ("bfloat16", 64, 32, 48)])
 def test_lowers_to_triton_for_cuda(dtype, T, dk, dv):
-    """value_and_grad of the op emits its four kernels (inverses, forward, chunk states, backward) as
-    Triton IR for CUDA: the Pallas-Triton lowering accepts every op, tile shape and dot precision."""
+    """value_and_grad of the op emits its six kernel calls (inverses, chunk states, output; chunk states,
+    state gradients, input gradients) as Triton IR for CUDA: the Pallas-Triton lowering accepts every
+    op, tile shape and dot precision."""
     B, H = 2, 3
     spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
 
@@ -79,12 +80,13 @@ def test_lowers_to_triton_for_cuda(dtype, T, dk, dv):
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
         spec((B, T, H, dk)), spec((B, T, H, dk)), spec((B, T, H, dv)), spec((B, T, H), jnp.float32),
         spec((B, T, H)), spec((B, H, dk, dv), jnp.float32), spec((B, T), jnp.int32))
-    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 6
 
 
 def test_auto_picks_the_triton_kernels_on_gpu(rng, monkeypatch):
     x = make_inputs(rng, 1, 20, 1, 96, 64)
-    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x))(x))  # CPU: chunked
+    if jax.default_backend() == "cpu":
+        assert "pallas_call" not in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x))(x))
     monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "gpu")
     assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x))(x))
     with pytest.raises(ValueError, match="TPU kernels only"):
