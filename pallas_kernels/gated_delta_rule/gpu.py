@@ -13,11 +13,12 @@ Per chunk (see shared/spec/gated_delta_rule.md; jetnemo_jax/ops/chunked.py is th
   T = (I + strict_lower(beta_i k_i.k_j D_ij))^-1;  W = T diag(beta e) K;  U = T diag(beta) V;
   V_new = U - W S;  O = scale (diag(e) Q S + (Q K^T * D) V_new);  S' = e_C S + (diag(D_C:) K)^T V_new.
 
-Kernels: `inverses` (T of every chunk: the only chunk quantity that reaches HBM, fully parallel over
-chunks, so the serial state pass below never waits on the 64x64 inverse); `forward` (o and the final
-state) and `chunk_states` (the state entering every chunk, recomputed for the backward), one program per
-(batch*head, dv block) looping over chunks with the state in registers; `backward` (the reverse pass
-carrying dS per dv block). The delta rule is separable over value columns, so dv blocks are independent:
+Kernels (fla's pipeline shape, with W, U and V_new recomputed where needed instead of stored):
+`inverses` (T of every chunk, parallel over chunks: the only chunk quantity saved for the backward);
+`chunk_states` (the state entering every chunk and the final state: the serial pass, one program per
+(batch*head, dv block) looping over chunks with the fp32 state in registers and little else per step);
+`output` (parallel over chunks); `state_grads` (the serial reverse pass carrying dS); `input_grads`
+(parallel over chunks). The delta rule is separable over value columns, so dv blocks are independent:
 they add parallelism when B*H is small, and every gradient except dv comes out as one partial per block
 (the caller sums them; the whole backward is linear in the cotangents).
 
