@@ -155,6 +155,9 @@ def profile_kernels(name, reps, warps):
             "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, st, do, dst, scale=scale,
                                                     num_warps=nw, **flags),
         }
+        runs["inverses_tf32"] = lambda: kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw,
+                                                      tf32x3=False)
+        out[f"inverses_tf32_rel_err_w{nw}"] = rel(runs["inverses_tf32"](), t)
         for kname, fn in runs.items():
             try:
                 out[f"{kname}_w{nw}"] = median_ms(fn, jax.block_until_ready, reps)
@@ -169,14 +172,17 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def bench_shape(name, reps, block_vs):
+def bench_shape(name, reps, block_vs, wanted):
     B, T, H, dk, dv = SHAPES[name]
     row = dict(shape=dict(B=B, T=T, H=H, dk=dk, dv=dv), **cost(B, T, H, dk, dv), ms={}, skipped={})
     x, do = jax_inputs(B, T, H, dk, dv)
     sync = jax.block_until_ready
     impls = {"ours": ours(), **{f"ours_bv{bv}": ours(bv) for bv in block_vs}}
-    impls["chunked"] = lambda **x: ops.gated_delta_rule(**x, impl="chunked")[0]
+    if "chunked" in wanted:
+        impls["chunked"] = lambda **x: ops.gated_delta_rule(**x, impl="chunked")[0]
     try:
+        if "jla" not in wanted:
+            raise RuntimeError("not asked for (--impls)")
         fn, supports = jla_fn()
         if supports(*x.values()):
             impls["jla"] = fn
@@ -192,6 +198,8 @@ def bench_shape(name, reps, block_vs):
             row["skipped"][impl] = f"{type(e).__name__}: {e}"[:300]
         print(name, impl, row["ms"].get(impl, row["skipped"].get(impl)), flush=True)
     try:
+        if "fla" not in wanted:
+            raise RuntimeError("not asked for (--impls)")
         row["ms"]["fla"] = dict(zip(("fwd", "fwdbwd"), fla_runners(B, T, H, dk, dv, reps)))
     except Exception as e:  # noqa: BLE001
         row["skipped"]["fla"] = f"{type(e).__name__}: {e}"[:300]
@@ -230,6 +238,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="2b,4b,long")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--impls", default="fla,jla,chunked", help="baselines to time beside the kernels")
     p.add_argument("--block-v", default="32,128", help="other dv-block sizes of the kernels to time")
     p.add_argument("--check", action="store_true", help="run the GPU correctness tests first")
     p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
@@ -251,7 +260,7 @@ def main():
         first = args.shapes.split(",")[0]
         rows["kernels"] = {first: profile_kernels(first, args.reps, warps)}
     for name in args.shapes.split(","):
-        rows[name] = bench_shape(name, args.reps, block_vs)
+        rows[name] = bench_shape(name, args.reps, block_vs, args.impls.split(","))
         with open(args.out, "w") as f:
             json.dump(dict(device=device.device_kind, jax=jax.__version__, copy_bandwidth=bw, rows=rows), f,
                       indent=1)

@@ -80,7 +80,7 @@ def _triton_interpret(mesh) -> bool:
     return backend == "cpu"
 
 
-def _auto_impl(dk, dv, chunk_size, mesh) -> str:
+def _auto_impl(dk, dv, dtypes, chunk_size, mesh) -> str:
     """The platform's kernels where they apply (chunk 64, head sizes they support, a known layout), else
     the pure-XLA chunked op."""
     if chunk_size != 64 or not pallas_gdr.layout_known(mesh):
@@ -88,7 +88,7 @@ def _auto_impl(dk, dv, chunk_size, mesh) -> str:
     backend = pallas_gdr.platform(mesh)
     if backend == "tpu" and max(dk, dv) <= pallas_gdr.MAX_HEAD_DIM:
         return "pallas"
-    if backend == "gpu" and max(dk, dv) <= triton_gdr.MAX_HEAD_DIM:
+    if backend == "gpu" and triton_gdr.unsupported(dk, dv, dtypes) is None:
         return "pallas_triton"
     return "chunked"
 
@@ -113,14 +113,14 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     if impl not in GDR_IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {GDR_IMPLS}")
     if impl == "auto":
-        impl = _auto_impl(dk, dv, chunk_size, mesh)
+        impl = _auto_impl(dk, dv, (q.dtype, k.dtype, v.dtype), chunk_size, mesh)
     if impl in ("pallas", "pallas_triton") and chunk_size != 64:
         raise ValueError(f"impl={impl!r} uses chunk_size=64, got {chunk_size}")
     if impl == "pallas":
         pallas_gdr.check_supported(dk, dv)
         interpret = _pallas_interpret(mesh)
     elif impl == "pallas_triton":
-        triton_gdr.check_supported(dk, dv)
+        triton_gdr.check_supported(dk, dv, (q.dtype, k.dtype, v.dtype))
         interpret = _triton_interpret(mesh)
     _announce("gated_delta_rule", impl, pallas_gdr.platform(mesh))
     scale = dk ** -0.5 if scale is None else scale

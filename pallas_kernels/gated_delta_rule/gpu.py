@@ -23,8 +23,8 @@ they add parallelism when B*H is small, and every gradient except dv comes out a
 (the caller sums them; the whole backward is linear in the cotangents).
 
 Precision: `fast` dots take bf16 operands with fp32 accumulation when the inputs are bf16 (fla's choice:
-q, k, v, W, V_new and the state rounded to bf16 for the matmul), else `precise` ones; `precise` dots
-(the inverse and its gradient, and everything for fp32 inputs) are IEEE fp32 in interpret mode and
+q, k, v, T, W, V_new, the states and their gradients rounded to bf16 for the matmul), else `precise`
+ones; `precise` dots (the inverse, and everything for fp32 inputs) are IEEE fp32 in interpret mode and
 3xTF32 on the GPU (fp32 accuracy on the tensor cores).
 """
 
@@ -50,10 +50,10 @@ def padded(d: int) -> int:
 class _Dots:
     """Matmuls a @ b with optional transposes, at the kernel's two precisions."""
 
-    def __init__(self, fast_dtype, interpret):
+    def __init__(self, fast_dtype, interpret, tf32x3=True):
         self.fast_dtype = jnp.dtype(fast_dtype)
-        self.precision = (jax.lax.Precision.HIGHEST if interpret
-                          else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+        gpu = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if tf32x3 else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+        self.precision = jax.lax.Precision.HIGHEST if interpret else gpu
 
     def precise(self, a, b, ta=False, tb=False):
         dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
@@ -259,9 +259,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_re
     dS of its leaving state; dq, dk, dg, dbeta are this dv block's partials."""
     n = pl.program_id(1)
     p = _Program(pl.program_id(0), pl.program_id(2), heads, T, dk, dv, dkp, bv)
-    fast, precise = dots.fast, dots.precise
-    q, rq, kmask = p.ld.key(q_ref, n, l2norm)
-    k, rk_norm, _ = p.ld.key(k_ref, n, l2norm)
+    fast = dots.fast
+    # Ordered so that few [C, dk] tiles are live at once (they cost 64 registers a thread each at 4 warps).
+    k, rk_norm, kmask = p.ld.key(k_ref, n, l2norm)
     v, vmask = p.values(v_ref, n)
     do, _ = p.values(do_ref, n)
     beta = p.ld.scalars(b_ref, n)
@@ -270,34 +270,43 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_re
     s = plt.load(p.chunk_state(s_ref, n)).astype(_F32)
     ds = plt.load(p.chunk_state(ds_ref, n)).astype(_F32)
     rk, rv = (beta * e)[:, None] * k, beta[:, None] * v
-    w, v_new = _v_new(t, k, v, beta, e, s, dots)
+    _, v_new = _v_new(t, k, v, beta, e, s, dots)
+    kk = fast(k, k, tb=True)
+    q, rq, _ = p.ld.key(q_ref, n, l2norm)
     qk = fast(q, k, tb=True)
 
-    # Output and state-update terms.
-    dv_new = scale * fast(qk * d, do, ta=True) + fast(d_last[:, None] * k, ds)
+    # Output terms: dq is complete here and leaves first.
     dp = scale * fast(do, v_new, tb=True)  # gradient of P = QK^T * D
     dqk = dp * d
     dq = scale * e[:, None] * fast(do, s, tb=True) + fast(dqk, k)
-    dkd = fast(v_new, ds, tb=True)  # gradient of diag(d_last) K
-    dk_ = fast(dqk, q, ta=True) + d_last[:, None] * dkd
-    dd = dp * qk
-    dd_last = jnp.sum(dkd * k, axis=1)
+    if l2norm:  # d/dx of x / |x| (linear in the cotangent, so per-block partials still add up)
+        dq = rq[:, None] * (dq - q * jnp.sum(dq * q, axis=1)[:, None])
+    rows, ok = p.ld.rows(n)
+    plt.store(dq_ref.at[p.iv, p.b, rows, p.h, pl.ds(0, dkp)], dq, mask=kmask)
+    dk_ = fast(dqk, q, ta=True)
     de = scale * jnp.sum(do * fast(q, s), axis=1)
+    dd = dp * qk
+
+    # State-update terms.
+    dv_new = scale * fast(qk * d, do, ta=True) + fast(d_last[:, None] * k, ds)
+    dkd = fast(v_new, ds, tb=True)  # gradient of diag(d_last) K
+    dk_ = dk_ + d_last[:, None] * dkd
+    dd_last = jnp.sum(dkd * k, axis=1)
     de_last = jnp.sum(s * ds)
 
     # Through W = T Rk, U = T Rv and V_new = U - W S.
     dw = -fast(dv_new, s, tb=True)
-    dt = precise(dw, rk, tb=True) + precise(dv_new, rv, tb=True)
+    dt = fast(dw, rk, tb=True) + fast(dv_new, rv, tb=True)
     drk = fast(t, dw, ta=True)
     drv = fast(t, dv_new, ta=True)
+    plt.store(dv_ref.at[p.b, rows, p.h, pl.ds(p.v0, bv)], (beta[:, None] * drv).astype(dv_ref.dtype), mask=vmask)
     dk_ = dk_ + (beta * e)[:, None] * drk
     drk_k = jnp.sum(drk * k, axis=1)
     dbeta = e * drk_k + jnp.sum(drv * v, axis=1)
     de = de + beta * drk_k
 
     # Through T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part, A = beta_i (k_i.k_j) D_ij.
-    da = jnp.where(strict, -precise(t, precise(dt, t, tb=True), ta=True), 0.0)
-    kk = fast(k, k, tb=True)
+    da = jnp.where(strict, -fast(t, fast(dt, t, tb=True), ta=True), 0.0)
     dbeta = dbeta + jnp.sum(da * kk * d, axis=1)
     dkk = da * beta[:, None] * d
     dk_ = dk_ + fast(dkk, k) + fast(dkk, k, ta=True)
@@ -310,16 +319,11 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_re
     dg = (jnp.sum(jnp.where(strict, dseg, 0.0), axis=1) + _rev_cumsum(de * e)
           + (jnp.cumsum(x) - x) + de_last * e_last)
 
-    if l2norm:  # d/dx of x / |x| (linear in the cotangent, so per-block partials still add up)
-        dq = rq[:, None] * (dq - q * jnp.sum(dq * q, axis=1)[:, None])
+    if l2norm:
         dk_ = rk_norm[:, None] * (dk_ - k * jnp.sum(dk_ * k, axis=1)[:, None])
-    rows, ok = p.ld.rows(n)
-    iv, b, h = p.iv, p.b, p.h
-    plt.store(dq_ref.at[iv, b, rows, h, pl.ds(0, dkp)], dq, mask=kmask)
-    plt.store(dk_ref.at[iv, b, rows, h, pl.ds(0, dkp)], dk_, mask=kmask)
-    plt.store(dg_ref.at[iv, b, rows, h], dg, mask=ok)
-    plt.store(db_ref.at[iv, b, rows, h], dbeta, mask=ok)
-    plt.store(dv_ref.at[b, rows, h, pl.ds(p.v0, bv)], (beta[:, None] * drv).astype(dv_ref.dtype), mask=vmask)
+    plt.store(dk_ref.at[p.iv, p.b, rows, p.h, pl.ds(0, dkp)], dk_, mask=kmask)
+    plt.store(dg_ref.at[p.iv, p.b, rows, p.h], dg, mask=ok)
+    plt.store(db_ref.at[p.iv, p.b, rows, p.h], dbeta, mask=ok)
 
 
 def _dims(q, v, block_v):
@@ -333,8 +337,8 @@ def _dims(q, v, block_v):
 
 
 def dot_dtype(*xs):
-    """bf16 operands for the fast dots when every input is bf16, else float32."""
-    return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else _F32
+    """bf16 operands for the fast dots when every input (array or dtype) is bf16, else float32."""
+    return jnp.bfloat16 if all(jnp.dtype(getattr(x, "dtype", x)) == jnp.bfloat16 for x in xs) else _F32
 
 
 def _call(kernel, grid, out_shape, interpret, num_warps, fast_dtype, *args):
@@ -344,19 +348,20 @@ def _call(kernel, grid, out_shape, interpret, num_warps, fast_dtype, *args):
                           compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=stages))(*args)
 
 
-def _kernel(fn, m, fast_dtype, interpret, **static):
+def _kernel(fn, m, fast_dtype, interpret, tf32x3=True, **static):
     return functools.partial(fn, heads=m["H"], T=m["T"], dk=m["dk"], dkp=m["dkp"],
-                             dots=_Dots(fast_dtype, interpret), **static)
+                             dots=_Dots(fast_dtype, interpret, tf32x3), **static)
 
 
 _STATIC = ("l2norm", "block_v", "interpret", "num_warps")
 
 
-@functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", "interpret", "num_warps"))
-def inverses(k, g, beta, starts, *, l2norm, fast_dtype, interpret=False, num_warps=NUM_WARPS):
-    """T of every chunk, [B*H, N*C, C] float32 (chunk n in rows n*C..)."""
+@functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", "interpret", "num_warps", "tf32x3"))
+def inverses(k, g, beta, starts, *, l2norm, fast_dtype, interpret=False, num_warps=NUM_WARPS, tf32x3=True):
+    """T of every chunk, [B*H, N*C, C] float32 (chunk n in rows n*C..). `tf32x3=False`: the inverse's
+    matmuls in one TF32 pass (bench only: 10-bit mantissas)."""
     m = _dims(k, k, CHUNK)
-    kernel = _kernel(_inverse_kernel, m, fast_dtype, interpret, l2norm=l2norm)
+    kernel = _kernel(_inverse_kernel, m, fast_dtype, interpret, tf32x3, l2norm=l2norm)
     return _call(kernel, (m["B"] * m["H"], m["N"]), jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * CHUNK, CHUNK),
                                                                         _F32),
                  interpret, num_warps, fast_dtype, k, g, beta, starts)
