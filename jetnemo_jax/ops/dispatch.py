@@ -120,8 +120,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         pallas_gdr.check_supported(dk, dv)
         interpret = _pallas_interpret(mesh)
     elif impl == "pallas_triton":
-        triton_gdr.check_supported(dk, dv, (q.dtype, k.dtype, v.dtype))
         interpret = _triton_interpret(mesh)
+        triton_gdr.check_supported(dk, dv, (q.dtype, k.dtype, v.dtype), interpret)
     _announce("gated_delta_rule", impl, pallas_gdr.platform(mesh))
     scale = dk ** -0.5 if scale is None else scale
     state = (jnp.zeros((B, H, dk, dv), jnp.float32) if initial_state is None
