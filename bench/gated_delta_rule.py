@@ -101,8 +101,8 @@ def jla_fn():
 
 
 def fla_runners(B, T, H, dk, dv, reps):
-    import torch
     import fla.ops.common.chunk_o as chunk_o
+    import torch
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     chunk_o.TRITON_ABOVE_3_7_1 = True  # see the module docstring

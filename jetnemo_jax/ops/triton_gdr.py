@@ -80,7 +80,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def _local(q, k, v, g, beta, initial_state, doc_ids, *, scale, l2norm, block_v, interpret):
-    B, T, H, dk = q.shape
+    B, _, H, dk = q.shape
     check_supported(dk, v.shape[-1], (q.dtype, k.dtype, v.dtype), interpret)
     block_v = block_v or default_block_v(B * H, v.shape[-1])
     starts = jnp.concatenate([jnp.zeros((B, 1), bool), doc_ids[:, 1:] != doc_ids[:, :-1]], axis=1)

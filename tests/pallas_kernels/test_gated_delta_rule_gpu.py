@@ -13,8 +13,8 @@ import pytest
 
 from jetnemo_jax import ops
 from jetnemo_jax.ops import dispatch, pallas_gdr, triton_gdr
-from tests.oracles import gdr_numpy, rel_err
 from tests.ops.test_gated_delta_rule import TOL, check_gradients, make_inputs, packed_segments
+from tests.oracles import gdr_numpy, rel_err
 from tests.pallas_kernels.test_gated_delta_rule_tpu import run_sharded_check
 
 
