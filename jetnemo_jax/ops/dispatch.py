@@ -11,12 +11,12 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from jetnemo_jax.ops import chunked, pallas_conv, pallas_gdr, reference
+from jetnemo_jax.ops import chunked, pallas_conv, pallas_gdr, reference, triton_gdr
 from jetnemo_jax.sharding import active_mesh
 
 log = logging.getLogger(__name__)
 
-GDR_IMPLS = ("auto", "pallas", "chunked", "reference")
+GDR_IMPLS = ("auto", "pallas", "pallas_triton", "chunked", "reference")
 CONV_IMPLS = ("auto", "pallas", "reference")
 _logged: set[tuple[str, str]] = set()
 
@@ -59,14 +59,36 @@ def _check_gdr_shapes(q, k, v, g, beta):
 
 
 def _pallas_interpret(mesh) -> bool:
-    """The Pallas kernels are Mosaic TPU kernels: compiled on TPU, interpreted on CPU (tests)."""
+    """impl="pallas" means the Mosaic TPU kernels: compiled on TPU, interpreted on CPU (tests)."""
     backend = pallas_gdr.platform(mesh)
     if backend not in ("tpu", "cpu"):
-        raise ValueError(f"impl='pallas' has TPU kernels only; on {backend} use impl='chunked'")
+        raise ValueError(f"impl='pallas' has TPU kernels only; on {backend} use impl='pallas_triton'")
     if backend == "cpu" and ("pallas-interpret", "cpu") not in _logged:
         _logged.add(("pallas-interpret", "cpu"))
         log.info("gated_delta_rule: running the Pallas TPU kernels in interpret mode on CPU")
     return backend == "cpu"
+
+
+def _triton_interpret(mesh) -> bool:
+    """impl="pallas_triton" means the Pallas GPU kernels: compiled on GPU, interpreted on CPU (tests)."""
+    backend = pallas_gdr.platform(mesh)
+    if backend not in ("gpu", "cpu"):
+        raise ValueError(f"impl='pallas_triton' runs on GPUs only, not on {backend}")
+    if backend == "cpu" and ("triton-interpret", "cpu") not in _logged:
+        _logged.add(("triton-interpret", "cpu"))
+        log.info("gated_delta_rule: running the Pallas GPU kernels in interpret mode on CPU")
+    return backend == "cpu"
+
+
+def _auto_impl(dk, dv, chunk_size, mesh) -> str:
+    """The TPU kernels where they apply (chunk 64, head sizes they support, a known layout), else the
+    pure-XLA chunked op. GPUs get the chunked op too: the Pallas GPU kernels ("pallas_triton") are opt-in
+    until they beat it (on an H100 their forward+backward is no faster and far behind fla: BENCHMARKS.md)."""
+    if chunk_size != 64 or not pallas_gdr.layout_known(mesh):
+        return "chunked"
+    if pallas_gdr.platform(mesh) == "tpu" and max(dk, dv) <= pallas_gdr.MAX_HEAD_DIM:
+        return "pallas"
+    return "chunked"
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
@@ -76,10 +98,11 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     q, k [B,T,H,dk]; v [B,T,H,dv]; g (log decay, <= 0) and beta (in (0, 1]) [B,T,H];
     initial_state [B,H,dk,dv] float32; segment_ids [B,T] int (a change of id starts a new document,
     which starts from a zero state). Returns (o [B,T,H,dv] in v's dtype, final_state float32 or None).
-    impl="pallas" (chunk 64 only) runs per shard of `mesh` (else of the training step's mesh,
-    `sharding.activation_sharding`, else of the `jax.set_mesh` mesh), batch over the data axes and heads
-    over the tensor axis; XLA partitions the other impls by itself. "auto" picks "pallas" on TPU when one
-    device or a mesh makes the layout known, else "chunked".
+    impl="pallas" (Mosaic TPU kernels) and "pallas_triton" (Pallas GPU kernels), chunk 64 only, run per
+    shard of `mesh` (else of the training step's mesh, `sharding.activation_sharding`, else of the
+    `jax.set_mesh` mesh), batch over the data axes and heads over the tensor axis; XLA partitions the
+    other impls by itself. "auto" picks "pallas" on TPU and "pallas_triton" on GPU when one device or a
+    mesh makes the layout known, else "chunked".
     """
     B, T, H, dk, dv = _check_gdr_shapes(q, k, v, g, beta)
     mesh = mesh if mesh is not None else active_mesh()
@@ -88,19 +111,26 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     if impl not in GDR_IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {GDR_IMPLS}")
     if impl == "auto":
-        impl = "pallas" if chunk_size == 64 and pallas_gdr.auto_eligible(dk, dv, mesh) else "chunked"
+        impl = _auto_impl(dk, dv, chunk_size, mesh)
+    if impl in ("pallas", "pallas_triton") and chunk_size != 64:
+        raise ValueError(f"impl={impl!r} uses chunk_size=64, got {chunk_size}")
     if impl == "pallas":
-        if chunk_size != 64:
-            raise ValueError(f"impl='pallas' uses chunk_size=64, got {chunk_size}")
         pallas_gdr.check_supported(dk, dv)
         interpret = _pallas_interpret(mesh)
+    elif impl == "pallas_triton":
+        interpret = _triton_interpret(mesh)
+        triton_gdr.check_supported(dk, dv, (q.dtype, k.dtype, v.dtype), interpret)
     _announce("gated_delta_rule", impl, pallas_gdr.platform(mesh))
     scale = dk ** -0.5 if scale is None else scale
-    f32 = lambda x: x.astype(jnp.float32)
-    qf, kf = (l2_normalize(q), l2_normalize(k)) if use_qk_l2norm else (f32(q), f32(k))
     state = (jnp.zeros((B, H, dk, dv), jnp.float32) if initial_state is None
              else initial_state.astype(jnp.float32))
     doc_ids = doc_ids_from_segments(segment_ids, (B, T))
+    if impl == "pallas_triton":  # the kernels take the inputs as they are and L2-normalise q, k themselves
+        o, final_state = triton_gdr.gated_delta_rule(q, k, v, g, beta, scale, state, doc_ids,
+                                                     l2norm=use_qk_l2norm, interpret=interpret, mesh=mesh)
+        return o, (final_state if output_final_state else None)
+    f32 = lambda x: x.astype(jnp.float32)
+    qf, kf = (l2_normalize(q), l2_normalize(k)) if use_qk_l2norm else (f32(q), f32(k))
     args = (qf, kf, f32(v), f32(g), f32(beta), scale, state, doc_ids)
     if impl == "pallas":  # v goes in its own dtype: the kernels read it as is and compute in float32
         o, final_state = pallas_gdr.gated_delta_rule(qf, kf, v, *args[3:], interpret=interpret, mesh=mesh)

@@ -20,13 +20,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import gated_delta_rule as kernels
+from jetnemo_jax.ops import shard
+from pallas_kernels.gated_delta_rule import tpu as kernels
 
 MAX_HEAD_DIM = 256  # the VMEM budget of the kernels is worked out up to dk = dv = 256
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
 
 
 def _padded(d):
@@ -45,11 +44,10 @@ def platform(mesh) -> str:
     return mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
 
 
-def auto_eligible(dk, dv, mesh) -> bool:
-    """Whether impl="auto" may pick the kernels: TPU, supported head sizes, and a known layout (one device,
-    or a mesh to shard_map over; XLA would otherwise fail to partition the kernels of a sharded jit)."""
-    return (platform(mesh) == "tpu" and max(dk, dv) <= MAX_HEAD_DIM
-            and (mesh is not None or _context_mesh() is not None or jax.device_count() == 1))
+def layout_known(mesh) -> bool:
+    """Whether kernels can run: one device, or a mesh to shard_map over (XLA would otherwise fail to
+    partition the kernels of a sharded jit)."""
+    return mesh is not None or _context_mesh() is not None or jax.device_count() == 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
@@ -93,24 +91,13 @@ def _local(q, k, v, g, beta, initial_state, doc_ids, *, scale, interpret):
     return o, final.reshape(B, H, dkp, dvp)[:, :, :dk, :dv]
 
 
-def shard_over_mesh(fn, mesh, batch_axes=BATCH_AXES, head_axis=HEAD_AXIS):
+def shard_over_mesh(fn, mesh):
     """Wrap fn(q, k, v, g, beta, initial_state, doc_ids) -> (o, final_state) in `jax.shard_map` over
-    `mesh`: batch split over those of `batch_axes` the mesh has, heads over `head_axis` if it has it."""
-    names = set(mesh.axis_names)
-    b = tuple(a for a in batch_axes if a in names) or None
-    h = head_axis if head_axis in names else None
+    `mesh`: batch split over the mesh's data axes, heads over its tensor axis (`ops.shard`)."""
+    b, h = shard.mesh_axes(mesh)
     tok, gate = P(b, None, h, None), P(b, None, h)
     state = P(b, h, None, None)
-    in_specs = (tok, tok, tok, gate, gate, state, P(b, None))
-    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(tok, state), check_vma=False)
-    used = {a for a in (*(b or ()), h) if a is not None}
-    if not any(t == AxisType.Explicit for a, t in zip(mesh.axis_names, mesh.axis_types) if a in used):
-        return mapped  # shard_map reshards inputs on Auto axes itself
-
-    def resharded(*args):  # Explicit axes: shard_map wants the inputs already laid out as in_specs
-        return mapped(*(jax.reshard(x, NamedSharding(mesh, spec)) for x, spec in zip(args, in_specs)))
-
-    return resharded
+    return shard.shard_map(fn, mesh, (tok, tok, tok, gate, gate, state, P(b, None)), (tok, state))
 
 
 def _context_mesh():

@@ -1,5 +1,2 @@
-"""Mosaic TPU (Pallas) kernels for the chunked gated delta rule: forward, chunk states, backward."""
-
-from pallas_kernels.gated_delta_rule.kernel import CHUNK, backward, chunk_states, forward
-
-__all__ = ["CHUNK", "forward", "chunk_states", "backward"]
+"""Pallas kernels of the chunked gated delta rule: `tpu` (Mosaic TPU: forward, chunk states, backward) and
+`gpu` (Triton lowering: forward and backward pipelines)."""

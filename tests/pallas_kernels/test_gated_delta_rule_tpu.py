@@ -91,7 +91,7 @@ _SHARDED = textwrap.dedent("""
 
     def loss(x, h0, mesh):
         o, s = ops.gated_delta_rule(**x, initial_state=h0, output_final_state=True, segment_ids=seg,
-                                    impl="pallas", mesh=mesh)
+                                    impl="{impl}", mesh=mesh)
         return jnp.sum(o * o) + jnp.sum(s), (o, s)
 
     step = lambda: jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
@@ -109,11 +109,15 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
-def test_runs_under_shard_map_on_a_mesh(rng):
+def run_sharded_check(rng, impl):
     """Batch over "data", heads over "tensor" on 4 host devices; same values and gradients as one device."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = _SHARDED.format(seed=int(rng.integers(2**31)))
+    code = _SHARDED.format(seed=int(rng.integers(2**31)), impl=impl)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_runs_under_shard_map_on_a_mesh(rng):
+    run_sharded_check(rng, "pallas")

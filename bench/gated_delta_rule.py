@@ -1,0 +1,272 @@
+"""Gated delta rule on one GPU: the Pallas-Triton kernels (impl="auto" -> "pallas_triton") against the
+pure-XLA chunked op, fla's `chunk_gated_delta_rule` (torch + Triton) and jax-linear-attention's Mosaic GPU
+kernel, each when importable (else skipped with the reason).
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/gated_delta_rule.py --out gdr.json
+    python bench/gated_delta_rule.py --check      # first run the GPU correctness tests (pytest)
+
+Shapes (B, T, H, dk, dv): the 2B JetBlock (8, 4096, 12, 96, 256), the 4B one (4, 8192, 16, 128, 256) and
+a long single sequence (1, 32768, 12, 96, 256). bf16 q, k, v, beta; fp32 g; the L2 norm of q and k inside
+every implementation (fla: use_qk_l2norm_in_kernel); no initial state. Forward and forward+backward (the
+gradient of sum(o * do)) are timed after a warm-up as the median of --reps runs (block_until_ready /
+torch.cuda.synchronize). Roofline: the fewest bytes (every input read once, every output written once)
+over the measured device-to-device copy bandwidth, and FLOPs from the spec's cost model.
+
+fla 0.6.0 refuses its gated backward on Hopper with Triton 3.4-3.7.0 (a miscompile, fla issue #640); the
+bench lifts that check (`chunk_o.TRITON_ABOVE_3_7_1 = True`) to time it, so fla's backward numbers are
+timings of a kernel its authors flag as possibly wrong on this stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jetnemo_jax import ops
+from jetnemo_jax.ops import triton_gdr
+
+SHAPES = {"2b": (8, 4096, 12, 96, 256), "4b": (4, 8192, 16, 128, 256), "long": (1, 32768, 12, 96, 256)}
+C = 64
+
+
+def cost(B, T, H, dk, dv):
+    """FLOPs (spec: forward 6 dk dv + 3 C dk + 4 C dv per token and head, backward ~2x) and the fewest
+    bytes: bf16 q, k, v, beta, o (and do, dq, dk, dv, dbeta), fp32 g (and dg)."""
+    n = B * T * H
+    fwd_flops = n * (6 * dk * dv + 3 * C * dk + 4 * C * dv)
+    fwd_bytes = n * (2 * (2 * dk + dv) + 4 + 2 + 2 * dv)
+    bwd_bytes = n * (2 * (2 * dk + dv) + 4 + 2 + 2 * dv + 2 * (2 * dk + dv) + 4 + 2)
+    return dict(fwd_flops=fwd_flops, fwdbwd_flops=3 * fwd_flops, fwd_bytes=fwd_bytes,
+                fwdbwd_bytes=fwd_bytes + bwd_bytes)
+
+
+def median_ms(fn, sync, reps):
+    sync(fn())  # warm-up (compiles)
+    sync(fn())
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        sync(fn())
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+    f = jax.jit(lambda x: x * 1.0001)
+    ms = median_ms(lambda: f(x), jax.block_until_ready, 10)
+    return 2 * x.nbytes / (ms * 1e-3)
+
+
+def jax_inputs(B, T, H, dk, dv, seed=0):
+    r = np.random.default_rng(seed)
+    bf = lambda *s: jnp.asarray(r.standard_normal(s, np.float32), jnp.bfloat16)
+    return dict(q=bf(B, T, H, dk), k=bf(B, T, H, dk), v=bf(B, T, H, dv),
+                g=jnp.asarray(np.log(r.uniform(0.8, 1.0, (B, T, H))), jnp.float32),
+                beta=jnp.asarray(r.uniform(0.05, 1.0, (B, T, H)), jnp.bfloat16)), bf(B, T, H, dv)
+
+
+def jax_runners(fn, x, do):
+    """Forward and forward+backward of o = fn(q, k, v, g, beta) as jitted thunks."""
+    fwd = jax.jit(lambda x: fn(**x))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(**x).astype(jnp.float32) * do.astype(jnp.float32))))
+    return (lambda: fwd(x)), (lambda: grad(x))
+
+
+def ours(block_v=None):
+    if block_v is None:
+        return lambda **x: ops.gated_delta_rule(**x, impl="auto")[0]
+    return lambda q, k, v, g, beta: triton_gdr.gated_delta_rule(
+        q, k, v, g, beta, q.shape[-1] ** -0.5, jnp.zeros((*q.shape[:1], q.shape[2], q.shape[3], v.shape[3]),
+                                                          jnp.float32),
+        jnp.zeros(q.shape[:2], jnp.int32), l2norm=True, interpret=False, block_v=block_v)[0]
+
+
+def jla_fn():
+    from jla.ops.mosaic_gpu.gated_delta_rule import gated_delta_rule, supports_gated_delta_rule
+
+    def fn(q, k, v, g, beta):
+        return gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)[0]
+    return fn, supports_gated_delta_rule
+
+
+def fla_runners(B, T, H, dk, dv, reps):
+    import fla.ops.common.chunk_o as chunk_o
+    import torch
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # see the module docstring
+    dev = "cuda"
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16)
+    q, k, v = mk(B, T, H, dk), mk(B, T, H, dk), mk(B, T, H, dv)
+    g = torch.log(torch.empty(B, T, H, device=dev).uniform_(0.8, 1.0))
+    beta = torch.empty(B, T, H, device=dev).uniform_(0.05, 1.0).to(torch.bfloat16)
+    do = mk(B, T, H, dv)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+    run = lambda: chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
+
+    def fwd():
+        with torch.no_grad():
+            return run()
+
+    def fwdbwd():
+        for x in leaves:
+            x.grad = None
+        run().backward(do)
+        return q.grad
+
+    sync = lambda _: torch.cuda.synchronize()
+    return median_ms(fwd, sync, reps), median_ms(fwdbwd, sync, reps)
+
+
+def profile_kernels(name, reps, warps):
+    """Each kernel of the op alone (bf16, the default dv block) at num_warps in `warps`: where time goes."""
+    from pallas_kernels.gated_delta_rule import gpu as kern
+
+    B, T, H, dk, dv = SHAPES[name]
+    x, do = jax_inputs(B, T, H, dk, dv, seed=1)
+    q, k, v, g, beta = x.values()
+    starts = jnp.zeros((B, T), jnp.float32)
+    h0 = jnp.zeros((B, H, dk, dv), jnp.float32)
+    flags = dict(l2norm=True, block_v=triton_gdr.default_block_v(B * H, dv), interpret=False)
+    scale, fd = dk ** -0.5, jnp.bfloat16
+    out = {}
+    for nw in warps:
+        t = kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw)
+        st, fin = kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, num_warps=nw, **flags)
+        dst, _ = kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale, num_warps=nw, **flags)
+        runs = {
+            "inverses": lambda: kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw),
+            "chunk_states": lambda: kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, num_warps=nw,
+                                                      **flags),
+            "output": lambda: kern.output(q, k, v, g, beta, starts, t, st, scale=scale, num_warps=nw, **flags),
+            "state_grads": lambda: kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale,
+                                                    num_warps=nw, **flags),
+            "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, st, do, dst, scale=scale,
+                                                    num_warps=nw, **flags),
+        }
+        runs["inverses_tf32"] = lambda: kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw,
+                                                      tf32x3=False)
+        out[f"inverses_tf32_rel_err_w{nw}"] = rel(runs["inverses_tf32"](), t)
+        for kname, fn in runs.items():
+            try:
+                out[f"{kname}_w{nw}"] = median_ms(fn, jax.block_until_ready, reps)
+            except Exception as e:  # noqa: BLE001
+                out[f"{kname}_w{nw}"] = f"{type(e).__name__}: {e}"[:200]
+            print(name, kname, f"num_warps={nw}", out[f"{kname}_w{nw}"], flush=True)
+    return out
+
+
+def rel(a, b):
+    a, b = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (a, b))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def bench_shape(name, reps, block_vs, wanted):
+    B, T, H, dk, dv = SHAPES[name]
+    row = dict(shape=dict(B=B, T=T, H=H, dk=dk, dv=dv), **cost(B, T, H, dk, dv), ms={}, skipped={})
+    x, do = jax_inputs(B, T, H, dk, dv)
+    sync = jax.block_until_ready
+    impls = {"ours": ours(), **{f"ours_bv{bv}": ours(bv) for bv in block_vs}}
+    if "chunked" in wanted:
+        impls["chunked"] = lambda **x: ops.gated_delta_rule(**x, impl="chunked")[0]
+    try:
+        if "jla" not in wanted:
+            raise RuntimeError("not asked for (--impls)")
+        fn, supports = jla_fn()
+        if supports(*x.values()):
+            impls["jla"] = fn
+        else:
+            row["skipped"]["jla"] = "supports_gated_delta_rule() is False (head dims K, V not in its list)"
+    except Exception as e:  # noqa: BLE001 - any import failure just skips the baseline
+        row["skipped"]["jla"] = f"{type(e).__name__}: {e}"[:300]
+    for impl, fn in impls.items():
+        try:
+            f, fb = jax_runners(fn, x, do)
+            row["ms"][impl] = dict(fwd=median_ms(f, sync, reps), fwdbwd=median_ms(fb, sync, reps))
+        except Exception as e:  # noqa: BLE001
+            row["skipped"][impl] = f"{type(e).__name__}: {e}"[:300]
+        print(name, impl, row["ms"].get(impl, row["skipped"].get(impl)), flush=True)
+    try:
+        if "fla" not in wanted:
+            raise RuntimeError("not asked for (--impls)")
+        row["ms"]["fla"] = dict(zip(("fwd", "fwdbwd"), fla_runners(B, T, H, dk, dv, reps)))
+    except Exception as e:  # noqa: BLE001
+        row["skipped"]["fla"] = f"{type(e).__name__}: {e}"[:300]
+    print(name, "fla", row["ms"].get("fla", row["skipped"].get("fla")), flush=True)
+    if "chunked" in row["ms"]:  # the kernels against the XLA op on this shape's inputs, o and gradients
+        o1, o2 = jax.jit(impls["ours"])(**x), jax.jit(impls["chunked"])(**x)
+        g1, g2 = (jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(**x).astype(jnp.float32) * do.astype(jnp.float32))))(x)
+                  for f in (impls["ours"], impls["chunked"]))
+        row["rel_err_vs_chunked"] = {"o": rel(o1, o2), **{f"d{n}": rel(g1[n], g2[n]) for n in g1}}
+    return row
+
+
+def table(rows, bw):
+    lines = [f"{'shape':6} {'impl':10} {'fwd ms':>8} {'f+b ms':>8} {'fwd %HBM':>9} {'f+b %HBM':>9}"]
+    for name, r in rows.items():
+        if name == "kernels":
+            continue
+        for impl, t in r["ms"].items():
+            lines.append(f"{name:6} {impl:10} {t['fwd']:8.3f} {t['fwdbwd']:8.3f} "
+                         f"{100 * r['fwd_bytes'] / (t['fwd'] * 1e-3) / bw:8.1f}% "
+                         f"{100 * r['fwdbwd_bytes'] / (t['fwdbwd'] * 1e-3) / bw:8.1f}%")
+        ms = r["ms"]
+        for base in ("fla", "jla", "chunked"):
+            if "ours" in ms and base in ms:
+                lines.append(f"{name:6} ours/{base}: fwd {ms['ours']['fwd'] / ms[base]['fwd']:.2f}, "
+                             f"f+b {ms['ours']['fwdbwd'] / ms[base]['fwdbwd']:.2f}")
+        for impl, why in r["skipped"].items():
+            lines.append(f"{name:6} {impl} skipped: {why}")
+        if "rel_err_vs_chunked" in r:
+            lines.append(f"{name:6} rel err vs chunked: " + ", ".join(f"{k} {v:.1e}" for k, v in
+                                                                    r["rel_err_vs_chunked"].items()))
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="2b,4b,long")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--impls", default="fla,jla,chunked", help="baselines to time beside the kernels")
+    p.add_argument("--block-v", default="32,128", help="other dv-block sizes of the kernels to time")
+    p.add_argument("--check", action="store_true", help="run the GPU correctness tests first")
+    p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
+                   "(on the first shape)")
+    p.add_argument("--out", default="gdr_bench.json")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO)  # dispatch logs the implementation impl="auto" picked
+    if args.check:
+        tests = ["tests/pallas_kernels/test_gated_delta_rule_gpu.py", "-k", "not shard_map and not lowers"]
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests])
+        print("GPU correctness tests:", "passed" if rc == 0 else f"FAILED (exit {rc})", flush=True)
+    device = jax.devices()[0]
+    bw = copy_bandwidth()
+    print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    block_vs = [int(b) for b in args.block_v.split(",") if b]
+    rows = {}
+    if args.profile_warps:
+        warps = [int(w) for w in args.profile_warps.split(",")]
+        first = args.shapes.split(",")[0]
+        rows["kernels"] = {first: profile_kernels(first, args.reps, warps)}
+    for name in args.shapes.split(","):
+        rows[name] = bench_shape(name, args.reps, block_vs, args.impls.split(","))
+        with open(args.out, "w") as f:
+            json.dump(dict(device=device.device_kind, jax=jax.__version__, copy_bandwidth=bw, rows=rows), f,
+                      indent=1)
+    print(table(rows, bw))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    main()

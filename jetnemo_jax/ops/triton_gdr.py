@@ -1,0 +1,92 @@
+"""impl="pallas_triton": the Pallas GPU kernels of `pallas_kernels.gated_delta_rule.gpu` behind a
+`jax.custom_vjp` (compiled through Triton on GPUs, Hopper and Ampere alike; interpreted on CPU for tests).
+
+The kernels read [B, T, H, d] as given and pad T, dk and dv inside with masked loads, and they L2-normalise
+q and k themselves, so this module only turns document ids into start flags, chains the kernels and sums
+the per-dv-block gradient partials. Forward: chunk inverses (parallel), chunk-entry states (serial), output
+(parallel). Backward: the states again (recomputed rather than kept from the forward: no activation memory
+in between), state gradients (serial, reverse), input gradients (parallel). The forward saves the chunk
+inverses T (C floats per token and head).
+On a mesh the op runs inside `jax.shard_map` like the TPU kernels (`pallas_gdr.shard_over_mesh`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jetnemo_jax.ops.pallas_gdr import _context_mesh, shard_over_mesh
+from pallas_kernels.gated_delta_rule import gpu as kernels
+
+MAX_HEAD_DIM = 256  # register tiles of [dk, block_v] fp32 state plus [C, dk] operands
+# Compiled, the fp32 (3xTF32) backward kernels need more than the H100's 227 KiB of shared memory from
+# dk = 128 on (measured: 304 KiB at dk = dv = 128); interpret mode has no such limit.
+MAX_FP32_KEY_DIM = 64
+
+
+def check_supported(dk, dv, dtypes, interpret=False):
+    for name, size in (("dk", dk), ("dv", dv)):
+        if not 1 <= size <= MAX_HEAD_DIM:
+            raise ValueError(f"impl='pallas_triton' supports {name} up to {MAX_HEAD_DIM}, got {name}={size}")
+    if not interpret and kernels.dot_dtype(*dtypes) != jnp.bfloat16 and dk > MAX_FP32_KEY_DIM:
+        raise ValueError(f"impl='pallas_triton' on GPU with non-bf16 inputs supports dk up to "
+                         f"{MAX_FP32_KEY_DIM}, got dk={dk}")
+
+
+def default_block_v(batch_heads: int, dv: int) -> int:
+    """dv columns per program: 64, or 32 when B*H (the other grid axis) is too small to fill a GPU."""
+    return 32 if batch_heads * kernels.padded(dv) // 64 < 132 else 64
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _core(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
+    return _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret)[0]
+
+
+def _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
+    fast_dtype = kernels.dot_dtype(q, k, v)
+    tinv = kernels.inverses(k, g, beta, starts, l2norm=l2norm, fast_dtype=fast_dtype, interpret=interpret)
+    flags = dict(l2norm=l2norm, block_v=block_v, interpret=interpret)
+    states, final = kernels.chunk_states(k, v, g, beta, starts, h0, tinv, fast_dtype=fast_dtype, **flags)
+    o = kernels.output(q, k, v, g, beta, starts, tinv, states, scale=scale, **flags)
+    return (o, final), (q, k, v, g, beta, starts, h0, tinv)
+
+
+def _core_bwd(scale, l2norm, block_v, interpret, res, cts):
+    q, k, v, g, beta, starts, h0, tinv = res
+    do, d_final = cts
+    do = do.astype(v.dtype)
+    flags = dict(l2norm=l2norm, block_v=block_v, interpret=interpret)
+    states, _ = kernels.chunk_states(k, v, g, beta, starts, h0, tinv, fast_dtype=kernels.dot_dtype(q, k, v),
+                                     **flags)
+    dstates, dh0 = kernels.state_grads(q, k, v, g, beta, starts, tinv, do, d_final, scale=scale, **flags)
+    dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, states, do, dstates,
+                                                scale=scale, **flags)
+    total = lambda parts, like: jnp.sum(parts, axis=0).astype(like.dtype)
+    return (total(dq, q), total(dk, k), dv, total(dg, g), total(dbeta, beta), None, dh0.astype(h0.dtype))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _local(q, k, v, g, beta, initial_state, doc_ids, *, scale, l2norm, block_v, interpret):
+    B, _, H, dk = q.shape
+    check_supported(dk, v.shape[-1], (q.dtype, k.dtype, v.dtype), interpret)
+    block_v = block_v or default_block_v(B * H, v.shape[-1])
+    starts = jnp.concatenate([jnp.zeros((B, 1), bool), doc_ids[:, 1:] != doc_ids[:, :-1]], axis=1)
+    return _core(q, k, v, g, beta, starts.astype(jnp.float32), initial_state, scale, l2norm, block_v,
+                 interpret)
+
+
+def gated_delta_rule(q, k, v, g, beta, scale, initial_state, doc_ids, *, l2norm, interpret, block_v=None,
+                     mesh=None):
+    """q, k [B,T,H,dk] raw (normalised inside when `l2norm`); v [B,T,H,dv]; g, beta [B,T,H]; any float
+    dtypes; initial_state [B,H,dk,dv] float32; doc_ids [B,T] monotone. Returns (o [B,T,H,dv] in v's
+    dtype, final state float32); gradients come back in each input's dtype."""
+    fn = functools.partial(_local, scale=scale, l2norm=l2norm, block_v=block_v, interpret=interpret)
+    mesh = mesh if mesh is not None else _context_mesh()
+    if mesh is not None:
+        fn = shard_over_mesh(fn, mesh)
+    return fn(q, k, v, g, beta, initial_state, doc_ids)

@@ -1,0 +1,123 @@
+"""impl="pallas_triton" (the Pallas GPU kernels) against the float64 recurrence, and their Triton lowering.
+
+On CPU the kernels run in interpret mode: float32 inputs must match the float64 oracle to 1e-5 (measured
+~2e-7), 16-bit inputs use fla's tolerances (the bf16 dots round their operands as on the GPU). On a GPU the
+same tests compile the kernels (float32 dots there are 3xTF32; float32 cases with dk > 64 are skipped there,
+the compiled kernels refuse them). The lowering test emits the Triton IR for
+CUDA on any host, which catches unsupported ops, shapes and dot precisions without a GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jetnemo_jax import ops
+from jetnemo_jax.ops import dispatch, pallas_gdr, triton_gdr
+from tests.ops.test_gated_delta_rule import TOL, check_gradients, make_inputs, packed_segments
+from tests.oracles import gdr_numpy, rel_err
+from tests.pallas_kernels.test_gated_delta_rule_tpu import run_sharded_check
+
+
+def _segments(rng, B, T):
+    return packed_segments(rng, B, T) if T > 66 else None
+
+
+def _skip_unsupported_on_gpu(dtype, dk):
+    if jax.default_backend() == "gpu" and triton_gdr.unsupported(dk, dk, (jnp.dtype(dtype),)):
+        pytest.skip(f"{dtype} with dk={dk} exceeds shared memory when compiled (MAX_FP32_KEY_DIM)")
+
+
+# Every dk in {64, 96, 128, 256} and dv in {64, 128, 256} appears in each test, plus unpadded-odd sizes;
+# T is a multiple of 64 only once; gates cover zero, ordinary and strong decay (g down to -150).
+@pytest.mark.parametrize("dtype,B,T,H,dk,dv,gates", [
+    ("float32", 2, 130, 2, 96, 256, "normal"),
+    ("bfloat16", 1, 37, 3, 64, 64, "zero"),
+    ("float32", 2, 100, 2, 128, 128, "strong"),
+    ("bfloat16", 1, 64, 2, 256, 64, "normal"),
+    ("float32", 1, 70, 1, 40, 24, "normal"),
+])
+def test_forward_matches_float64_recurrence(rng, dtype, B, T, H, dk, dv, gates):
+    _skip_unsupported_on_gpu(dtype, dk)
+    x = make_inputs(rng, B, T, H, dk, dv, gates=gates, dtype=dtype)
+    h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
+    seg = _segments(rng, B, T)
+    run = jax.jit(lambda x, h0: ops.gated_delta_rule(**x, initial_state=h0, output_final_state=True,
+                                                     segment_ids=seg, impl="pallas_triton"))
+    o, s = run(x, h0)
+    o_ref, s_ref = gdr_numpy(**x, initial_state=h0, segment_ids=seg)
+    assert o.dtype == jnp.dtype(dtype) and s.dtype == jnp.float32
+    assert rel_err(o, o_ref) <= TOL[dtype]["o"]
+    assert rel_err(s, s_ref) <= TOL[dtype]["state"]
+
+
+def test_without_l2norm(rng):
+    x = make_inputs(rng, 1, 90, 2, 64, 64)
+    x["q"], x["k"] = (dispatch.l2_normalize(x[n]) for n in ("q", "k"))  # the recurrence needs |k| = 1
+    o, s = ops.gated_delta_rule(**x, use_qk_l2norm=False, output_final_state=True, impl="pallas_triton")
+    o_ref, s_ref = gdr_numpy(**x, l2norm=False)
+    assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,B,T,H,dk,dv,gates", [
+    ("float32", 2, 100, 2, 64, 128, "normal"),
+    ("bfloat16", 2, 100, 1, 96, 256, "strong"),
+    ("bfloat16", 1, 37, 2, 256, 64, "zero"),
+    ("bfloat16", 1, 70, 2, 128, 128, "normal"),
+])
+def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
+    _skip_unsupported_on_gpu(dtype, dk)
+    check_gradients(rng, "pallas_triton", dtype, B, T, H, dk, dv, gates, _segments(rng, B, T))
+
+
+@pytest.mark.parametrize("dtype,T,dk,dv", [("bfloat16", 333, 96, 256), ("float32", 200, 64, 128),
+                                           ("bfloat16", 64, 32, 48)])
+def test_lowers_to_triton_for_cuda(dtype, T, dk, dv):
+    """value_and_grad of the op emits its six kernel calls (inverses, chunk states, output; chunk states,
+    state gradients, input gradients) as Triton IR for CUDA: the Pallas-Triton lowering accepts every
+    op, tile shape and dot precision."""
+    B, H = 2, 3
+    spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
+
+    def loss(q, k, v, g, beta, h0, seg):
+        o, s = triton_gdr.gated_delta_rule(q, k, v, g, beta, dk ** -0.5, h0, seg, l2norm=True,
+                                           interpret=False)
+        return jnp.sum(jnp.square(o.astype(jnp.float32))) + jnp.sum(s)
+
+    exported = jax.export.export(
+        jax.jit(jax.value_and_grad(loss, argnums=range(6))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        spec((B, T, H, dk)), spec((B, T, H, dk)), spec((B, T, H, dv)), spec((B, T, H), jnp.float32),
+        spec((B, T, H)), spec((B, H, dk, dv), jnp.float32), spec((B, T), jnp.int32))
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 6
+
+
+def test_auto_keeps_the_xla_op_on_gpu_and_impls_check_their_platform(rng, monkeypatch):
+    """The GPU kernels are opt-in (not yet faster than the XLA op); each kernel impl refuses the other
+    platform; float32 at dk = 96 is refused when compiled (shared memory)."""
+    x = make_inputs(rng, 1, 20, 1, 96, 64, dtype="bfloat16")
+    monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "gpu")
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x))(x))
+    assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x, impl="pallas_triton"))(x))
+    with pytest.raises(ValueError, match="TPU kernels only"):
+        ops.gated_delta_rule(**x, impl="pallas")
+    monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "tpu")
+    with pytest.raises(ValueError, match="GPUs only"):
+        ops.gated_delta_rule(**x, impl="pallas_triton")
+
+
+def test_unsupported_shapes_raise(rng):
+    x = make_inputs(rng, 1, 20, 1, 64, 320)
+    with pytest.raises(ValueError, match="dv up to 256"):
+        ops.gated_delta_rule(**x, impl="pallas_triton")
+    x = make_inputs(rng, 1, 20, 1, 64, 64)
+    with pytest.raises(ValueError, match="chunk_size=64"):
+        ops.gated_delta_rule(**x, impl="pallas_triton", chunk_size=32)
+    # Compiled, float32 inputs are limited to dk <= 64 (shared memory); interpreted they are not.
+    with pytest.raises(ValueError, match="dk up to 64"):
+        triton_gdr.check_supported(128, 64, (jnp.float32,))
+    triton_gdr.check_supported(128, 64, (jnp.bfloat16,))
+    triton_gdr.check_supported(128, 64, (jnp.float32,), interpret=True)
+
+
+def test_runs_under_shard_map_on_a_mesh(rng):
+    run_sharded_check(rng, "pallas_triton")
