@@ -76,7 +76,7 @@ class ModelConfig:
     # Numerics and op selection (not part of the HF schema).
     dtype: str = "bfloat16"  # activation / matmul dtype
     param_dtype: str = "float32"  # master weights; A_log and dt_bias are always float32
-    gdr_impl: str = "auto"  # gated delta rule: auto | pallas | chunked | reference
+    gdr_impl: str = "auto"  # gated delta rule: auto | pallas (TPU) | pallas_triton (GPU) | chunked | reference
     conv_impl: str = "auto"  # dynamic conv: auto | pallas | reference
 
     def __post_init__(self):
@@ -106,7 +106,7 @@ class ModelConfig:
             raise ConfigError("layer_types has 'jet' layers but the jet block config is missing")
         for name, allowed in (("dtype", ("float32", "bfloat16", "float16")),
                               ("param_dtype", ("float32", "bfloat16")),
-                              ("gdr_impl", ("auto", "pallas", "chunked", "reference")),
+                              ("gdr_impl", ("auto", "pallas", "pallas_triton", "chunked", "reference")),
                               ("conv_impl", ("auto", "pallas", "reference"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
