@@ -69,7 +69,10 @@ def test_without_l2norm(rng):
 ])
 def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
     _skip_unsupported_on_gpu(dtype, dk)
-    check_gradients(rng, "pallas_triton", dtype, B, T, H, dk, dv, gates, _segments(rng, B, T))
+    # The backward's bf16 dots (as fla's) make dg and dbeta heavy-tailed under strong decay: over 8 seeds
+    # of the strong case dg reached 1.5e-2 and about 1 run in 20 passed 2e-2.
+    tol = {"g": 4e-2, "beta": 4e-2} if dtype == "bfloat16" else None
+    check_gradients(rng, "pallas_triton", dtype, B, T, H, dk, dv, gates, _segments(rng, B, T), tol=tol)
 
 
 @pytest.mark.parametrize("dtype,T,dk,dv", [("bfloat16", 333, 96, 256), ("float32", 200, 64, 128),
