@@ -19,12 +19,17 @@ def default_config() -> ml_collections.ConfigDict:
                             num_key_value_heads=2, layer_types=("attn",) * 6, sliding_window=None,
                             jet=JetBlockConfig(num_heads=4, head_dim=16, head_v_dim=32), dtype="float32")
     # "train": a tiny teacher trained here on the data mixture; "hf": an HF Qwen2 directory (path).
-    c.teacher = ml_collections.ConfigDict(dict(mode="train", path="", steps=500))
+    c.teacher = ml_collections.ConfigDict(dict(mode="train", path="", steps=400))
     c.data = ml_collections.ConfigDict(dict(
         source="pydoc_data", text_key="text", tokenizer="", eos_token="", held_out=0.1,
-        seq_len=64, text_rows=8,  # packed text rows per batch
-        mqar_rows=8, mqar_pairs=8))  # synthetic associative-recall rows per batch (0: text only)
+        seq_len=64, text_rows=4,  # packed text rows per batch
+        # Synthetic retrieval rows per batch (0: text only): "mqar" (multi-query associative recall with
+        # mqar_pairs pairs) or "copy" (distinct random tokens, then the same again: an induction lookup,
+        # which a tiny teacher learns in a few hundred steps where it barely starts on MQAR). Its tokens
+        # come from [1, recall_vocab).
+        recall="copy", recall_rows=12, recall_vocab=64, mqar_pairs=6))
     c.optim = train_defaults().optim
+    c.optim.lr, c.optim.weight_decay = 5e-3, 0.0
     c.supernet = ml_collections.ConfigDict(dict(
         block="jet", steps=300,
         min_attn=0, max_attn=-1,  # full-attention layers per sampled placement; -1: the search budget
@@ -43,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.blocks = ml_collections.ConfigDict(dict(kinds=BLOCKS, decode_batch=8, decode_steps=64))
     c.hardware = ml_collections.ConfigDict(dict(
         state_size=0,  # 0: nh * dk * dv of model.jet
-        heads=(2, 4, 8), head_dims=(8, 16, 32), value_dims=(16, 32, 64),
+        heads=(2, 4, 8), head_dims=(16, 32), value_dims=(16, 32, 64),
         decode_batch=8, decode_context=256, decode_steps=64,
         proxy_metric="retrieval_accuracy",
         apply=True))  # hand the best Pareto point's shape to train.py (else keep model.jet)

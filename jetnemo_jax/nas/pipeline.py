@@ -80,7 +80,7 @@ def _teacher(c, workdir: Path, tok, data_fn):
     run.model.layer_types = ("attn",) * len(c.model.layer_types)
     run.optim = c.optim
     run.train.steps = t.steps
-    run.data.global_batch = c.data.text_rows + c.data.mqar_rows
+    run.data.global_batch = c.data.text_rows + c.data.recall_rows
     run.data.seq_len = c.data.seq_len
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     prog = program.build(run, mesh)
@@ -106,8 +106,8 @@ def _eval_sets(c, held_out, tok, seed: int) -> dict:
              tasks.cloze_items(held_out, tok.encode, rng, num_items=e.mc_items, context_len=e.mc_context,
                                answer_len=e.mc_answer, num_choices=e.mc_choices))
     evals["mc"] = evaluators.MultipleChoice(items, pad_id=tok.eos_id)
-    evals["retrieval"] = evaluators.Retrieval(tasks.mqar(rng, e.retrieval_rows, c.data.seq_len, c.data.mqar_pairs,
-                                                         c.model.vocab_size))
+    evals["retrieval"] = evaluators.Retrieval(tasks.recall(c.data.recall, rng, e.retrieval_rows, c.data.seq_len,
+                                                           num_pairs=c.data.mqar_pairs, vocab_size=c.data.recall_vocab))
     return evals
 
 
@@ -134,8 +134,8 @@ def run(c) -> dict:
     data_rng = np.random.default_rng(0)
 
     def data_fn(_):
-        return tasks.mixture(text_iter, data_rng, mqar_rows=d.mqar_rows, seq_len=d.seq_len,
-                             num_pairs=d.mqar_pairs, vocab_size=c.model.vocab_size)
+        return tasks.mixture(text_iter, data_rng, recall_kind=d.recall, recall_rows=d.recall_rows, seq_len=d.seq_len,
+                             num_pairs=d.mqar_pairs, vocab_size=d.recall_vocab)
 
     evals = _eval_sets(c, held_out, tok, 0)
     since = lap("setup", t0)
@@ -191,7 +191,7 @@ def run(c) -> dict:
         p, h = dist.run(cand.fresh(c.seeds[0]), cand.frozen, data_fn, lambda i: mask)
         block = make_block(kind, cfg, rngs=nnx.Rngs(0))
         blocks.append({"block": kind, **_flat(cand.evaluate(p, placement, evals)),
-                       "train_tokens_per_s": d.seq_len * (d.text_rows + d.mqar_rows) / dist.seconds_per_step,
+                       "train_tokens_per_s": d.seq_len * (d.text_rows + d.recall_rows) / dist.seconds_per_step,
                        "decode_tokens_per_s": hardware.block_decode_tokens_per_s(
                            block, cfg.hidden_size, batch=c.blocks.decode_batch, steps=c.blocks.decode_steps,
                            dtype=jnp.dtype(cfg.dtype))})
@@ -228,7 +228,10 @@ def run(c) -> dict:
         kwargs["preset"] = c.handoff.preset
     else:
         kwargs["model"] = handoff.model_dict(searched_cfg)
-    kwargs["overrides"] = {"workdir": str(workdir / "stage1"), **c.handoff.overrides.to_dict()}
+    overrides = c.handoff.overrides.to_dict()
+    overrides["data"] = {"source": c.data.source, "text_key": c.data.text_key, "tokenizer": str(tok.path),
+                         **overrides.get("data", {})}
+    kwargs["overrides"] = {"workdir": str(workdir / "stage1"), **overrides}
     imp = per_seed[0]["per_task"]
     handoff.write_config(workdir / "searched_config.py", header=(
         f"Stage-1 training of the hybrid PostNAS found (written by `python -m jetnemo_jax.nas`, seed "

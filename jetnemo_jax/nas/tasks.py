@@ -1,5 +1,6 @@
-"""Data for the PostNAS evaluators and the distillation mixture: text rows, synthetic associative recall
-(MQAR), and multiple-choice items (a jsonl file, or cloze items cut from held-out text)."""
+"""Data for the PostNAS evaluators and the distillation mixture: text rows, synthetic retrieval (associative
+recall, MQAR, or induction copying), and multiple-choice items (a jsonl file, or cloze items cut from
+held-out text)."""
 
 from __future__ import annotations
 
@@ -39,13 +40,22 @@ def text_rows(texts: Sequence[str], encode: Callable, eos_id: int, *, rows: int,
     return iter(packed_dataset(list(texts), encode, eos_id, seq_len=seq_len, global_batch=rows, seed=seed))
 
 
-def mixture(text_iter, rng: np.random.Generator, *, mqar_rows: int, seq_len: int, num_pairs: int,
-            vocab_size: int) -> dict:
-    """One batch: the next text rows plus `mqar_rows` fresh MQAR rows (the distillation data)."""
+def recall(kind: str, rng: np.random.Generator, rows: int, seq_len: int, *, num_pairs: int, vocab_size: int) -> dict:
+    """Retrieval rows of `kind`: "mqar" (associative recall) or "copy" (induction copying)."""
+    if kind == "mqar":
+        return mqar(rng, rows, seq_len, num_pairs, vocab_size)
+    if kind == "copy":
+        return copy_rows(rng, rows, seq_len, vocab_size)
+    raise ValueError(f"retrieval task {kind!r}: expected 'mqar' or 'copy'")
+
+
+def mixture(text_iter, rng: np.random.Generator, *, recall_kind: str, recall_rows: int, seq_len: int,
+            num_pairs: int, vocab_size: int) -> dict:
+    """One batch: the next text rows plus `recall_rows` fresh retrieval rows (the distillation data)."""
     text = next(text_iter)
-    if not mqar_rows:
+    if not recall_rows:
         return {k: np.asarray(v, np.int32) for k, v in text.items()}
-    m = mqar(rng, mqar_rows, seq_len, num_pairs, vocab_size)
+    m = recall(recall_kind, rng, recall_rows, seq_len, num_pairs=num_pairs, vocab_size=vocab_size)
     return {k: np.concatenate([np.asarray(text[k], np.int32), m[k]]) for k in ("tokens", "segment_ids")}
 
 
@@ -90,3 +100,16 @@ def mc_items_from_jsonl(path: str, encode: Callable) -> list[dict]:
             items.append({"context": encode(r["context"]), "choices": [encode(c) for c in r["choices"]],
                           "answer": int(r["answer"])})
     return items
+
+
+def copy_rows(rng: np.random.Generator, rows: int, seq_len: int, vocab_size: int) -> dict:
+    """Copy (induction) rows: seq_len/2 distinct random tokens from [1, vocab_size), then the same again.
+    "answer" is True where the next token is determined by the first half (the second half's positions)."""
+    half = seq_len // 2
+    if seq_len % 2 or half >= vocab_size:
+        raise ValueError(f"copy: need an even seq_len with seq_len/2 < vocab_size, got {seq_len}, {vocab_size}")
+    first = np.stack([rng.choice(np.arange(1, vocab_size), half, replace=False) for _ in range(rows)])
+    tokens = np.concatenate([first, first], 1).astype(np.int32)
+    answer = np.zeros((rows, seq_len), bool)
+    answer[:, half - 1:seq_len - 1] = True
+    return {"tokens": tokens, "segment_ids": np.ones_like(tokens), "answer": answer}

@@ -65,8 +65,10 @@ def test_evaluators_on_an_oracle_and_a_uniform_model(rng):
         return np.where(np.arange(V) == nxt[..., None], 30.0, 0.0).astype(np.float32)
 
     uniform = lambda tokens, seg: np.zeros((*tokens.shape, V), np.float32)
-    r = evaluators.Retrieval(batch)
-    assert r(oracle)["score"] == 1.0
+    assert evaluators.Retrieval(batch)(oracle)["score"] == 1.0
+    copy = tasks.recall("copy", rng, 3, 10, num_pairs=0, vocab_size=V)
+    assert np.array_equal(copy["tokens"][:, :5], copy["tokens"][:, 5:]) and copy["answer"].sum() == 3 * 5
+    assert evaluators.Retrieval(copy)(oracle)["score"] == 1.0 and evaluators.Retrieval(copy)(uniform)["score"] < 1
     counting = lambda tokens, seg: np.where(np.arange(V) == np.asarray(tokens)[..., None] + 1, 30.0, 0.0)
     items = [{"context": [1, 2, 3], "choices": [[4, 5], [6], [7, 8, 9]], "answer": 0},
              {"context": [5, 6], "choices": [[9], [7, 8]], "answer": 1}]
