@@ -27,7 +27,10 @@ from jetnemo_jax import ops
 from jetnemo_jax.layers.jet_block import JetBlock, _init_a_log, _init_dt_bias
 from jetnemo_jax.layers.norms import RMSNorm
 from jetnemo_jax.layers.params import EMBED, JET_HEADS, linear, param
-from jetnemo_jax.ops.linear_attention import gated_linear_attention, gated_linear_attention_step
+from jetnemo_jax.ops.linear_attention import (
+    gated_linear_attention,
+    gated_linear_attention_step,
+)
 
 BLOCKS = ("jet", "gated_deltanet", "deltanet", "gla", "retnet", "mamba2")
 _CONV = {"gated_deltanet", "deltanet", "mamba2"}  # blocks with a short conv on q, k, v

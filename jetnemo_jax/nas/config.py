@@ -31,7 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = train_defaults().optim
     c.optim.lr, c.optim.weight_decay = 5e-3, 0.0
     c.supernet = ml_collections.ConfigDict(dict(
-        block="jet", steps=300,
+        block="jet", steps=200,
         min_attn=0, max_attn=-1,  # full-attention layers per sampled placement; -1: the search budget
         mse_layers=(),  # layer outputs matched to the teacher's (feature distillation); (): every layer
         mse_weight=1.0, kl_weight=0.0, ce_weight=0.0))
@@ -44,11 +44,11 @@ def default_config() -> ml_collections.ConfigDict:
         mc_items=64, mc_context=24, mc_answer=8, mc_choices=4))
     # Every fixed-placement training from fresh linear blocks (searched vs uniform, each block, each grid
     # point): one step count, so a network shape compiles its step once.
-    c.fixed = ml_collections.ConfigDict(dict(steps=200))
+    c.fixed = ml_collections.ConfigDict(dict(steps=100))
     c.blocks = ml_collections.ConfigDict(dict(kinds=BLOCKS, decode_batch=8, decode_steps=64))
     c.hardware = ml_collections.ConfigDict(dict(
         state_size=0,  # 0: nh * dk * dv of model.jet
-        heads=(2, 4, 8), head_dims=(16, 32), value_dims=(16, 32, 64),
+        heads=(2, 4, 8), head_dims=(16,), value_dims=(16, 32, 64),
         decode_batch=8, decode_context=256, decode_steps=64,
         proxy_metric="retrieval_accuracy",
         apply=True))  # hand the best Pareto point's shape to train.py (else keep model.jet)

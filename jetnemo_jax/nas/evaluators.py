@@ -4,9 +4,9 @@ the search ranks by. Data is fixed at construction, so every placement sees the 
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import optax
-import jax.numpy as jnp
 
 from jetnemo_jax.train.step import next_token_targets
 

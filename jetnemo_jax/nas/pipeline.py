@@ -20,8 +20,8 @@ from flax import nnx
 
 from jetnemo_jax import sharding
 from jetnemo_jax.checkpoint import hf
-from jetnemo_jax.config import JetBlockConfig
 from jetnemo_jax.checkpoint.hf_export import save_hf
+from jetnemo_jax.config import JetBlockConfig
 from jetnemo_jax.data import sources
 from jetnemo_jax.nas import evaluators, handoff, hardware, search, supernet, tasks
 from jetnemo_jax.nas.blocks import make_block, state_size
@@ -145,6 +145,7 @@ def run(c) -> dict:
     weights = dict(c.search.objective)
     jet = Candidate(cfg, c.supernet.block, teacher_params, c.seeds[0])
     reference = {"teacher (all attention)": _flat(jet.evaluate(jet.init_params, tuple(range(L)), evals))}
+    print(f"  teacher: {reference}", flush=True)
     uniform = search.uniform_placement(L, budget)
 
     per_seed = []
@@ -178,6 +179,9 @@ def run(c) -> dict:
             final[name] = {"placement": list(placement), **_flat(jet.evaluate(p, placement, evals)),
                            "final_distill_loss": h[-1]["loss"]}
         since = lap(f"final training seed {seed}", since)
+        print(f"  seed {seed}: searched {list(found.placement)} retrieval "
+              f"{final['searched']['retrieval_accuracy']:.3f}, uniform {list(uniform)} "
+              f"{final['uniform']['retrieval_accuracy']:.3f}", flush=True)
         per_seed.append({"seed": seed, "supernet_loss": [hist[0]["loss"], hist[-1]["loss"]],
                          "placement": list(found.placement), "objective": found.score,
                          "placements_evaluated": len(memo_metrics), "per_task": per_task, "final": final})

@@ -53,7 +53,7 @@ def reference(q, k, v, g, scale, initial_state, doc_ids):
 
 def chunked(q, k, v, g, scale, initial_state, doc_ids, chunk_size=16):
     """Same arguments as `reference`; chunk_size C (any positive integer)."""
-    B, T, H, dk = q.shape
+    B, T, H, _ = q.shape
     dv = v.shape[-1]
     C = chunk_size
     N = -(-T // C)

@@ -1,6 +1,5 @@
 """The PostNAS super-network: placement sampling, exactness of its two extremes, what each step trains."""
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -8,7 +7,6 @@ import pytest
 from flax import nnx
 
 from jetnemo_jax.config import JetBlockConfig, tiny
-from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.nas import supernet
 from tests.oracles import rel_err
 

@@ -5,13 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jetnemo_jax.ops.linear_attention import gated_linear_attention, gated_linear_attention_step
+from jetnemo_jax.ops.linear_attention import (
+    gated_linear_attention,
+    gated_linear_attention_step,
+)
 from tests.oracles import rel_err
 
 
 def gla_numpy(q, k, v, g, initial_state, segment_ids):
     q, k, v, g, S = (np.asarray(x, np.float64) for x in (q, k, v, g, initial_state))
-    B, T, H, dk = q.shape
+    dk = q.shape[-1]
     g = np.broadcast_to(g[..., None], q.shape) if g.ndim == 3 else g
     o = np.zeros(v.shape)
     S = S.copy()
@@ -82,7 +85,7 @@ def test_gradients_chunked_match_reference(rng):
 def test_decode_steps_continue_the_sequence(rng, gate):
     B, T, H, dk, dv = 2, 20, 2, 8, 4
     q, k, v, g = make_inputs(rng, B, T, H, dk, dv, gate, "float32")
-    o, s = gated_linear_attention(q[:, :T - 3], k[:, :T - 3], v[:, :T - 3], g[:, :T - 3], output_final_state=True)
+    _, s = gated_linear_attention(q[:, :T - 3], k[:, :T - 3], v[:, :T - 3], g[:, :T - 3], output_final_state=True)
     outs = []
     for t in range(T - 3, T):
         o_t, s = gated_linear_attention_step(q[:, t], k[:, t], v[:, t], g[:, t], s)
