@@ -37,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
         mse_weight=1.0, kl_weight=0.0, ce_weight=0.0))
     c.search = ml_collections.ConfigDict(dict(
         budget=2, beam_width=2,
+        exhaustive_max=100,  # also score every placement when there are at most this many (a check)
         objective=ml_collections.ConfigDict({"retrieval": 1.0})))  # weights on task scores (lm, mc, retrieval)
     c.eval = ml_collections.ConfigDict(dict(
         lm_rows=32, retrieval_rows=64,

@@ -10,6 +10,7 @@ searched_config.py (for train.py) and searched_config.json (HF config.json of th
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -171,6 +172,13 @@ def run(c) -> dict:
             memo = search.Memo(lambda p, task=task: metrics_at(p)[task]["score"])
             per_task[task] = {"importance": search.importance(memo, L),
                               "best": list(search.beam_search(memo, L, budget, c.search.beam_width).placement)}
+        check = {}
+        if math.comb(L, budget) <= c.search.exhaustive_max:  # small spaces: rank every placement as well
+            ranked = search.exhaustive_search(objective, L, budget).rounds[0]
+            order = [p for p, _ in ranked]
+            check = {"exhaustive_best": list(ranked[0][0]), "beam_matches_exhaustive": ranked[0][0] == found.placement,
+                     "uniform_rank": order.index(uniform) + 1, "num_placements": len(order),
+                     "supernet_scores": {str(list(p)): v for p, v in ranked}}
         since = lap(f"search seed {seed}", since)
         final = {}
         for name, placement in (("searched", found.placement), ("uniform", uniform)):
@@ -184,7 +192,8 @@ def run(c) -> dict:
               f"{final['uniform']['retrieval_accuracy']:.3f}", flush=True)
         per_seed.append({"seed": seed, "supernet_loss": [hist[0]["loss"], hist[-1]["loss"]],
                          "placement": list(found.placement), "objective": found.score,
-                         "placements_evaluated": len(memo_metrics), "per_task": per_task, "final": final})
+                         "placements_evaluated": len(memo_metrics), "per_task": per_task, "final": final,
+                         **check})
     placement = tuple(per_seed[0]["placement"])
     mask = supernet.placement_mask(placement, L)
 

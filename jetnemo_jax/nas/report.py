@@ -38,6 +38,10 @@ def write_markdown(r: dict, path) -> None:
         out += [f"Seed {s['seed']}: supernet distillation loss {s['supernet_loss'][0]:.4g} -> "
                 f"{s['supernet_loss'][1]:.4g}; {s['placements_evaluated']} placements evaluated; searched "
                 f"{s['placement']} (objective {s['objective']:.4g})", ""]
+        if "exhaustive_best" in s:
+            out += [f"Every placement scored in the supernet as a check: best {s['exhaustive_best']} (beam search "
+                    f"{'agrees' if s['beam_matches_exhaustive'] else 'differs'}); uniform ranks "
+                    f"{s['uniform_rank']} of {s['num_placements']}.", ""]
         rows = [[t, v["best"], *[round(x, 4) for x in v["importance"]]] for t, v in s["per_task"].items()]
         out += _table(["task", "best placement", *[f"L{i}" for i in range(L)]], rows) + [""]
     out += ["## Linear-attention block selection (same placement, same recipe)", ""]
