@@ -9,6 +9,7 @@ searched_config.py (for train.py) and searched_config.json (HF config.json of th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -116,151 +117,165 @@ def _flat(metrics: dict) -> dict:
     return {k: v for m in metrics.values() for k, v in m.items() if k != "score"}
 
 
-def run(c) -> dict:
-    t0 = time.perf_counter()
-    workdir = Path(c.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    timings = {}
+class _Run:
+    """What every stage shares: config, data stream, evaluators, teacher, the JetBlock supernet, timings."""
 
-    def lap(name, since):
-        timings[name] = round(time.perf_counter() - since, 1)
-        print(f"[{name}] {timings[name]} s", flush=True)
-        return time.perf_counter()
+    def __init__(self, c):
+        self.c, self.t0 = c, time.perf_counter()
+        self.workdir = Path(c.workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.timings, self._since = {}, self.t0
+        d = c.data
+        texts = sources.open_source(d.source, d.text_key)
+        train_docs, held_out = tasks.split_documents([texts[i] for i in range(len(texts))], d.held_out, 0)
+        self.tok = loop.get_tokenizer(c, self.workdir, train_docs)
+        self._text = tasks.text_rows(train_docs, self.tok.encode, self.tok.eos_id, rows=d.text_rows,
+                                     seq_len=d.seq_len, seed=0)
+        self._data_rng = np.random.default_rng(0)
+        self.evals = _eval_sets(c, held_out, self.tok, 0)
+        self.lap("setup")
+        self.cfg, self.teacher_params, self.teacher_dir = _teacher(c, self.workdir, self.tok, self.batch)
+        self.lap("teacher")
+        self.L = self.cfg.num_hidden_layers
+        self.jet = Candidate(self.cfg, c.supernet.block, self.teacher_params, c.seeds[0])
 
-    texts = sources.open_source(c.data.source, c.data.text_key)
-    train_docs, held_out = tasks.split_documents([texts[i] for i in range(len(texts))], c.data.held_out, 0)
-    tok = loop.get_tokenizer(c, workdir, train_docs)
-    d = c.data
-    text_iter = tasks.text_rows(train_docs, tok.encode, tok.eos_id, rows=d.text_rows, seq_len=d.seq_len, seed=0)
-    data_rng = np.random.default_rng(0)
+    def batch(self, _step=None) -> dict:
+        d = self.c.data
+        return tasks.mixture(self._text, self._data_rng, recall_kind=d.recall, recall_rows=d.recall_rows,
+                             seq_len=d.seq_len, num_pairs=d.mqar_pairs, vocab_size=d.recall_vocab)
 
-    def data_fn(_):
-        return tasks.mixture(text_iter, data_rng, recall_kind=d.recall, recall_rows=d.recall_rows, seq_len=d.seq_len,
-                             num_pairs=d.mqar_pairs, vocab_size=d.recall_vocab)
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._since, 1)
+        self._since = now
+        print(f"[{name}] {self.timings[name]} s", flush=True)
 
-    evals = _eval_sets(c, held_out, tok, 0)
-    since = lap("setup", t0)
-    cfg, teacher_params, teacher_dir = _teacher(c, workdir, tok, data_fn)
-    since = lap("teacher", since)
-    L, budget = cfg.num_hidden_layers, c.search.budget
-    weights = dict(c.search.objective)
-    jet = Candidate(cfg, c.supernet.block, teacher_params, c.seeds[0])
-    reference = {"teacher (all attention)": _flat(jet.evaluate(jet.init_params, tuple(range(L)), evals))}
-    print(f"  teacher: {reference}", flush=True)
-    uniform = search.uniform_placement(L, budget)
+    def train_fixed(self, cand: Candidate, placement, seed: int) -> dict:
+        """Fresh linear blocks trained at a fixed placement, then evaluated: the metrics and the step time."""
+        mask = supernet.placement_mask(placement, self.L)
+        dist = cand.distiller(self.c, self.c.fixed.steps)
+        params, hist = dist.run(cand.fresh(seed), cand.frozen, self.batch, lambda i: mask)
+        return {**_flat(cand.evaluate(params, placement, self.evals)), "final_distill_loss": hist[-1]["loss"],
+                "seconds_per_step": dist.seconds_per_step}
 
-    per_seed = []
-    for seed in c.seeds:
-        params = jet.fresh(seed)
+    def seed(self, seed: int, uniform) -> dict:
+        """Supernet, search, then the searched and the uniform placement trained the same way."""
+        c, L, jet = self.c, self.L, self.jet
+        budget, weights = c.search.budget, dict(c.search.objective)
         rng = np.random.default_rng(seed)
         lo, hi = c.supernet.min_attn, (c.supernet.max_attn if c.supernet.max_attn >= 0 else budget)
         params, hist = jet.distiller(c, c.supernet.steps).run(
-            params, jet.frozen, data_fn, lambda i: supernet.sample_placement(rng, L, lo, hi))
-        since = lap(f"supernet seed {seed}", since)
-        memo_metrics = {}
+            jet.fresh(seed), jet.frozen, self.batch, lambda i: supernet.sample_placement(rng, L, lo, hi))
+        self.lap(f"supernet seed {seed}")
+        metrics = {}
 
         def metrics_at(p):
-            p = tuple(sorted(p))
-            if p not in memo_metrics:
-                memo_metrics[p] = jet.evaluate(params, p, evals)
-            return memo_metrics[p]
+            if p not in metrics:
+                metrics[p] = jet.evaluate(params, p, self.evals)
+            return metrics[p]
 
         objective = search.Memo(lambda p: _objective(metrics_at(p), weights))
         found = search.beam_search(objective, L, budget, c.search.beam_width)
-        per_task = {}
-        for task in evals:
+        out = {"seed": seed, "supernet_loss": [hist[0]["loss"], hist[-1]["loss"]], "placement": list(found.placement),
+               "objective": found.score, "placements_evaluated": found.evaluated, "per_task": {}}
+        for task in self.evals:
             memo = search.Memo(lambda p, task=task: metrics_at(p)[task]["score"])
-            per_task[task] = {"importance": search.importance(memo, L),
-                              "best": list(search.beam_search(memo, L, budget, c.search.beam_width).placement)}
-        check = {}
+            out["per_task"][task] = {"importance": search.importance(memo, L),
+                                     "best": list(search.beam_search(memo, L, budget, c.search.beam_width).placement)}
         if math.comb(L, budget) <= c.search.exhaustive_max:  # small spaces: rank every placement as well
             ranked = search.exhaustive_search(objective, L, budget).rounds[0]
             order = [p for p, _ in ranked]
-            check = {"exhaustive_best": list(ranked[0][0]), "beam_matches_exhaustive": ranked[0][0] == found.placement,
-                     "uniform_rank": order.index(uniform) + 1, "num_placements": len(order),
-                     "supernet_scores": {str(list(p)): v for p, v in ranked}}
-        since = lap(f"search seed {seed}", since)
-        final = {}
-        for name, placement in (("searched", found.placement), ("uniform", uniform)):
-            p, h = jet.distiller(c, c.fixed.steps).run(
-                jet.fresh(seed + 1000), jet.frozen, data_fn, lambda i, m=supernet.placement_mask(placement, L): m)
-            final[name] = {"placement": list(placement), **_flat(jet.evaluate(p, placement, evals)),
-                           "final_distill_loss": h[-1]["loss"]}
-        since = lap(f"final training seed {seed}", since)
-        print(f"  seed {seed}: searched {list(found.placement)} retrieval "
-              f"{final['searched']['retrieval_accuracy']:.3f}, uniform {list(uniform)} "
-              f"{final['uniform']['retrieval_accuracy']:.3f}", flush=True)
-        per_seed.append({"seed": seed, "supernet_loss": [hist[0]["loss"], hist[-1]["loss"]],
-                         "placement": list(found.placement), "objective": found.score,
-                         "placements_evaluated": len(memo_metrics), "per_task": per_task, "final": final,
-                         **check})
+            out.update(exhaustive_best=list(ranked[0][0]), beam_matches_exhaustive=ranked[0][0] == found.placement,
+                       uniform_rank=order.index(uniform) + 1, num_placements=len(order),
+                       supernet_scores={str(list(p)): v for p, v in ranked})
+        self.lap(f"search seed {seed}")
+        out["final"] = {name: {"placement": list(p), **self.train_fixed(jet, p, seed + 1000)}
+                        for name, p in (("searched", found.placement), ("uniform", uniform))}
+        self.lap(f"final training seed {seed}")
+        f = out["final"]
+        print(f"  seed {seed}: searched {f['searched']['placement']} retrieval "
+              f"{f['searched']['retrieval_accuracy']:.3f}, uniform {f['uniform']['placement']} "
+              f"{f['uniform']['retrieval_accuracy']:.3f}", flush=True)
+        return out
+
+    def blocks(self, placement) -> list[dict]:
+        """Every candidate block in the same recipe at `placement`, with training and decode throughput."""
+        c, cfg, rows = self.c, self.cfg, []
+        tokens_per_step = c.data.seq_len * (c.data.text_rows + c.data.recall_rows)
+        for kind in c.blocks.kinds:
+            cand = self.jet if kind == c.supernet.block else Candidate(cfg, kind, self.teacher_params, c.seeds[0])
+            r = self.train_fixed(cand, placement, c.seeds[0])
+            rows.append({"block": kind, **r, "train_tokens_per_s": tokens_per_step / r["seconds_per_step"],
+                         "decode_tokens_per_s": hardware.block_decode_tokens_per_s(
+                             make_block(kind, cfg, rngs=nnx.Rngs(0)), cfg.hidden_size, batch=c.blocks.decode_batch,
+                             steps=c.blocks.decode_steps, dtype=jnp.dtype(cfg.dtype))})
+            self.lap(f"block {kind}")
+        return rows
+
+    def hardware(self, placement, size: int) -> list[dict]:
+        """The (heads, dk, dv) grid at state `size`: accuracy proxy and the whole model's decode tokens/s."""
+        c, cfg, hc, rows = self.c, self.cfg, self.c.hardware, []
+        layer_types = tuple("attn" if i in placement else "jet" for i in range(self.L))
+        for point in hardware.grid(size, hc.head_dims, hc.value_dims, hc.heads, cfg.jet.generator_reduction):
+            pcfg = cfg.replace(jet=hardware.jet_config(cfg.jet, point))
+            same = c.supernet.block == "jet" and pcfg.jet == cfg.jet
+            cand = self.jet if same else Candidate(pcfg, "jet", self.teacher_params, c.seeds[0])
+            rows.append({"num_heads": point[0], "head_dim": point[1], "head_v_dim": point[2],
+                         **self.train_fixed(cand, placement, c.seeds[0]),
+                         "decode_tokens_per_s": hardware.model_decode_tokens_per_s(
+                             pcfg.replace(layer_types=layer_types), batch=hc.decode_batch,
+                             context=hc.decode_context, steps=hc.decode_steps)})
+            self.lap(f"hardware {point}")
+        for row, front in zip(rows, hardware.pareto(rows, ("decode_tokens_per_s", hc.proxy_metric))):
+            row["pareto"] = front
+        return rows
+
+    def handoff(self, placement, jet: dict, importance: dict) -> None:
+        """searched_config.py (train.py: stage 1 of the searched hybrid) and searched_config.json (HF)."""
+        c, w = self.c, self.workdir
+        layer_types = tuple("attn" if i in placement else "jet" for i in range(self.L))
+        searched = self.cfg.replace(layer_types=layer_types, jet=hardware.jet_config(
+            self.cfg.jet, (jet["num_heads"], jet["head_dim"], jet["head_v_dim"])))
+        kwargs = {"layer_types": layer_types, "jet": jet, "init_path": str(self.teacher_dir)}
+        if c.handoff.preset:
+            kwargs["preset"] = c.handoff.preset
+        else:
+            kwargs["model"] = handoff.model_dict(searched)
+        overrides = c.handoff.overrides.to_dict()
+        overrides["data"] = {"source": c.data.source, "text_key": c.data.text_key, "tokenizer": str(self.tok.path),
+                             **overrides.get("data", {})}
+        kwargs["overrides"] = {"workdir": str(w / "stage1"), **overrides}
+        table = "\n".join(f"  {t}: {[round(x, 4) for x in v['importance']]}" for t, v in importance.items())
+        handoff.write_config(w / "searched_config.py", header=(
+            f"Stage-1 training of the hybrid PostNAS found (written by `python -m jetnemo_jax.nas`, seed "
+            f"{c.seeds[0]}).\n\nFull attention at layers {list(placement)} of {self.L} (0-indexed); per-layer "
+            f"importance (score with only that layer on attention minus none):\n{table}\n\n"
+            f"    python train.py --config {w / 'searched_config.py'}\n"), **kwargs)
+        (w / "searched_config.json").write_text(json.dumps(searched.to_hf_dict(), indent=2))
+
+
+def run(c) -> dict:
+    r = _Run(c)
+    L, budget, hc = r.L, c.search.budget, c.hardware
+    reference = {"teacher (all attention)": _flat(r.jet.evaluate(r.jet.init_params, tuple(range(L)), r.evals))}
+    print(f"  teacher: {reference}", flush=True)
+    uniform = search.uniform_placement(L, budget)
+    per_seed = [r.seed(seed, uniform) for seed in c.seeds]
     placement = tuple(per_seed[0]["placement"])
-    mask = supernet.placement_mask(placement, L)
-
-    blocks = []
-    for kind in c.blocks.kinds:
-        cand = jet if kind == c.supernet.block else Candidate(cfg, kind, teacher_params, c.seeds[0])
-        dist = cand.distiller(c, c.fixed.steps)
-        p, h = dist.run(cand.fresh(c.seeds[0]), cand.frozen, data_fn, lambda i: mask)
-        block = make_block(kind, cfg, rngs=nnx.Rngs(0))
-        blocks.append({"block": kind, **_flat(cand.evaluate(p, placement, evals)),
-                       "train_tokens_per_s": d.seq_len * (d.text_rows + d.recall_rows) / dist.seconds_per_step,
-                       "decode_tokens_per_s": hardware.block_decode_tokens_per_s(
-                           block, cfg.hidden_size, batch=c.blocks.decode_batch, steps=c.blocks.decode_steps,
-                           dtype=jnp.dtype(cfg.dtype))})
-        since = lap(f"block {kind}", since)
-
-    hw = []
-    hc = c.hardware
-    size = hc.state_size or state_size(cfg)
-    layer_types = tuple("attn" if m else "jet" for m in mask)
-    for point in hardware.grid(size, hc.head_dims, hc.value_dims, hc.heads, cfg.jet.generator_reduction):
-        pcfg = cfg.replace(jet=hardware.jet_config(cfg.jet, point))
-        same = c.supernet.block == "jet" and pcfg.jet == cfg.jet
-        cand = jet if same else Candidate(pcfg, "jet", teacher_params, c.seeds[0])
-        p, _ = cand.distiller(c, c.fixed.steps).run(cand.fresh(c.seeds[0]), cand.frozen, data_fn, lambda i: mask)
-        row = {"num_heads": point[0], "head_dim": point[1], "head_v_dim": point[2],
-               **_flat(cand.evaluate(p, placement, evals)),
-               "decode_tokens_per_s": hardware.model_decode_tokens_per_s(
-                   pcfg.replace(layer_types=layer_types), batch=hc.decode_batch, context=hc.decode_context,
-                   steps=hc.decode_steps)}
-        hw.append(row)
-        since = lap(f"hardware {point}", since)
-    proxy = hc.proxy_metric
-    for row, front in zip(hw, hardware.pareto(hw, ("decode_tokens_per_s", proxy))):
-        row["pareto"] = front
-    best_hw = max((r for r in hw if r["pareto"]), key=lambda r: (r[proxy], r["decode_tokens_per_s"]))
-    chosen_jet = {k: best_hw[k] for k in ("num_heads", "head_dim", "head_v_dim")} if hc.apply else \
-        {"num_heads": cfg.jet.num_heads, "head_dim": cfg.jet.head_dim, "head_v_dim": cfg.jet.head_v_dim}
-
-    # Hand-off: the searched placement (and JetBlock shape) as a train.py config and an HF config.json.
-    searched_cfg = cfg.replace(layer_types=layer_types, jet=hardware.jet_config(
-        cfg.jet, (chosen_jet["num_heads"], chosen_jet["head_dim"], chosen_jet["head_v_dim"])))
-    kwargs = dict(layer_types=layer_types, jet=chosen_jet, init_path=str(teacher_dir))
-    if c.handoff.preset:
-        kwargs["preset"] = c.handoff.preset
-    else:
-        kwargs["model"] = handoff.model_dict(searched_cfg)
-    overrides = c.handoff.overrides.to_dict()
-    overrides["data"] = {"source": c.data.source, "text_key": c.data.text_key, "tokenizer": str(tok.path),
-                         **overrides.get("data", {})}
-    kwargs["overrides"] = {"workdir": str(workdir / "stage1"), **overrides}
-    imp = per_seed[0]["per_task"]
-    handoff.write_config(workdir / "searched_config.py", header=(
-        f"Stage-1 training of the hybrid PostNAS found (written by `python -m jetnemo_jax.nas`, seed "
-        f"{c.seeds[0]}).\n\nFull attention at layers {list(placement)} of {L} (0-indexed); per-layer importance "
-        f"(score with only that layer on attention minus none):\n" +
-        "\n".join(f"  {t}: {[round(x, 4) for x in v['importance']]}" for t, v in imp.items()) +
-        f"\n\n    python train.py --config {workdir / 'searched_config.py'}\n"), **kwargs)
-    (workdir / "searched_config.json").write_text(json.dumps(searched_cfg.to_hf_dict(), indent=2))
-
-    timings["total"] = round(time.perf_counter() - t0, 1)
+    blocks = r.blocks(placement)
+    size = hc.state_size or state_size(r.cfg)
+    hw = r.hardware(placement, size)
+    best = max((h for h in hw if h["pareto"]), key=lambda h: (h[hc.proxy_metric], h["decode_tokens_per_s"]))
+    source = best if hc.apply else dataclasses.asdict(r.cfg.jet)
+    chosen_jet = {k: source[k] for k in ("num_heads", "head_dim", "head_v_dim")}
+    r.handoff(placement, chosen_jet, per_seed[0]["per_task"])
+    r.timings["total"] = round(time.perf_counter() - r.t0, 1)
     results = {"config": json.loads(c.to_json_best_effort()), "device": jax.devices()[0].device_kind,
-               "num_layers": L, "budget": budget, "uniform": list(uniform), "objective": weights,
-               "reference": reference, "seeds": per_seed, "blocks": blocks, "hardware": hw,
-               "state_size": size, "chosen_jet": chosen_jet, "timings_s": timings,
-               "searched_config": str(workdir / "searched_config.py")}
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, workdir / "results.md")
-    print(f"results: {workdir / 'results.md'}\nsearched config: {workdir / 'searched_config.py'}", flush=True)
+               "num_layers": L, "budget": budget, "uniform": list(uniform), "objective": dict(c.search.objective),
+               "reference": reference, "seeds": per_seed, "blocks": blocks, "hardware": hw, "state_size": size,
+               "chosen_jet": chosen_jet, "timings_s": r.timings,
+               "searched_config": str(r.workdir / "searched_config.py")}
+    (r.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, r.workdir / "results.md")
+    print(f"results: {r.workdir / 'results.md'}\nsearched config: {r.workdir / 'searched_config.py'}", flush=True)
     return results

@@ -10,7 +10,7 @@ from jetnemo_jax.config import JetBlockConfig, tiny
 from jetnemo_jax.nas import supernet
 from tests.oracles import rel_err
 
-L = 4
+L = 3
 
 
 def _cfg():
@@ -37,9 +37,9 @@ def test_all_attention_is_the_teacher_and_a_placement_is_the_hybrid(net, rng):
     tokens = jnp.asarray(rng.integers(0, 64, (2, 23)))
     seg = np.array([[1] * 10 + [2] * 13, [1] * 23])
     assert rel_err(net(tokens, jnp.ones(L, bool), segment_ids=seg), net.base(tokens, segment_ids=seg)) < 1e-6
-    placement = np.array([False, True, False, False])
+    placement = np.array([False, True, False])
     hybrid = supernet.hybrid_model(net, placement)
-    assert hybrid.config.layer_types == ("jet", "attn", "jet", "jet")
+    assert hybrid.config.layer_types == ("jet", "attn", "jet")
     assert rel_err(net(tokens, jnp.asarray(placement), segment_ids=seg), hybrid(tokens, segment_ids=seg)) < 1e-5
 
 
@@ -51,13 +51,10 @@ def test_a_step_trains_only_the_linear_blocks_of_non_attention_layers(net, rng):
     d = supernet.Distiller(split, optim, 2, mse_layers=range(L), mse_weight=1.0, kl_weight=0.5)
     tokens = rng.integers(0, 64, (2, 16))
     batch = {"tokens": jnp.asarray(tokens, jnp.int32), "segment_ids": jnp.ones((2, 16), jnp.int32)}
-    placement = np.array([True, False, True, False])
+    placement = np.array([True, False, True])
     new, hist = d.run(params, frozen, lambda i: batch, lambda i: placement)
     assert hist[1]["loss"] < hist[0]["loss"] and hist[0]["mse"] > 0
-    for name in params:
-        layer = int(name.split("/")[1])
-        moved = not np.array_equal(np.asarray(new[name]), np.asarray(params[name]))
-        # attention layers' linear blocks get no gradient; w2 starts at zero but moves
-        if placement[layer]:
-            assert not moved, name
-    assert any(not np.array_equal(np.asarray(new[n]), np.asarray(params[n])) for n in params if n.startswith("linear/1/"))
+    moved = {n for n in params if not np.array_equal(np.asarray(new[n]), np.asarray(params[n]))}
+    # The attention layers' linear blocks got no gradient (no weight decay here); the other one trained.
+    assert not any(n.startswith(("linear/0/", "linear/2/")) for n in moved)
+    assert any(n.startswith("linear/1/") for n in moved)
