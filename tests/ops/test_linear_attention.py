@@ -14,7 +14,7 @@ from tests.oracles import rel_err
 
 def gla_numpy(q, k, v, g, initial_state, segment_ids):
     q, k, v, g, S = (np.asarray(x, np.float64) for x in (q, k, v, g, initial_state))
-    dk = q.shape[-1]
+    T, dk = q.shape[1], q.shape[-1]
     g = np.broadcast_to(g[..., None], q.shape) if g.ndim == 3 else g
     o = np.zeros(v.shape)
     S = S.copy()
