@@ -127,7 +127,7 @@ class _Run:
         self.timings, self._since = {}, self.t0
         d = c.data
         texts = sources.open_source(d.source, d.text_key)
-        train_docs, held_out = tasks.split_documents([texts[i] for i in range(len(texts))], d.held_out, 0)
+        train_docs, held_out = tasks.split_documents(texts, d.held_out, 0)
         self.tok = loop.get_tokenizer(c, self.workdir, train_docs)
         self._text = tasks.text_rows(train_docs, self.tok.encode, self.tok.eos_id, rows=d.text_rows,
                                      seq_len=d.seq_len, seed=0)

@@ -37,7 +37,7 @@ def mqar(rng: np.random.Generator, rows: int, seq_len: int, num_pairs: int, voca
 
 def text_rows(texts: Sequence[str], encode: Callable, eos_id: int, *, rows: int, seq_len: int, seed: int):
     """An endless iterator of packed text batches {"tokens", "segment_ids"} [rows, seq_len] (grain)."""
-    return iter(packed_dataset(list(texts), encode, eos_id, seq_len=seq_len, global_batch=rows, seed=seed))
+    return iter(packed_dataset(texts, encode, eos_id, seq_len=seq_len, global_batch=rows, seed=seed))
 
 
 def recall(kind: str, rng: np.random.Generator, rows: int, seq_len: int, *, num_pairs: int, vocab_size: int) -> dict:
@@ -59,17 +59,36 @@ def mixture(text_iter, rng: np.random.Generator, *, recall_kind: str, recall_row
     return {k: np.concatenate([np.asarray(text[k], np.int32), m[k]]) for k in ("tokens", "segment_ids")}
 
 
-def split_documents(texts: Sequence[str], held_out: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train, held-out) documents, a fixed random split."""
-    order = np.random.default_rng(seed).permutation(len(texts))
-    n = max(1, int(len(texts) * held_out))
-    return [texts[i] for i in order[n:]], [texts[i] for i in order[:n]]
+class Subset:
+    """Documents `indices` of a random-access source, itself random access (nothing is read up front)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, [int(i) for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]
+
+
+def split_documents(source, held_out: float, seed: int) -> tuple[Subset, Subset]:
+    """(train, held-out) documents of a random-access source, a fixed random split."""
+    order = np.random.default_rng(seed).permutation(len(source))
+    n = max(1, int(len(source) * held_out))
+    return Subset(source, order[n:]), Subset(source, order[:n])
 
 
 def cloze_items(texts: Sequence[str], encode: Callable, rng: np.random.Generator, *, num_items: int,
                 context_len: int, answer_len: int, num_choices: int) -> list[dict]:
     """Multiple choice from text: a passage's next `answer_len` tokens against spans of other passages."""
-    docs = [t for t in (encode(x) for x in texts) if len(t) >= context_len + answer_len]
+    docs, want = [], max(num_choices, 4 * num_items)  # enough passages; a big held-out set is not all read
+    for i in range(len(texts)):
+        t = encode(texts[i])
+        if len(t) >= context_len + answer_len:
+            docs.append(t)
+        if len(docs) == want:
+            break
     if len(docs) < num_choices:
         raise ValueError(f"cloze: only {len(docs)} documents hold {context_len + answer_len} tokens")
     items = []
