@@ -20,7 +20,7 @@ def _cfg(dtype):
 def test_step_matches_parallel_forward(rng, kind, dtype):
     cfg = _cfg(dtype)
     block = make_block(kind, cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
-    B, T = 2, 19
+    B, T = 2, 11
     x = jnp.asarray(rng.standard_normal((B, T, cfg.hidden_size)), dtype)
     y = block(x)
     cache = block.init_cache(B, jnp.dtype(dtype))
