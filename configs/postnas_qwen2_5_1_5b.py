@@ -40,6 +40,7 @@ def get_config():
     c.search.objective = {"mc": 1.0, "retrieval": 1.0}
     c.eval.lm_rows = 64
     c.eval.retrieval_rows = 256
+    c.eval.rows_per_call = 4  # 4 x 2048 x 151,936 fp32 logits = 5 GB
     c.fixed.steps = 2_000
     c.blocks.decode_batch = 64
     c.blocks.decode_steps = 128

@@ -54,7 +54,8 @@ class LinearMixer(nnx.Module):
             raise ValueError(f"unknown linear block {kind!r}; LinearMixer builds {BLOCKS[1:]}")
         j = cfg.jet
         self.kind, self.gdr_impl = kind, cfg.gdr_impl
-        self.num_heads, self.head_k_dim, self.head_v_dim, self.conv_size = j.num_heads, j.head_dim, j.head_v_dim, j.conv_size
+        self.num_heads, self.head_k_dim, self.head_v_dim = j.num_heads, j.head_dim, j.head_v_dim
+        self.conv_size = j.conv_size
         d, H = cfg.hidden_size, j.num_heads
         lin = lambda i, o, axes, **kw: linear(i, o, axes, rngs=rngs, cfg=cfg, **kw)
         self.q_proj = lin(d, j.key_dim, (EMBED, JET_HEADS))

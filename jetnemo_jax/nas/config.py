@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
         objective=ml_collections.ConfigDict({"retrieval": 1.0})))  # weights on task scores (lm, mc, retrieval)
     c.eval = ml_collections.ConfigDict(dict(
         lm_rows=32, retrieval_rows=64,
+        rows_per_call=64,  # rows per evaluation forward (the logits of rows x seq_len x vocab live at once)
         mc_jsonl="",  # {"context", "choices", "answer"} lines; "" builds cloze items from held-out text
         mc_items=64, mc_context=24, mc_answer=8, mc_choices=4))
     # Every fixed-placement training from fresh linear blocks (searched vs uniform, each block, each grid

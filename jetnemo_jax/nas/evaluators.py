@@ -1,6 +1,9 @@
-"""Task evaluators that score a placement: each takes `logits_fn(tokens, segment_ids) -> logits [B,T,V]`
-(the network at that placement) and returns its metrics with a `score` (higher is better), the number
-the search ranks by. Data is fixed at construction, so every placement sees the same examples."""
+"""Task evaluators that score a placement. Each takes `stats_fn(tokens, segment_ids) -> (nll, argmax)`, the
+network at that placement reduced to the negative log-likelihood of every next token and the predicted
+token ([B, T] each; `next_token_stats` makes them from logits inside the jitted forward, so vocabulary-wide
+logits never leave it), calls it on at most `rows_per_call` rows at a time, and returns its metrics with a
+`score` (higher is better), the number the search ranks by. Data is fixed at construction, so every
+placement sees the same examples."""
 
 from __future__ import annotations
 
@@ -11,20 +14,31 @@ import optax
 from jetnemo_jax.train.step import next_token_targets
 
 
+def next_token_stats(logits, tokens):
+    """logits [B,T,V], tokens [B,T] -> (nll of token t+1 at position t, argmax), [B,T] each (the last
+    column scores a dummy target; evaluators mask it)."""
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets), jnp.argmax(logits, -1)
+
+
+def _stats(stats_fn, tokens, seg, rows_per_call: int):
+    parts = [stats_fn(tokens[i:i + rows_per_call], seg[i:i + rows_per_call])
+             for i in range(0, tokens.shape[0], rows_per_call)]
+    return tuple(np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(2))
+
+
 class LMLoss:
     """Next-token cross entropy on held-out text rows; score = -loss."""
 
-    def __init__(self, batches: list[dict]):
-        self.batches = [{k: jnp.asarray(v, jnp.int32) for k, v in b.items()} for b in batches]
+    def __init__(self, batch: dict, rows_per_call: int = 64):
+        self.tokens = jnp.asarray(batch["tokens"], jnp.int32)
+        self.seg = jnp.asarray(batch["segment_ids"], jnp.int32)
+        self.valid = np.asarray(next_token_targets(self.tokens, self.seg)[1])
+        self.rows_per_call = rows_per_call
 
-    def __call__(self, logits_fn) -> dict:
-        total, count = 0.0, 0.0
-        for b in self.batches:
-            targets, valid = next_token_targets(b["tokens"], b["segment_ids"])
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(b["tokens"], b["segment_ids"]), targets)
-            total += float(jnp.sum(ce * valid))
-            count += float(jnp.sum(valid))
-        loss = total / max(count, 1.0)
+    def __call__(self, stats_fn) -> dict:
+        nll, _ = _stats(stats_fn, self.tokens, self.seg, self.rows_per_call)
+        loss = float(np.sum(nll * self.valid) / max(self.valid.sum(), 1))
         return {"lm_loss": loss, "score": -loss}
 
 
@@ -33,13 +47,12 @@ class MultipleChoice:
     per-token negative log-likelihood of the right choice after its context (score = -answer loss), and
     accuracy, picking the choice of highest mean log-likelihood."""
 
-    def __init__(self, items: list[dict], pad_id: int = 0):
+    def __init__(self, items: list[dict], pad_id: int = 0, rows_per_call: int = 64):
         rows, spans = [], []
         for item in items:
             for choice in item["choices"]:
-                ctx = list(item["context"])
-                rows.append(ctx + list(choice))
-                spans.append((len(ctx), len(choice)))
+                rows.append(list(item["context"]) + list(choice))
+                spans.append((len(item["context"]), len(choice)))
         T = max(len(r) for r in rows)
         tokens = np.full((len(rows), T), pad_id, np.int32)
         seg = np.zeros((len(rows), T), np.int32)
@@ -48,15 +61,14 @@ class MultipleChoice:
             tokens[i, :len(r)] = r
             seg[i, :len(r)] = 1
             weight[i, c - 1:c - 1 + n] = 1.0
-        self.tokens, self.seg, self.weight = jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(weight)
+        self.tokens, self.seg, self.weight = jnp.asarray(tokens), jnp.asarray(seg), weight
         self.num_choices = [len(item["choices"]) for item in items]
         self.answers = np.array([item["answer"] for item in items])
+        self.rows_per_call = rows_per_call
 
-    def __call__(self, logits_fn) -> dict:
-        logits = logits_fn(self.tokens, self.seg)
-        targets = jnp.concatenate([self.tokens[:, 1:], jnp.zeros_like(self.tokens[:, :1])], 1)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        mean_nll = np.asarray(jnp.sum(nll * self.weight, 1) / jnp.sum(self.weight, 1))
+    def __call__(self, stats_fn) -> dict:
+        nll, _ = _stats(stats_fn, self.tokens, self.seg, self.rows_per_call)
+        mean_nll = np.sum(nll * self.weight, 1) / np.sum(self.weight, 1)
         losses, correct, start = [], [], 0
         for n, a in zip(self.num_choices, self.answers):
             per_choice = mean_nll[start:start + n]
@@ -68,16 +80,18 @@ class MultipleChoice:
 
 
 class Retrieval:
-    """Accuracy of the next-token prediction at every query of an associative-recall batch (tasks.mqar);
-    score = accuracy."""
+    """Accuracy of the next-token prediction at every query of a retrieval batch (tasks.mqar,
+    tasks.copy_rows); score = accuracy."""
 
-    def __init__(self, batch: dict):
+    def __init__(self, batch: dict, rows_per_call: int = 64):
         self.tokens = jnp.asarray(batch["tokens"], jnp.int32)
         self.seg = jnp.asarray(batch["segment_ids"], jnp.int32)
         self.answer = np.asarray(batch["answer"])
+        self.rows_per_call = rows_per_call
 
-    def __call__(self, logits_fn) -> dict:
-        pred = np.asarray(jnp.argmax(logits_fn(self.tokens, self.seg), -1))
-        target = np.concatenate([np.asarray(self.tokens)[:, 1:], np.zeros_like(self.tokens[:, :1])], 1)
+    def __call__(self, stats_fn) -> dict:
+        _, pred = _stats(stats_fn, self.tokens, self.seg, self.rows_per_call)
+        tokens = np.asarray(self.tokens)
+        target = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], 1)
         acc = float(np.mean(pred[self.answer] == target[self.answer]))
         return {"retrieval_accuracy": acc, "score": acc}

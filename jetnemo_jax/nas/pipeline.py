@@ -40,7 +40,8 @@ class Candidate:
         self.cfg, self.block, self.teacher_params = cfg, block, teacher_params
         self.split, self.init_params, self.frozen = supernet.build(cfg, block, teacher_params, seed)
         split = self.split
-        self._apply = jax.jit(lambda p, f, t, s, m: split.merge(p, f)(t, m, segment_ids=s))
+        self._stats = jax.jit(lambda p, f, t, s, m: evaluators.next_token_stats(
+            split.merge(p, f)(t, m, segment_ids=s), t))
         self._distillers = {}
 
     def fresh(self, seed: int) -> dict:
@@ -57,7 +58,7 @@ class Candidate:
 
     def evaluate(self, params, placement, evals: dict) -> dict:
         mask = jnp.asarray(supernet.placement_mask(placement, self.cfg.num_hidden_layers))
-        fn = lambda tokens, seg: self._apply(params, self.frozen, tokens, seg, mask)
+        fn = lambda tokens, seg: self._stats(params, self.frozen, tokens, seg, mask)
         return {name: e(fn) for name, e in evals.items()}
 
 
@@ -103,13 +104,15 @@ def _eval_sets(c, held_out, tok, seed: int) -> dict:
     rng = np.random.default_rng(seed + 10_000)  # evaluation data never changes with the run seed
     e = c.eval
     lm_iter = tasks.text_rows(held_out, tok.encode, tok.eos_id, rows=e.lm_rows, seq_len=c.data.seq_len, seed=seed)
-    evals = {"lm": evaluators.LMLoss([next(lm_iter)])}
+    rows = e.rows_per_call
+    evals = {"lm": evaluators.LMLoss(next(lm_iter), rows)}
     items = (tasks.mc_items_from_jsonl(e.mc_jsonl, tok.encode) if e.mc_jsonl else
              tasks.cloze_items(held_out, tok.encode, rng, num_items=e.mc_items, context_len=e.mc_context,
                                answer_len=e.mc_answer, num_choices=e.mc_choices))
-    evals["mc"] = evaluators.MultipleChoice(items, pad_id=tok.eos_id)
+    evals["mc"] = evaluators.MultipleChoice(items, pad_id=tok.eos_id, rows_per_call=rows)
     evals["retrieval"] = evaluators.Retrieval(tasks.recall(c.data.recall, rng, e.retrieval_rows, c.data.seq_len,
-                                                           num_pairs=c.data.mqar_pairs, vocab_size=c.data.recall_vocab))
+                                                           num_pairs=c.data.mqar_pairs, vocab_size=c.data.recall_vocab),
+                                              rows)
     return evals
 
 

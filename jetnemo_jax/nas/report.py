@@ -36,7 +36,8 @@ def write_markdown(r: dict, path) -> None:
     out += ["## Per-layer importance (supernet score with only that layer on attention, minus none)", ""]
     for s in r["seeds"]:
         out += [f"Seed {s['seed']}: supernet distillation loss {s['supernet_loss'][0]:.4g} -> "
-                f"{s['supernet_loss'][1]:.4g}; beam search scored {s['placements_evaluated']} placements (single layers included); searched "
+                f"{s['supernet_loss'][1]:.4g}; beam search scored {s['placements_evaluated']} placements (single "
+                f"layers included); searched "
                 f"{s['placement']} (objective {s['objective']:.4g})", ""]
         if "exhaustive_best" in s:
             out += [f"Every placement scored in the supernet as a check: best {s['exhaustive_best']} (beam search "

@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -60,24 +61,28 @@ def test_evaluators_on_an_oracle_and_a_uniform_model(rng):
     toks = batch["tokens"]
     assert np.all(toks[:, 0:8:2] < V // 2) and np.all(toks[:, 1:8:2] >= V // 2) and batch["answer"].sum() == 4 * 6
 
+    def stats(logits_fn):  # what the pipeline computes inside its jitted forward
+        return lambda tokens, seg: evaluators.next_token_stats(jnp.asarray(logits_fn(tokens, seg)), tokens)
+
     def oracle(tokens, seg):  # puts all mass on the true next token
         nxt = np.concatenate([np.asarray(tokens)[:, 1:], np.zeros_like(tokens[:, :1])], 1)
         return np.where(np.arange(V) == nxt[..., None], 30.0, 0.0).astype(np.float32)
 
     uniform = lambda tokens, seg: np.zeros((*tokens.shape, V), np.float32)
-    assert evaluators.Retrieval(batch)(oracle)["score"] == 1.0
+    assert evaluators.Retrieval(batch, rows_per_call=3)(stats(oracle))["score"] == 1.0
     copy = tasks.recall("copy", rng, 3, 10, num_pairs=0, vocab_size=V)
     assert np.array_equal(copy["tokens"][:, :5], copy["tokens"][:, 5:]) and copy["answer"].sum() == 3 * 5
-    assert evaluators.Retrieval(copy)(oracle)["score"] == 1.0 and evaluators.Retrieval(copy)(uniform)["score"] < 1
+    assert evaluators.Retrieval(copy)(stats(oracle))["score"] == 1.0
+    assert evaluators.Retrieval(copy)(stats(uniform))["score"] < 1
     counting = lambda tokens, seg: np.where(np.arange(V) == np.asarray(tokens)[..., None] + 1, 30.0, 0.0)
     items = [{"context": [1, 2, 3], "choices": [[4, 5], [6], [7, 8, 9]], "answer": 0},
              {"context": [5, 6], "choices": [[9], [7, 8]], "answer": 1}]
-    mc = evaluators.MultipleChoice(items)  # the right choices continue the count, the others do not
-    assert mc(counting)["mc_accuracy"] == 1.0 and mc(counting)["answer_loss"] < 1e-6
-    assert mc(lambda t, s: -counting(t, s))["mc_accuracy"] == 0.0
-    assert abs(mc(uniform)["answer_loss"] - np.log(V)) < 1e-5
-    lm = evaluators.LMLoss([{"tokens": toks, "segment_ids": batch["segment_ids"]}])
-    assert abs(lm(uniform)["lm_loss"] - np.log(V)) < 1e-5 and lm(oracle)["lm_loss"] < 1e-6
+    mc = evaluators.MultipleChoice(items, rows_per_call=2)  # the right choices continue the count
+    assert mc(stats(counting))["mc_accuracy"] == 1.0 and mc(stats(counting))["answer_loss"] < 1e-6
+    assert mc(stats(lambda t, s: -counting(t, s)))["mc_accuracy"] == 0.0
+    assert abs(mc(stats(uniform))["answer_loss"] - np.log(V)) < 1e-5
+    lm = evaluators.LMLoss({"tokens": toks, "segment_ids": batch["segment_ids"]}, rows_per_call=3)
+    assert abs(lm(stats(uniform))["lm_loss"] - np.log(V)) < 1e-5 and lm(stats(oracle))["lm_loss"] < 1e-6
 
 
 def test_document_split_is_disjoint_fixed_and_lazy():
