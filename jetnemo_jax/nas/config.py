@@ -38,7 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.search = ml_collections.ConfigDict(dict(
         budget=2, beam_width=2,
         exhaustive_max=100,  # also score every placement when there are at most this many (a check)
-        objective=ml_collections.ConfigDict({"retrieval": 1.0})))  # weights on task scores (lm, mc, retrieval)
+        # Weights on the task scores; every task is listed so that a misspelt one fails check_keys.
+        objective=ml_collections.ConfigDict({"lm": 0.0, "mc": 0.0, "retrieval": 1.0})))
     c.eval = ml_collections.ConfigDict(dict(
         lm_rows=32, retrieval_rows=64,
         rows_per_call=64,  # rows per evaluation forward (the logits of rows x seq_len x vocab live at once)

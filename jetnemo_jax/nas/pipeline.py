@@ -25,11 +25,12 @@ from jetnemo_jax.checkpoint import hf
 from jetnemo_jax.checkpoint.hf_export import save_hf
 from jetnemo_jax.config import JetBlockConfig
 from jetnemo_jax.data import sources
+from jetnemo_jax.nas import config as nas_config
 from jetnemo_jax.nas import evaluators, handoff, hardware, search, supernet, tasks
 from jetnemo_jax.nas.blocks import make_block, state_size
 from jetnemo_jax.nas.report import write_markdown
 from jetnemo_jax.train import loop, program
-from jetnemo_jax.train.config import default_config, to_model_config
+from jetnemo_jax.train.config import check_keys, default_config, to_model_config
 
 
 class Candidate:
@@ -63,7 +64,7 @@ class Candidate:
 
 
 def _objective(metrics: dict, weights: dict) -> float:
-    return sum(w * metrics[task]["score"] for task, w in weights.items())
+    return sum(w * metrics[task]["score"] for task, w in weights.items() if w)
 
 
 def _jet(c) -> JetBlockConfig:
@@ -258,6 +259,7 @@ class _Run:
 
 
 def run(c) -> dict:
+    check_keys(c, nas_config.default_config())
     r = _Run(c)
     L, budget, hc = r.L, c.search.budget, c.hardware
     reference = {"teacher (all attention)": _flat(r.jet.evaluate(r.jet.init_params, tuple(range(L)), r.evals))}

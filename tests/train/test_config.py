@@ -12,11 +12,14 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_configs_are_valid(name):
+    """Train configs against train's defaults, PostNAS configs (configs/postnas_*) against PostNAS's."""
+    from jetnemo_jax.nas.config import default_config as nas_defaults
+
     spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
-    check_keys(c)
+    check_keys(c, nas_defaults() if name.startswith("postnas_") else None)
     cfg = to_model_config(c.model)
     assert cfg.num_hidden_layers == len(cfg.layer_types)
 
