@@ -58,25 +58,20 @@ def _check_gdr_shapes(q, k, v, g, beta):
     return B, T, H, dk, v.shape[-1]
 
 
-def _pallas_interpret(mesh) -> bool:
-    """impl="pallas" means the Mosaic TPU kernels: compiled on TPU, interpreted on CPU (tests)."""
-    backend = pallas_gdr.platform(mesh)
-    if backend not in ("tpu", "cpu"):
-        raise ValueError(f"impl='pallas' has TPU kernels only; on {backend} use impl='pallas_triton'")
-    if backend == "cpu" and ("pallas-interpret", "cpu") not in _logged:
-        _logged.add(("pallas-interpret", "cpu"))
-        log.info("gated_delta_rule: running the Pallas TPU kernels in interpret mode on CPU")
-    return backend == "cpu"
+# impl -> (the platform its kernels compile for, their name in messages); on CPU they run interpreted (tests).
+_KERNEL_PLATFORMS = {"pallas": ("tpu", "Pallas TPU"), "pallas_triton": ("gpu", "Pallas GPU")}
 
 
-def _triton_interpret(mesh) -> bool:
-    """impl="pallas_triton" means the Pallas GPU kernels: compiled on GPU, interpreted on CPU (tests)."""
+def _kernel_interpret(impl, mesh) -> bool:
+    """Whether impl's kernels run interpreted (on CPU); an error on any platform but theirs and CPU."""
+    platform, name = _KERNEL_PLATFORMS[impl]
     backend = pallas_gdr.platform(mesh)
-    if backend not in ("gpu", "cpu"):
-        raise ValueError(f"impl='pallas_triton' runs on GPUs only, not on {backend}")
-    if backend == "cpu" and ("triton-interpret", "cpu") not in _logged:
-        _logged.add(("triton-interpret", "cpu"))
-        log.info("gated_delta_rule: running the Pallas GPU kernels in interpret mode on CPU")
+    if backend not in (platform, "cpu"):
+        raise ValueError(f"impl={impl!r} runs the {name} kernels, on {platform.upper()}s only (not on {backend}); "
+                         f"impl='auto' picks what this platform has")
+    if backend == "cpu" and (impl, "interpret") not in _logged:
+        _logged.add((impl, "interpret"))
+        log.info("gated_delta_rule: running the %s kernels in interpret mode on CPU", name)
     return backend == "cpu"
 
 
@@ -116,9 +111,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         raise ValueError(f"impl={impl!r} uses chunk_size=64, got {chunk_size}")
     if impl == "pallas":
         pallas_gdr.check_supported(dk, dv)
-        interpret = _pallas_interpret(mesh)
+        interpret = _kernel_interpret(impl, mesh)
     elif impl == "pallas_triton":
-        interpret = _triton_interpret(mesh)
+        interpret = _kernel_interpret(impl, mesh)
         triton_gdr.check_supported(dk, dv, (q.dtype, k.dtype, v.dtype), interpret)
     _announce("gated_delta_rule", impl, pallas_gdr.platform(mesh))
     scale = dk ** -0.5 if scale is None else scale

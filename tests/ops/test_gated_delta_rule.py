@@ -71,6 +71,27 @@ def test_gradients_match_float64(rng, impl, dtype, B, T, H, dk, dv, gates):
     check_gradients(rng, impl, dtype, B, T, H, dk, dv, gates, packed_segments(rng, B, T))
 
 
+def kernel_segments(rng, B, T):
+    """Packed documents for the kernel tests where T allows: starting exactly at a chunk boundary (64),
+    mid-chunk and of length 1 needs T > 66."""
+    return packed_segments(rng, B, T) if T > 66 else None
+
+
+def check_forward(rng, impl, dtype, B, T, H, dk, dv, gates):
+    """o and the final state (jitted, with an initial state and packed documents) against the float64
+    recurrence."""
+    x = make_inputs(rng, B, T, H, dk, dv, gates=gates, dtype=dtype)
+    h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
+    seg = kernel_segments(rng, B, T)
+    run = jax.jit(lambda x, h0: ops.gated_delta_rule(**x, initial_state=h0, output_final_state=True,
+                                                     segment_ids=seg, impl=impl))
+    o, s = run(x, h0)
+    o_ref, s_ref = gdr_numpy(**x, initial_state=h0, segment_ids=seg)
+    assert o.dtype == jnp.dtype(dtype) and s.dtype == jnp.float32
+    assert rel_err(o, o_ref) <= TOL[dtype]["o"]
+    assert rel_err(s, s_ref) <= TOL[dtype]["state"]
+
+
 def check_gradients(rng, impl, dtype, B, T, H, dk, dv, gates, seg, tol=None):
     """o, final state and every gradient (of a loss on both) against the float64 recurrence and torch.
     `tol` overrides entries of TOL[dtype]."""

@@ -13,13 +13,10 @@ import pytest
 
 from jetnemo_jax import ops
 from jetnemo_jax.ops import dispatch, pallas_gdr, triton_gdr
-from tests.ops.test_gated_delta_rule import TOL, check_gradients, make_inputs, packed_segments
+from tests.ops.test_gated_delta_rule import (check_forward, check_gradients, kernel_segments,
+                                             make_inputs)
 from tests.oracles import gdr_numpy, rel_err
 from tests.pallas_kernels.test_gated_delta_rule_tpu import run_sharded_check
-
-
-def _segments(rng, B, T):
-    return packed_segments(rng, B, T) if T > 66 else None
 
 
 def _skip_unsupported_on_gpu(dtype, dk):
@@ -41,16 +38,7 @@ def _skip_unsupported_on_gpu(dtype, dk):
 ])
 def test_forward_matches_float64_recurrence(rng, dtype, B, T, H, dk, dv, gates):
     _skip_unsupported_on_gpu(dtype, dk)
-    x = make_inputs(rng, B, T, H, dk, dv, gates=gates, dtype=dtype)
-    h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
-    seg = _segments(rng, B, T)
-    run = jax.jit(lambda x, h0: ops.gated_delta_rule(**x, initial_state=h0, output_final_state=True,
-                                                     segment_ids=seg, impl="pallas_triton"))
-    o, s = run(x, h0)
-    o_ref, s_ref = gdr_numpy(**x, initial_state=h0, segment_ids=seg)
-    assert o.dtype == jnp.dtype(dtype) and s.dtype == jnp.float32
-    assert rel_err(o, o_ref) <= TOL[dtype]["o"]
-    assert rel_err(s, s_ref) <= TOL[dtype]["state"]
+    check_forward(rng, "pallas_triton", dtype, B, T, H, dk, dv, gates)
 
 
 def test_without_l2norm(rng):
@@ -72,7 +60,7 @@ def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
     # The backward's bf16 dots (as fla's) make dg and dbeta heavy-tailed under strong decay: over 8 seeds
     # of the strong case dg reached 1.5e-2 and about 1 run in 20 passed 2e-2.
     tol = {"g": 4e-2, "beta": 4e-2} if dtype == "bfloat16" else None
-    check_gradients(rng, "pallas_triton", dtype, B, T, H, dk, dv, gates, _segments(rng, B, T), tol=tol)
+    check_gradients(rng, "pallas_triton", dtype, B, T, H, dk, dv, gates, kernel_segments(rng, B, T), tol=tol)
 
 
 @pytest.mark.parametrize("dtype,T,dk,dv", [("bfloat16", 333, 96, 256), ("float32", 200, 64, 128),
@@ -104,7 +92,7 @@ def test_auto_keeps_the_xla_op_on_gpu_and_impls_check_their_platform(rng, monkey
     monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "gpu")
     assert "pallas_call" not in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x))(x))
     assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x, impl="pallas_triton"))(x))
-    with pytest.raises(ValueError, match="TPU kernels only"):
+    with pytest.raises(ValueError, match="TPUs only"):
         ops.gated_delta_rule(**x, impl="pallas")
     monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "tpu")
     with pytest.raises(ValueError, match="GPUs only"):

@@ -10,19 +10,13 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from jetnemo_jax import ops
-from tests.oracles import gdr_numpy, rel_err
-from tests.ops.test_gated_delta_rule import TOL, check_gradients, make_inputs, packed_segments
+from tests.ops.test_gated_delta_rule import (check_forward, check_gradients, kernel_segments,
+                                             make_inputs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _segments(rng, B, T):
-    # Documents starting exactly at a chunk boundary (64), mid-chunk and of length 1 need T > 66.
-    return packed_segments(rng, B, T) if T > 66 else None
 
 
 # Every dk in {64, 96, 128, 256} and dv in {64, 128, 256} appears in each test; T is never a multiple
@@ -34,16 +28,7 @@ def _segments(rng, B, T):
     ("bfloat16", 1, 64, 2, 256, 64, "normal"),
 ])
 def test_forward_matches_float64_recurrence(rng, dtype, B, T, H, dk, dv, gates):
-    x = make_inputs(rng, B, T, H, dk, dv, gates=gates, dtype=dtype)
-    h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
-    seg = _segments(rng, B, T)
-    run = jax.jit(lambda x, h0: ops.gated_delta_rule(**x, initial_state=h0, output_final_state=True,
-                                                     segment_ids=seg, impl="pallas"))
-    o, s = run(x, h0)
-    o_ref, s_ref = gdr_numpy(**x, initial_state=h0, segment_ids=seg)
-    assert o.dtype == jnp.dtype(dtype) and s.dtype == jnp.float32
-    assert rel_err(o, o_ref) <= TOL[dtype]["o"]
-    assert rel_err(s, s_ref) <= TOL[dtype]["state"]
+    check_forward(rng, "pallas", dtype, B, T, H, dk, dv, gates)
 
 
 @pytest.mark.parametrize("dtype,B,T,H,dk,dv,gates", [
@@ -53,7 +38,7 @@ def test_forward_matches_float64_recurrence(rng, dtype, B, T, H, dk, dv, gates):
     ("bfloat16", 1, 70, 2, 128, 128, "normal"),
 ])
 def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
-    check_gradients(rng, "pallas", dtype, B, T, H, dk, dv, gates, _segments(rng, B, T))
+    check_gradients(rng, "pallas", dtype, B, T, H, dk, dv, gates, kernel_segments(rng, B, T))
 
 
 def test_auto_stays_chunked_off_tpu(rng):
