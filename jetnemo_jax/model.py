@@ -17,6 +17,7 @@ from jetnemo_jax.layers.mlp import MLP
 from jetnemo_jax.layers.norms import RMSNorm
 from jetnemo_jax.layers.params import EMBED, VOCAB, linear, normal
 from jetnemo_jax.ops.dispatch import doc_ids_from_segments
+from jetnemo_jax.ops.positions import positions_in_documents
 from jetnemo_jax.sharding import constrain_batch
 
 
@@ -103,14 +104,6 @@ REMAT_POLICIES = {
 
 def _run_layer(layer, x, positions, doc_ids):
     return layer(x, positions=positions, doc_ids=doc_ids)
-
-
-def positions_in_documents(doc_ids):
-    """Position of each token within its document (RoPE restarts at every packed document)."""
-    T = doc_ids.shape[1]
-    idx = jnp.broadcast_to(jnp.arange(T), doc_ids.shape)
-    starts = jnp.concatenate([jnp.ones_like(doc_ids[:, :1], bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
-    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 class JetNemotronForCausalLM(nnx.Module):

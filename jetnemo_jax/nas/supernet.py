@@ -18,7 +18,8 @@ import optax
 from flax import nnx
 
 from jetnemo_jax.config import ModelConfig
-from jetnemo_jax.model import JetNemotronForCausalLM, positions_in_documents
+from jetnemo_jax.model import JetNemotronForCausalLM
+from jetnemo_jax.ops.positions import positions_in_documents
 from jetnemo_jax.nas.blocks import make_block
 from jetnemo_jax.ops.dispatch import doc_ids_from_segments
 from jetnemo_jax.train import optimizer

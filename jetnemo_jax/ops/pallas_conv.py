@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jetnemo_jax.ops import shard
+from jetnemo_jax.ops.positions import positions_in_documents
 from pallas_kernels.dynamic_conv import gpu, tpu
 
 BACKENDS = {"gpu": gpu, "tpu": tpu}
@@ -35,14 +36,6 @@ def kernel_module(backend):
 
 def _roundup(n, m):
     return -(-n // m) * m
-
-
-def positions(doc_ids):
-    """[B, T] monotone doc ids -> each token's position in its document (int32)."""
-    B, T = doc_ids.shape
-    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    starts = jnp.concatenate([jnp.ones((B, 1), bool), doc_ids[:, 1:] != doc_ids[:, :-1]], axis=1)
-    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 def final_cache(u, cache, doc_ids, width):
@@ -118,6 +111,6 @@ def _local(u, h, w2, b2, doc_ids, cache, *, backend, interpret):
     b2t = jnp.pad(b2.reshape(D, width).T.astype(jnp.float32), [(0, 0), (0, Dp - D)])
     h = jnp.pad(h.reshape(N, G), [(0, Np - N), (0, Gp - G)])
     u = jnp.pad(u.reshape(N, D), [(kern.PAD, Np - N + kern.PAD), (0, Dp - D)])
-    pos = jnp.pad(positions(doc_ids).reshape(N), [(kern.PAD, Np - N + kern.PAD)])
+    pos = jnp.pad(positions_in_documents(doc_ids).reshape(N), [(kern.PAD, Np - N + kern.PAD)])
     y = _core(h, w2t, b2t, u, pos, backend, interpret)
     return y[:N, :D].reshape(B, Tc, D)[:, Tc - T:]
