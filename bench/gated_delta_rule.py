@@ -85,7 +85,7 @@ def jax_runners(fn, x, do):
 
 def ours(block_v=None):
     if block_v is None:
-        return lambda **x: ops.gated_delta_rule(**x, impl="auto")[0]
+        return lambda **x: ops.gated_delta_rule(**x, impl="pallas_triton")[0]
     return lambda q, k, v, g, beta: triton_gdr.gated_delta_rule(
         q, k, v, g, beta, q.shape[-1] ** -0.5, jnp.zeros((*q.shape[:1], q.shape[2], q.shape[3], v.shape[3]),
                                                           jnp.float32),
@@ -129,8 +129,9 @@ def fla_runners(B, T, H, dk, dv, reps):
     return median_ms(fwd, sync, reps), median_ms(fwdbwd, sync, reps)
 
 
-def profile_kernels(name, reps, warps):
-    """Each kernel of the op alone (bf16, the default dv block) at num_warps in `warps`: where time goes."""
+def profile_kernels(name, reps, warps, block_vs):
+    """Each kernel of the op alone (bf16) at num_warps in `warps` and the default dv block, then the two
+    dv-looping kernels at the other dv blocks in `block_vs`: where time goes."""
     from pallas_kernels.gated_delta_rule import gpu as kern
 
     B, T, H, dk, dv = SHAPES[name]
@@ -138,32 +139,36 @@ def profile_kernels(name, reps, warps):
     q, k, v, g, beta = x.values()
     starts = jnp.zeros((B, T), jnp.float32)
     h0 = jnp.zeros((B, H, dk, dv), jnp.float32)
-    flags = dict(l2norm=True, block_v=triton_gdr.default_block_v(B * H, dv), interpret=False)
+    bv0 = triton_gdr.default_block_v(B * H, dv)
     scale, fd = dk ** -0.5, jnp.bfloat16
-    out = {}
-    for nw in warps:
-        t = kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw)
-        st, fin = kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, num_warps=nw, **flags)
-        dst, _ = kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale, num_warps=nw, **flags)
-        runs = {
+    t = kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd)
+    st, fin = kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, l2norm=True, block_v=bv0)
+    dst, _ = kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale, l2norm=True, block_v=bv0)
+
+    def runs(nw, bv):
+        flags = dict(l2norm=True, block_v=bv, num_warps=nw)
+        return {
             "inverses": lambda: kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw),
-            "chunk_states": lambda: kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, num_warps=nw,
-                                                      **flags),
-            "output": lambda: kern.output(q, k, v, g, beta, starts, t, st, scale=scale, num_warps=nw, **flags),
-            "state_grads": lambda: kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale,
-                                                    num_warps=nw, **flags),
+            "chunk_states": lambda: kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, **flags),
+            "output": lambda: kern.output(q, k, v, g, beta, starts, t, st, scale=scale, **flags),
+            "state_grads": lambda: kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale, **flags),
             "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, st, do, dst, scale=scale,
-                                                    num_warps=nw, **flags),
+                                                    **flags),
         }
-        runs["inverses_tf32"] = lambda: kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw,
-                                                      tf32x3=False)
-        out[f"inverses_tf32_rel_err_w{nw}"] = rel(runs["inverses_tf32"](), t)
-        for kname, fn in runs.items():
+
+    plan = [(nw, bv0, None) for nw in warps]
+    plan += [(nw, bv, ("output", "input_grads")) for bv in block_vs if bv != bv0 for nw in warps]
+    out = {}
+    for nw, bv, only in plan:
+        for kname, fn in runs(nw, bv).items():
+            if only and kname not in only:
+                continue
+            key = f"{kname}_w{nw}_bv{bv}"
             try:
-                out[f"{kname}_w{nw}"] = median_ms(fn, jax.block_until_ready, reps)
+                out[key] = median_ms(fn, jax.block_until_ready, reps)
             except Exception as e:  # noqa: BLE001
-                out[f"{kname}_w{nw}"] = f"{type(e).__name__}: {e}"[:200]
-            print(name, kname, f"num_warps={nw}", out[f"{kname}_w{nw}"], flush=True)
+                out[key] = f"{type(e).__name__}: {e}"[:200]
+            print(name, key, out[key], flush=True)
     return out
 
 
@@ -242,7 +247,7 @@ def main():
     p.add_argument("--block-v", default="32,128", help="other dv-block sizes of the kernels to time")
     p.add_argument("--check", action="store_true", help="run the GPU correctness tests first")
     p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
-                   "(on the first shape)")
+                   "(on the first shape; the dv-looping kernels also at each --block-v)")
     p.add_argument("--out", default="gdr_bench.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)  # dispatch logs the implementation impl="auto" picked
@@ -258,7 +263,7 @@ def main():
     if args.profile_warps:
         warps = [int(w) for w in args.profile_warps.split(",")]
         first = args.shapes.split(",")[0]
-        rows["kernels"] = {first: profile_kernels(first, args.reps, warps)}
+        rows["kernels"] = {first: profile_kernels(first, args.reps, warps, block_vs)}
     for name in args.shapes.split(","):
         rows[name] = bench_shape(name, args.reps, block_vs, args.impls.split(","))
         with open(args.out, "w") as f:

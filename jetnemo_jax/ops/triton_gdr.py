@@ -2,8 +2,8 @@
 `jax.custom_vjp` (compiled through Triton on GPUs, Hopper and Ampere alike; interpreted on CPU for tests).
 
 The kernels read [B, T, H, d] as given and pad T, dk and dv inside with masked loads, and they L2-normalise
-q and k themselves, so this module only turns document ids into start flags, chains the kernels and sums
-the per-dv-block gradient partials. Forward: chunk inverses (parallel), chunk-entry states (serial), output
+q and k themselves, so this module only turns document ids into start flags and chains the kernels.
+Forward: chunk inverses (parallel), chunk-entry states (serial), output
 (parallel). Backward: the states again (recomputed rather than kept from the forward: no activation memory
 in between), state gradients (serial, reverse), input gradients (parallel). The forward saves the chunk
 inverses T (C floats per token and head).
@@ -64,8 +64,7 @@ def _core_bwd(scale, l2norm, block_v, interpret, res, cts):
     dstates, dh0 = kernels.state_grads(q, k, v, g, beta, starts, tinv, do, d_final, scale=scale, **flags)
     dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, states, do, dstates,
                                                 scale=scale, **flags)
-    total = lambda parts, like: jnp.sum(parts, axis=0).astype(like.dtype)
-    return (total(dq, q), total(dk, k), dv, total(dg, g), total(dbeta, beta), None, dh0.astype(h0.dtype))
+    return dq, dk, dv, dg, dbeta, None, dh0.astype(h0.dtype)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -18,9 +18,10 @@ Kernels (fla's pipeline shape, with W, U and V_new recomputed where needed inste
 `chunk_states` (the state entering every chunk and the final state: the serial pass, one program per
 (batch*head, dv block) looping over chunks with the fp32 state in registers and little else per step);
 `output` (parallel over chunks); `state_grads` (the serial reverse pass carrying dS); `input_grads`
-(parallel over chunks). The delta rule is separable over value columns, so dv blocks are independent:
-they add parallelism when B*H is small, and every gradient except dv comes out as one partial per block
-(the caller sums them; the whole backward is linear in the cotangents).
+(parallel over chunks). The delta rule is separable over value columns: the serial passes take one dv
+block per program (parallelism when B*H is small); the parallel kernels take a whole chunk per program
+and loop over its dv blocks, so the key- and chunk-space work (W, Q K^T * D, the inverse's gradient) is
+done once per chunk and every gradient is written once.
 
 Precision: `fast` dots take bf16 operands with fp32 accumulation when the inputs are bf16 (fla's choice:
 q, k, v, T, W, V_new, the states and their gradients rounded to bf16 for the matmul), else `precise`
@@ -40,8 +41,9 @@ from jax.experimental.pallas import triton as plt
 CHUNK = 64
 _F32 = jnp.float32
 # Warps per program: 8 for the serial passes, whose [dk, block_v] fp32 state tiles crowd 4 warps'
-# registers (H100, 2B shape: chunk states 1.21 vs 1.43 ms, state gradients 2.37 vs 4.02 ms); 4 elsewhere.
-NUM_WARPS, SERIAL_WARPS, NUM_STAGES = 4, 8, 2
+# registers (H100, 2B shape: chunk states 1.21 vs 1.43 ms, state gradients 2.37 vs 4.02 ms), and for the
+# input gradients (five accumulators live across the dv loop); 4 elsewhere.
+NUM_WARPS, WIDE_WARPS, NUM_STAGES = 4, 8, 2
 
 
 def padded(d: int) -> int:
@@ -52,8 +54,11 @@ def padded(d: int) -> int:
 class _Dots:
     """Matmuls a @ b with optional transposes, at the kernel's two precisions."""
 
-    def __init__(self, fast_dtype, interpret, tf32x3=True):
+    def __init__(self, fast_dtype, interpret):
         self.fast_dtype = jnp.dtype(fast_dtype)
+        # fp32 accuracy (3xTF32) for fp32 inputs; with bf16 inputs the one precise result (the inverse T) is
+        # rounded to bf16 for every dot that reads it, so one TF32 pass (10-bit mantissa) is enough there.
+        tf32x3 = self.fast_dtype == _F32
         gpu = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if tf32x3 else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
         self.precision = jax.lax.Precision.HIGHEST if interpret else gpu
 
@@ -167,147 +172,177 @@ def _inverse_kernel(k_ref, g_ref, b_ref, st_ref, t_ref, *, heads, T, dk, dkp, l2
     beta = ld.scalars(b_ref, n)
     d, *_, strict = _gates(ld.scalars(g_ref, n), ld.starts(st_ref, n))
     a = jnp.where(strict, beta[:, None] * dots.fast(k, k, tb=True) * d, 0.0)
-    plt.store(t_ref.at[bh, pl.ds(n * CHUNK, CHUNK)], _unit_lower_inverse(a, dots))
+    plt.store(t_ref.at[bh, pl.ds(n * CHUNK, CHUNK)], _unit_lower_inverse(a, dots).astype(t_ref.dtype))
 
 
 class _Program:
-    """Row (b, h) and value columns v0..v0+bv of this program, and the masks of its state tile."""
+    """Row (b, h) of this program and the masked state and value tiles of its dv block at column v0."""
 
-    def __init__(self, bh, iv, heads, T, dk, dv, dkp, bv):
-        self.bh, self.iv, self.b, self.h, self.v0 = bh, iv, bh // heads, bh % heads, iv * bv
+    def __init__(self, bh, heads, T, dk, dv, dkp, bv):
+        self.bh, self.b, self.h = bh, bh // heads, bh % heads
         self.ld = _Chunk(self.b, self.h, T, dk, dv, dkp)
-        self.dkp, self.bv, self.dv = dkp, bv, dv
-        krows, vcols = jnp.arange(dkp, dtype=jnp.int32), self.v0 + jnp.arange(bv, dtype=jnp.int32)
-        self.smask = (krows < dk)[:, None] & (vcols < dv)[None, :]
+        self.dk, self.dkp, self.bv, self.dv = dk, dkp, bv, dv
 
-    def state(self, ref):  # [dkp, bv] of a [B, H, dk, dv] ref
-        return ref.at[self.b, self.h, pl.ds(0, self.dkp), pl.ds(self.v0, self.bv)]
+    def smask(self, v0):
+        krows, vcols = jnp.arange(self.dkp, dtype=jnp.int32), v0 + jnp.arange(self.bv, dtype=jnp.int32)
+        return (krows < self.dk)[:, None] & (vcols < self.dv)[None, :]
 
-    def chunk_state(self, ref, n):  # [dkp, bv] of chunk n in a [BH, N*dkp, dvp] ref
-        return ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(self.v0, self.bv)]
+    def state(self, ref, v0):  # [dkp, bv] of a [B, H, dk, dv] ref
+        return ref.at[self.b, self.h, pl.ds(0, self.dkp), pl.ds(v0, self.bv)]
 
-    def values(self, ref, n):  # [C, bv] of a [B, T, H, dv] ref and its mask
-        return self.ld.tokens(ref, n, self.bv, self.v0, self.dv)
+    def chunk_state(self, ref, n, v0):  # [dkp, bv] of chunk n in a [BH, N*dkp, dvp] ref
+        return plt.load(ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(v0, self.bv)]).astype(_F32)
+
+    def store_chunk_state(self, ref, n, v0, x):
+        plt.store(ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(v0, self.bv)], x.astype(ref.dtype))
+
+    def values(self, ref, n, v0):  # [C, bv] of a [B, T, H, dv] ref and its mask
+        return self.ld.tokens(ref, n, self.bv, v0, self.dv)
+
+    def store_values(self, ref, n, v0, x, mask):
+        plt.store(ref.at[self.b, self.ld.rows(n)[0], self.h, pl.ds(v0, self.bv)], x.astype(ref.dtype), mask=mask)
 
     def tinv(self, ref, n):
-        return plt.load(ref.at[self.bh, pl.ds(n * CHUNK, CHUNK)])
+        return plt.load(ref.at[self.bh, pl.ds(n * CHUNK, CHUNK)]).astype(_F32)
 
 
-def _v_new(t, k, v, beta, e, s, dots):
-    """W = T diag(beta e) K and V_new = T diag(beta) V - W S."""
-    w = dots.fast(t, (beta * e)[:, None] * k)
-    return w, dots.fast(t, beta[:, None] * v) - dots.fast(w, s)
+def _v_new(t, w, v, beta, s, dots):
+    """V_new = T diag(beta) V - W S for one dv block, W = T diag(beta e) K given."""
+    return dots.fast(t, beta[:, None] * v) - dots.fast(w, s)
 
 
 def _states_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, h0_ref, t_ref, states_ref, final_ref, *, heads, T,
                    dk, dv, dkp, bv, n_chunks, l2norm, dots):
     """Serial pass: the state entering every chunk (stored) and the final state."""
-    p = _Program(pl.program_id(0), pl.program_id(1), heads, T, dk, dv, dkp, bv)
+    p, v0 = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv), pl.program_id(1) * bv
 
     def body(n, s):
-        plt.store(p.chunk_state(states_ref, n), s.astype(states_ref.dtype))
+        p.store_chunk_state(states_ref, n, v0, s)
         k, _, _ = p.ld.key(k_ref, n, l2norm)
-        v, _ = p.values(v_ref, n)
+        v, _ = p.values(v_ref, n, v0)
         beta = p.ld.scalars(b_ref, n)
         e, d_last, e_last = _state_gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
-        _, v_new = _v_new(p.tinv(t_ref, n), k, v, beta, e, s, dots)
+        t = p.tinv(t_ref, n)
+        v_new = _v_new(t, dots.fast(t, (beta * e)[:, None] * k), v, beta, s, dots)
         return e_last * s + dots.fast(d_last[:, None] * k, v_new, ta=True)
 
-    s = jax.lax.fori_loop(0, n_chunks, body, plt.load(p.state(h0_ref), mask=p.smask, other=0.0))
-    plt.store(p.state(final_ref), s, mask=p.smask)
+    smask = p.smask(v0)
+    s = jax.lax.fori_loop(0, n_chunks, body, plt.load(p.state(h0_ref, v0), mask=smask, other=0.0))
+    plt.store(p.state(final_ref, v0), s, mask=smask)
 
 
 def _output_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, states_ref, o_ref, *, heads, T, dk, dv,
-                   dkp, bv, scale, l2norm, dots):
-    """Parallel over chunks: O = scale (diag(e) Q S + (Q K^T * D) V_new) from the chunk's entering state."""
+                   dkp, bv, n_blocks, scale, l2norm, dots):
+    """Parallel over chunks: O = scale (diag(e) Q S + (Q K^T * D) V_new) from the chunk's entering state.
+    One program per chunk loops over the dv blocks, so W and Q K^T * D are formed once."""
     n = pl.program_id(1)
-    p = _Program(pl.program_id(0), pl.program_id(2), heads, T, dk, dv, dkp, bv)
-    s = plt.load(p.chunk_state(states_ref, n)).astype(_F32)
+    p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     q, _, _ = p.ld.key(q_ref, n, l2norm)
     k, _, _ = p.ld.key(k_ref, n, l2norm)
-    v, vmask = p.values(v_ref, n)
     beta = p.ld.scalars(b_ref, n)
     d, e, _, _, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
-    _, v_new = _v_new(p.tinv(t_ref, n), k, v, beta, e, s, dots)
-    o = dots.fast(e[:, None] * q, s) + dots.fast(dots.fast(q, k, tb=True) * d, v_new)
-    plt.store(o_ref.at[p.b, p.ld.rows(n)[0], p.h, pl.ds(p.v0, bv)], (scale * o).astype(o_ref.dtype), mask=vmask)
+    t = p.tinv(t_ref, n)
+    w = dots.fast(t, (beta * e)[:, None] * k)
+    qkd = dots.fast(q, k, tb=True) * d
+    eq = (scale * e)[:, None] * q
+
+    def block(i, carry):
+        v0 = i * bv
+        s = p.chunk_state(states_ref, n, v0)
+        v, vmask = p.values(v_ref, n, v0)
+        o = dots.fast(eq, s) + scale * dots.fast(qkd, _v_new(t, w, v, beta, s, dots))
+        p.store_values(o_ref, n, v0, o, vmask)
+        return carry
+
+    jax.lax.fori_loop(0, n_blocks, block, 0)
 
 
 def _dstates_kernel(q_ref, k_ref, g_ref, b_ref, st_ref, t_ref, do_ref, dfin_ref, dstates_ref, dh0_ref, *,
                     heads, T, dk, dv, dkp, bv, n_chunks, scale, l2norm, dots):
     """Serial reverse pass: the gradient of the state leaving every chunk (stored) and of h0:
     dS <- e_C dS + scale (diag(e) Q)^T dO - W^T dV_new, dV_new = scale (QK^T * D)^T dO + diag(D_C:) K dS."""
-    p = _Program(pl.program_id(0), pl.program_id(1), heads, T, dk, dv, dkp, bv)
+    p, v0 = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv), pl.program_id(1) * bv
 
     def body(i, ds):
         n = n_chunks - 1 - i
-        plt.store(p.chunk_state(dstates_ref, n), ds.astype(dstates_ref.dtype))
+        p.store_chunk_state(dstates_ref, n, v0, ds)
         q, _, _ = p.ld.key(q_ref, n, l2norm)
         k, _, _ = p.ld.key(k_ref, n, l2norm)
-        do, _ = p.values(do_ref, n)
+        do, _ = p.values(do_ref, n, v0)
         beta = p.ld.scalars(b_ref, n)
         d, e, d_last, e_last, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
         w = dots.fast(p.tinv(t_ref, n), (beta * e)[:, None] * k)
         dv_new = scale * dots.fast(dots.fast(q, k, tb=True) * d, do, ta=True) + dots.fast(d_last[:, None] * k, ds)
         return e_last * ds + scale * dots.fast(e[:, None] * q, do, ta=True) - dots.fast(w, dv_new, ta=True)
 
-    ds = jax.lax.fori_loop(0, n_chunks, body, plt.load(p.state(dfin_ref), mask=p.smask, other=0.0))
-    plt.store(p.state(dh0_ref), ds, mask=p.smask)
+    smask = p.smask(v0)
+    ds = jax.lax.fori_loop(0, n_chunks, body, plt.load(p.state(dfin_ref, v0), mask=smask, other=0.0))
+    plt.store(p.state(dh0_ref, v0), ds, mask=smask)
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_ref, ds_ref,
-                  dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, scale, l2norm, dots):
+                  dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, n_blocks, scale, l2norm,
+                  dots):
     """Parallel over chunks: every input gradient of one chunk from its entering state S and the gradient
-    dS of its leaving state; dq, dk, dg, dbeta are this dv block's partials."""
+    dS of its leaving state. One program per chunk: a loop over the dv blocks writes dv and accumulates the
+    sums over value columns (dO S^T, dO V_new^T, V_new dS^T, dV_new S^T, dV_new (beta V)^T); the key- and
+    chunk-space rest (through T, the gates and the L2 norm) runs once after it."""
     n = pl.program_id(1)
-    p = _Program(pl.program_id(0), pl.program_id(2), heads, T, dk, dv, dkp, bv)
+    p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     fast = dots.fast
-    # Ordered so that few [C, dk] tiles are live at once (they cost 64 registers a thread each at 4 warps).
     k, rk_norm, kmask = p.ld.key(k_ref, n, l2norm)
-    v, vmask = p.values(v_ref, n)
-    do, _ = p.values(do_ref, n)
+    q, rq, _ = p.ld.key(q_ref, n, l2norm)
     beta = p.ld.scalars(b_ref, n)
     d, e, d_last, e_last, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
     t = p.tinv(t_ref, n)
-    s = plt.load(p.chunk_state(s_ref, n)).astype(_F32)
-    ds = plt.load(p.chunk_state(ds_ref, n)).astype(_F32)
-    rk, rv = (beta * e)[:, None] * k, beta[:, None] * v
-    _, v_new = _v_new(t, k, v, beta, e, s, dots)
-    kk = fast(k, k, tb=True)
-    q, rq, _ = p.ld.key(q_ref, n, l2norm)
+    rk = (beta * e)[:, None] * k
+    w = fast(t, rk)
     qk = fast(q, k, tb=True)
+    qkd, kd = qk * d, d_last[:, None] * k
 
-    # Output terms: dq is complete here and leaves first.
-    dp = scale * fast(do, v_new, tb=True)  # gradient of P = QK^T * D
+    def block(i, acc):
+        dos, dp, dkd, dws, dtv, de_last, dbeta_v = acc
+        v0 = i * bv
+        s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
+        v, vmask = p.values(v_ref, n, v0)
+        do, _ = p.values(do_ref, n, v0)
+        rv = beta[:, None] * v
+        v_new = fast(t, rv) - fast(w, s)
+        dv_new = scale * fast(qkd, do, ta=True) + fast(kd, ds)
+        drv = fast(t, dv_new, ta=True)
+        p.store_values(dv_ref, n, v0, beta[:, None] * drv, vmask)
+        return (dos + fast(do, s, tb=True), dp + fast(do, v_new, tb=True), dkd + fast(v_new, ds, tb=True),
+                dws + fast(dv_new, s, tb=True), dtv + fast(dv_new, rv, tb=True), de_last + jnp.sum(s * ds),
+                dbeta_v + jnp.sum(drv * v, axis=1))
+
+    ck, cc, c1 = jnp.zeros((CHUNK, dkp), _F32), jnp.zeros((CHUNK, CHUNK), _F32), jnp.zeros((CHUNK,), _F32)
+    dos, dp, dkd, dws, dtv, de_last, dbeta = jax.lax.fori_loop(
+        0, n_blocks, block, (ck, cc, ck, ck, cc, jnp.float32(0.0), c1))
+
+    # Output terms.
+    dp = scale * dp  # gradient of P = QK^T * D
     dqk = dp * d
-    dq = scale * e[:, None] * fast(do, s, tb=True) + fast(dqk, k)
-    if l2norm:  # d/dx of x / |x| (linear in the cotangent, so per-block partials still add up)
+    dq = (scale * e)[:, None] * dos + fast(dqk, k)
+    de = scale * jnp.sum(q * dos, axis=1)
+    if l2norm:  # d/dx of x / |x|
         dq = rq[:, None] * (dq - q * jnp.sum(dq * q, axis=1)[:, None])
     rows, ok = p.ld.rows(n)
-    plt.store(dq_ref.at[p.iv, p.b, rows, p.h, pl.ds(0, dkp)], dq, mask=kmask)
-    dk_ = fast(dqk, q, ta=True)
-    de = scale * jnp.sum(do * fast(q, s), axis=1)
+    plt.store(dq_ref.at[p.b, rows, p.h, pl.ds(0, dkp)], dq.astype(dq_ref.dtype), mask=kmask)
+    dk_ = fast(dqk, q, ta=True) + d_last[:, None] * dkd
     dd = dp * qk
-
-    # State-update terms.
-    dv_new = scale * fast(qk * d, do, ta=True) + fast(d_last[:, None] * k, ds)
-    dkd = fast(v_new, ds, tb=True)  # gradient of diag(d_last) K
-    dk_ = dk_ + d_last[:, None] * dkd
     dd_last = jnp.sum(dkd * k, axis=1)
-    de_last = jnp.sum(s * ds)
 
-    # Through W = T Rk, U = T Rv and V_new = U - W S.
-    dw = -fast(dv_new, s, tb=True)
-    dt = fast(dw, rk, tb=True) + fast(dv_new, rv, tb=True)
+    # Through W = T Rk and V_new = U - W S (U's part of dT, dtv, and dv came out of the loop).
+    dw = -dws
+    dt = fast(dw, rk, tb=True) + dtv
     drk = fast(t, dw, ta=True)
-    drv = fast(t, dv_new, ta=True)
-    plt.store(dv_ref.at[p.b, rows, p.h, pl.ds(p.v0, bv)], (beta[:, None] * drv).astype(dv_ref.dtype), mask=vmask)
     dk_ = dk_ + (beta * e)[:, None] * drk
     drk_k = jnp.sum(drk * k, axis=1)
-    dbeta = e * drk_k + jnp.sum(drv * v, axis=1)
+    dbeta = dbeta + e * drk_k
     de = de + beta * drk_k
 
     # Through T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part, A = beta_i (k_i.k_j) D_ij.
+    kk = fast(k, k, tb=True)
     da = jnp.where(strict, -fast(t, fast(dt, t, tb=True), ta=True), 0.0)
     dbeta = dbeta + jnp.sum(da * kk * d, axis=1)
     dkk = da * beta[:, None] * d
@@ -323,9 +358,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_re
 
     if l2norm:
         dk_ = rk_norm[:, None] * (dk_ - k * jnp.sum(dk_ * k, axis=1)[:, None])
-    plt.store(dk_ref.at[p.iv, p.b, rows, p.h, pl.ds(0, dkp)], dk_, mask=kmask)
-    plt.store(dg_ref.at[p.iv, p.b, rows, p.h], dg, mask=ok)
-    plt.store(db_ref.at[p.iv, p.b, rows, p.h], dbeta, mask=ok)
+    plt.store(dk_ref.at[p.b, rows, p.h, pl.ds(0, dkp)], dk_.astype(dk_ref.dtype), mask=kmask)
+    plt.store(dg_ref.at[p.b, rows, p.h], dg.astype(dg_ref.dtype), mask=ok)
+    plt.store(db_ref.at[p.b, rows, p.h], dbeta.astype(db_ref.dtype), mask=ok)
 
 
 def _dims(q, v, block_v):
@@ -350,28 +385,27 @@ def _call(kernel, grid, out_shape, interpret, num_warps, fast_dtype, *args):
                           compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=stages))(*args)
 
 
-def _kernel(fn, m, fast_dtype, interpret, tf32x3=True, **static):
+def _kernel(fn, m, fast_dtype, interpret, **static):
     return functools.partial(fn, heads=m["H"], T=m["T"], dk=m["dk"], dkp=m["dkp"],
-                             dots=_Dots(fast_dtype, interpret, tf32x3), **static)
+                             dots=_Dots(fast_dtype, interpret), **static)
 
 
 _STATIC = ("l2norm", "block_v", "interpret", "num_warps")
 
 
-@functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", "interpret", "num_warps", "tf32x3"))
-def inverses(k, g, beta, starts, *, l2norm, fast_dtype, interpret=False, num_warps=NUM_WARPS, tf32x3=True):
-    """T of every chunk, [B*H, N*C, C] float32 (chunk n in rows n*C..). `tf32x3=False`: the inverse's
-    matmuls in one TF32 pass (bench only: 10-bit mantissas)."""
+@functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", "interpret", "num_warps"))
+def inverses(k, g, beta, starts, *, l2norm, fast_dtype, interpret=False, num_warps=NUM_WARPS):
+    """T of every chunk, [B*H, N*C, C] in `fast_dtype` (what the fast dots round it to; chunk n in rows
+    n*C..)."""
     m = _dims(k, k, CHUNK)
-    kernel = _kernel(_inverse_kernel, m, fast_dtype, interpret, tf32x3, l2norm=l2norm)
-    return _call(kernel, (m["B"] * m["H"], m["N"]), jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * CHUNK, CHUNK),
-                                                                        _F32),
-                 interpret, num_warps, fast_dtype, k, g, beta, starts)
+    kernel = _kernel(_inverse_kernel, m, fast_dtype, interpret, l2norm=l2norm)
+    out_shape = jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * CHUNK, CHUNK), fast_dtype)
+    return _call(kernel, (m["B"] * m["H"], m["N"]), out_shape, interpret, num_warps, fast_dtype, k, g, beta, starts)
 
 
 @functools.partial(jax.jit, static_argnames=("fast_dtype", *_STATIC))
 def chunk_states(k, v, g, beta, starts, h0, tinv, *, l2norm, fast_dtype, block_v=64, interpret=False,
-                 num_warps=SERIAL_WARPS):
+                 num_warps=WIDE_WARPS):
     """(the state entering every chunk [B*H, N*dkp, dvp] (chunk n in rows n*dkp..), in `fast_dtype` (what
     the fast dots round it to anyway); the final state [B, H, dk, dv] float32)."""
     m = _dims(k, v, block_v)
@@ -389,14 +423,15 @@ def output(q, k, v, g, beta, starts, tinv, states, *, scale, l2norm, block_v=64,
     """o [B, T, H, dv] in v's dtype from `inverses` and `chunk_states`."""
     m = _dims(q, v, block_v)
     fast_dtype = dot_dtype(q, k, v)
-    kernel = _kernel(_output_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], scale=scale, l2norm=l2norm)
-    return _call(kernel, (m["B"] * m["H"], m["N"], m["nv"]), jax.ShapeDtypeStruct(v.shape, v.dtype), interpret,
+    kernel = _kernel(_output_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], n_blocks=m["nv"],
+                     scale=scale, l2norm=l2norm)
+    return _call(kernel, (m["B"] * m["H"], m["N"]), jax.ShapeDtypeStruct(v.shape, v.dtype), interpret,
                  num_warps, fast_dtype, q, k, v, g, beta, starts, tinv, states)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", *_STATIC))
 def state_grads(q, k, v, g, beta, starts, tinv, do, d_final, *, scale, l2norm, block_v=64, interpret=False,
-                num_warps=SERIAL_WARPS):
+                num_warps=WIDE_WARPS):
     """(the gradient of the state leaving every chunk, laid out as `chunk_states`; dh0 [B, H, dk, dv]
     float32) from do [B, T, H, dv] and the final-state cotangent d_final [B, H, dk, dv]."""
     m = _dims(q, v, block_v)
@@ -411,14 +446,12 @@ def state_grads(q, k, v, g, beta, starts, tinv, do, d_final, *, scale, l2norm, b
 
 @functools.partial(jax.jit, static_argnames=("scale", *_STATIC))
 def input_grads(q, k, v, g, beta, starts, tinv, states, do, dstates, *, scale, l2norm, block_v=64,
-                interpret=False, num_warps=NUM_WARPS):
-    """(dq, dk, dv, dg, dbeta): dv in v's dtype, the others float32 partials with a leading dv-block axis
-    (sum it), from `chunk_states` and `state_grads`."""
+                interpret=False, num_warps=WIDE_WARPS):
+    """(dq, dk, dv, dg, dbeta), each in its input's dtype, from `chunk_states` and `state_grads`."""
     m = _dims(q, v, block_v)
     fast_dtype = dot_dtype(q, k, v)
-    kernel = _kernel(_grads_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], scale=scale, l2norm=l2norm)
-    part = lambda shape: jax.ShapeDtypeStruct((m["nv"], *shape), _F32)
-    out_shape = [part(q.shape), part(k.shape), jax.ShapeDtypeStruct(v.shape, v.dtype), part(g.shape),
-                 part(beta.shape)]
-    return tuple(_call(kernel, (m["B"] * m["H"], m["N"], m["nv"]), out_shape, interpret, num_warps, fast_dtype,
+    kernel = _kernel(_grads_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], n_blocks=m["nv"],
+                     scale=scale, l2norm=l2norm)
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g, beta)]
+    return tuple(_call(kernel, (m["B"] * m["H"], m["N"]), out_shape, interpret, num_warps, fast_dtype,
                        q, k, v, g, beta, starts, tinv, states, do, dstates))
