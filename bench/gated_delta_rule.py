@@ -130,8 +130,8 @@ def fla_runners(B, T, H, dk, dv, reps):
 
 
 def profile_kernels(name, reps, warps, block_vs):
-    """Each kernel of the op alone (bf16) at num_warps in `warps` and the default dv block, then the two
-    dv-looping kernels at the other dv blocks in `block_vs`: where time goes."""
+    """Each kernel of the op alone (bf16) at num_warps in `warps` and the default dv block, then the
+    dv-looping ones at the other dv blocks in `block_vs`: where time goes."""
     from pallas_kernels.gated_delta_rule import gpu as kern
 
     B, T, H, dk, dv = SHAPES[name]
@@ -141,23 +141,28 @@ def profile_kernels(name, reps, warps, block_vs):
     h0 = jnp.zeros((B, H, dk, dv), jnp.float32)
     bv0 = triton_gdr.default_block_v(B * H, dv)
     scale, fd = dk ** -0.5, jnp.bfloat16
-    t = kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd)
-    st, fin = kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, l2norm=True, block_v=bv0)
-    dst, _ = kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale, l2norm=True, block_v=bv0)
+    t, w, u, kd, e = kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, block_v=bv0)
+    st, fin = kern.chunk_states(w, u, kd, e, h0, block_v=bv0)
+    _, _, _, _, eq, dvl = kern.prepare_backward(q, k, v, g, beta, starts, t, do, scale=scale, l2norm=True,
+                                                block_v=bv0)
+    dst, _ = kern.state_grads(w, kd, e, eq, dvl, do, fin, block_v=bv0)
 
     def runs(nw, bv):
-        flags = dict(l2norm=True, block_v=bv, num_warps=nw)
+        flags = dict(block_v=bv, num_warps=nw)
         return {
-            "inverses": lambda: kern.inverses(k, g, beta, starts, l2norm=True, fast_dtype=fd, num_warps=nw),
-            "chunk_states": lambda: kern.chunk_states(k, v, g, beta, starts, h0, t, fast_dtype=fd, **flags),
-            "output": lambda: kern.output(q, k, v, g, beta, starts, t, st, scale=scale, **flags),
-            "state_grads": lambda: kern.state_grads(q, k, v, g, beta, starts, t, do, fin, scale=scale, **flags),
-            "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, st, do, dst, scale=scale,
-                                                    **flags),
+            "prepare": lambda: kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, **flags),
+            "prepare_backward": lambda: kern.prepare_backward(q, k, v, g, beta, starts, t, do, scale=scale,
+                                                              l2norm=True, **flags),
+            "chunk_states": lambda: kern.chunk_states(w, u, kd, e, h0, **flags),
+            "output": lambda: kern.output(q, k, v, g, starts, w, u, st, scale=scale, l2norm=True, **flags),
+            "state_grads": lambda: kern.state_grads(w, kd, e, eq, dvl, do, fin, **flags),
+            "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, w, u, dvl, st, do, dst,
+                                                    scale=scale, l2norm=True, **flags),
         }
 
     plan = [(nw, bv0, None) for nw in warps]
-    plan += [(nw, bv, ("output", "input_grads")) for bv in block_vs if bv != bv0 for nw in warps]
+    plan += [(nw, bv, ("prepare", "prepare_backward", "output", "input_grads")) for bv in block_vs if bv != bv0
+             for nw in warps]
     out = {}
     for nw, bv, only in plan:
         for kname, fn in runs(nw, bv).items():

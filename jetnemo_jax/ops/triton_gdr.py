@@ -3,10 +3,10 @@
 
 The kernels read [B, T, H, d] as given and pad T, dk and dv inside with masked loads, and they L2-normalise
 q and k themselves, so this module only turns document ids into start flags and chains the kernels.
-Forward: chunk inverses (parallel), chunk-entry states (serial), output
-(parallel). Backward: the states again (recomputed rather than kept from the forward: no activation memory
-in between), state gradients (serial, reverse), input gradients (parallel). The forward saves the chunk
-inverses T (C floats per token and head).
+Forward: `prepare` (T, W, U, KD per chunk; parallel), chunk-entry states (serial), output (parallel).
+Backward: `prepare_backward` from the saved T, the states again (recomputed rather than kept from the
+forward: no activation memory in between), state gradients (serial, reverse), input gradients (parallel).
+The forward saves only the chunk inverses T (C bf16 values per token and head for bf16 inputs).
 On a mesh the op runs inside `jax.shard_map` like the TPU kernels (`pallas_gdr.shard_over_mesh`).
 """
 
@@ -47,10 +47,10 @@ def _core(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
 
 def _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
     fast_dtype = kernels.dot_dtype(q, k, v)
-    tinv = kernels.inverses(k, g, beta, starts, l2norm=l2norm, fast_dtype=fast_dtype, interpret=interpret)
-    flags = dict(l2norm=l2norm, block_v=block_v, interpret=interpret)
-    states, final = kernels.chunk_states(k, v, g, beta, starts, h0, tinv, fast_dtype=fast_dtype, **flags)
-    o = kernels.output(q, k, v, g, beta, starts, tinv, states, scale=scale, **flags)
+    flags = dict(block_v=block_v, interpret=interpret)
+    tinv, w, u, kd, e = kernels.prepare(k, v, g, beta, starts, l2norm=l2norm, fast_dtype=fast_dtype, **flags)
+    states, final = kernels.chunk_states(w, u, kd, e, h0, **flags)
+    o = kernels.output(q, k, v, g, starts, w, u, states, scale=scale, l2norm=l2norm, **flags)
     return (o, final), (q, k, v, g, beta, starts, h0, tinv)
 
 
@@ -58,12 +58,13 @@ def _core_bwd(scale, l2norm, block_v, interpret, res, cts):
     q, k, v, g, beta, starts, h0, tinv = res
     do, d_final = cts
     do = do.astype(v.dtype)
-    flags = dict(l2norm=l2norm, block_v=block_v, interpret=interpret)
-    states, _ = kernels.chunk_states(k, v, g, beta, starts, h0, tinv, fast_dtype=kernels.dot_dtype(q, k, v),
-                                     **flags)
-    dstates, dh0 = kernels.state_grads(q, k, v, g, beta, starts, tinv, do, d_final, scale=scale, **flags)
-    dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, states, do, dstates,
-                                                scale=scale, **flags)
+    flags = dict(block_v=block_v, interpret=interpret)
+    w, u, kd, e, eq, dvl = kernels.prepare_backward(q, k, v, g, beta, starts, tinv, do, scale=scale,
+                                                    l2norm=l2norm, **flags)
+    states, _ = kernels.chunk_states(w, u, kd, e, h0, **flags)
+    dstates, dh0 = kernels.state_grads(w, kd, e, eq, dvl, do, d_final, **flags)
+    dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, w, u, dvl, states, do, dstates,
+                                                scale=scale, l2norm=l2norm, **flags)
     return dq, dk, dv, dg, dbeta, None, dh0.astype(h0.dtype)
 
 

@@ -13,18 +13,19 @@ Per chunk (see shared/spec/gated_delta_rule.md; jetnemo_jax/ops/chunked.py is th
   T = (I + strict_lower(beta_i k_i.k_j D_ij))^-1;  W = T diag(beta e) K;  U = T diag(beta) V;
   V_new = U - W S;  O = scale (diag(e) Q S + (Q K^T * D) V_new);  S' = e_C S + (diag(D_C:) K)^T V_new.
 
-Kernels (fla's pipeline shape, with W, U and V_new recomputed where needed instead of stored):
-`inverses` (T of every chunk, parallel over chunks: the only chunk quantity saved for the backward);
+Kernels (fla's pipeline shape): `prepare` (parallel over chunks: T, and W, U, KD = diag(D_C:) K and e
+stored chunk-major so that a serial step is two dots; T is all the forward keeps for the backward);
 `chunk_states` (the state entering every chunk and the final state: the serial pass, one program per
-(batch*head, dv block) looping over chunks with the fp32 state in registers and little else per step);
-`output` (parallel over chunks); `state_grads` (the serial reverse pass carrying dS); `input_grads`
-(parallel over chunks). The delta rule is separable over value columns: the serial passes take one dv
-block per program (parallelism when B*H is small); the parallel kernels take a whole chunk per program
-and loop over its dv blocks, so the key- and chunk-space work (W, Q K^T * D, the inverse's gradient) is
+(batch*head, dv block) looping over chunks with the fp32 state in registers); `output` (parallel over
+chunks). Backward: `prepare_backward` (W, U, KD, e again from T, plus EQ = scale diag(e) Q and
+DVL = scale (Q K^T * D)^T dO), `chunk_states` again, `state_grads` (the serial reverse pass carrying dS,
+three dots a step) and `input_grads` (parallel over chunks). The delta rule is separable over value
+columns: the serial passes take one dv block per program (parallelism when B*H is small); the parallel
+kernels take a whole chunk per program and loop over its dv blocks, so the key- and chunk-space work is
 done once per chunk and every gradient is written once.
 
 Precision: `fast` dots take bf16 operands with fp32 accumulation when the inputs are bf16 (fla's choice:
-q, k, v, T, W, V_new, the states and their gradients rounded to bf16 for the matmul), else `precise`
+q, k, v, T, W, U, V_new, the states and their gradients rounded to bf16, and stored so), else `precise`
 ones; `precise` dots (the inverse, and everything for fp32 inputs) are IEEE fp32 in interpret mode and
 3xTF32 on the GPU (fp32 accuracy on the tensor cores).
 """
@@ -95,11 +96,14 @@ class _Chunk:
         t = n * CHUNK + jnp.arange(CHUNK, dtype=jnp.int32)
         return pl.ds(n * CHUNK, CHUNK), t < self.T
 
-    def tokens(self, ref, n, width, start, true_width):
-        """[C, width] slice of a [B, T, H, d] ref: columns start..start+width, zero outside."""
+    def mask(self, n, width, start, true_width):
         rows, ok = self.rows(n)
         cols = start + jnp.arange(width, dtype=jnp.int32)
-        mask = ok[:, None] & (cols < true_width)[None, :]
+        return rows, ok[:, None] & (cols < true_width)[None, :]
+
+    def tokens(self, ref, n, width, start, true_width):
+        """[C, width] slice of a [B, T, H, d] ref: columns start..start+width, zero outside."""
+        rows, mask = self.mask(n, width, start, true_width)
         ref = ref.at[self.b, rows, self.h, pl.ds(start, width)]
         return plt.load(ref, mask=mask, other=0.0).astype(_F32), mask
 
@@ -165,18 +169,9 @@ def _rev_cumsum(x, axis=0):  # inclusive sums from the end (Triton lowers forwar
     return jnp.sum(x, axis=axis, keepdims=True) - jnp.cumsum(x, axis=axis) + x
 
 
-def _inverse_kernel(k_ref, g_ref, b_ref, st_ref, t_ref, *, heads, T, dk, dkp, l2norm, dots):
-    bh, n = pl.program_id(0), pl.program_id(1)
-    ld = _Chunk(bh // heads, bh % heads, T, dk, 0, dkp)
-    k, _, _ = ld.key(k_ref, n, l2norm)
-    beta = ld.scalars(b_ref, n)
-    d, *_, strict = _gates(ld.scalars(g_ref, n), ld.starts(st_ref, n))
-    a = jnp.where(strict, beta[:, None] * dots.fast(k, k, tb=True) * d, 0.0)
-    plt.store(t_ref.at[bh, pl.ds(n * CHUNK, CHUNK)], _unit_lower_inverse(a, dots).astype(t_ref.dtype))
-
-
 class _Program:
-    """Row (b, h) of this program and the masked state and value tiles of its dv block at column v0."""
+    """Row (b, h) of this program, its chunk-major tiles (T, W, U, ...: [BH, N*C, width] refs, chunk n in
+    rows n*C..) and the masked state and value tiles of a dv block at column v0."""
 
     def __init__(self, bh, heads, T, dk, dv, dkp, bv):
         self.bh, self.b, self.h = bh, bh // heads, bh % heads
@@ -199,88 +194,119 @@ class _Program:
     def values(self, ref, n, v0):  # [C, bv] of a [B, T, H, dv] ref and its mask
         return self.ld.tokens(ref, n, self.bv, v0, self.dv)
 
-    def store_values(self, ref, n, v0, x, mask):
-        plt.store(ref.at[self.b, self.ld.rows(n)[0], self.h, pl.ds(v0, self.bv)], x.astype(ref.dtype), mask=mask)
+    def store_values(self, ref, n, v0, x):
+        rows, mask = self.ld.mask(n, self.bv, v0, self.dv)
+        plt.store(ref.at[self.b, rows, self.h, pl.ds(v0, self.bv)], x.astype(ref.dtype), mask=mask)
 
-    def tinv(self, ref, n):
-        return plt.load(ref.at[self.bh, pl.ds(n * CHUNK, CHUNK)]).astype(_F32)
+    def tile(self, ref, n, c0=0, width=None):  # [C, width] of a chunk-major ref
+        width = ref.shape[-1] if width is None else width
+        return plt.load(ref.at[self.bh, pl.ds(n * CHUNK, CHUNK), pl.ds(c0, width)]).astype(_F32)
+
+    def store_tile(self, ref, n, x, c0=0):
+        plt.store(ref.at[self.bh, pl.ds(n * CHUNK, CHUNK), pl.ds(c0, x.shape[-1])], x.astype(ref.dtype))
+
+    def e_last(self, e_ref, n):  # e's last entry in chunk n of a [BH, N*C] ref
+        e = plt.load(e_ref.at[self.bh, pl.ds(n * CHUNK, CHUNK)])
+        return jnp.sum(jnp.where(jnp.arange(CHUNK, dtype=jnp.int32) == CHUNK - 1, e, 0.0))
 
 
-def _v_new(t, w, v, beta, s, dots):
-    """V_new = T diag(beta) V - W S for one dv block, W = T diag(beta e) K given."""
-    return dots.fast(t, beta[:, None] * v) - dots.fast(w, s)
+def _prepare_kernel(*refs, backward, heads, T, dk, dv, dkp, bv, n_blocks, scale, l2norm, dots):
+    """Parallel over chunks: what the serial passes read, so that a serial step is two (forward) or three
+    (backward) dots: W = T diag(beta e) K, U = T diag(beta) V, KD = diag(D_C:) K and e; the forward also
+    forms T = (I + A)^-1 (kept for the backward), the backward reads T and adds EQ = scale diag(e) Q and
+    DVL = scale (Q K^T * D)^T dO (dV_new's part that does not flow through the state)."""
+    if backward:
+        q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, do_ref, w_ref, u_ref, kd_ref, e_ref, eq_ref, dvl_ref = refs
+    else:
+        k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref, kd_ref, e_ref = refs
+    n = pl.program_id(1)
+    p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
+    k, _, _ = p.ld.key(k_ref, n, l2norm)
+    beta = p.ld.scalars(b_ref, n)
+    d, e, d_last, _, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+    if backward:
+        t = p.tile(t_ref, n)
+        q, _, _ = p.ld.key(q_ref, n, l2norm)
+        p.store_tile(eq_ref, n, (scale * e)[:, None] * q)
+        qkd = dots.fast(q, k, tb=True) * d
+    else:
+        t = _unit_lower_inverse(jnp.where(strict, beta[:, None] * dots.fast(k, k, tb=True) * d, 0.0), dots)
+        p.store_tile(t_ref, n, t)
+    p.store_tile(w_ref, n, dots.fast(t, (beta * e)[:, None] * k))
+    p.store_tile(kd_ref, n, d_last[:, None] * k)
+    plt.store(e_ref.at[p.bh, pl.ds(n * CHUNK, CHUNK)], e)
+
+    def block(i, carry):
+        v0 = i * bv
+        v, _ = p.values(v_ref, n, v0)
+        p.store_tile(u_ref, n, dots.fast(t, beta[:, None] * v), v0)
+        if backward:
+            do, _ = p.values(do_ref, n, v0)
+            p.store_tile(dvl_ref, n, scale * dots.fast(qkd, do, ta=True), v0)
+        return carry
+
+    jax.lax.fori_loop(0, n_blocks, block, 0)
 
 
-def _states_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, h0_ref, t_ref, states_ref, final_ref, *, heads, T,
-                   dk, dv, dkp, bv, n_chunks, l2norm, dots):
-    """Serial pass: the state entering every chunk (stored) and the final state."""
+def _states_kernel(w_ref, u_ref, kd_ref, e_ref, h0_ref, states_ref, final_ref, *, heads, T, dk, dv, dkp, bv,
+                   n_chunks, dots):
+    """Serial pass: the state entering every chunk (stored) and the final state;
+    V_new = U - W S, S' = e_C S + KD^T V_new."""
     p, v0 = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv), pl.program_id(1) * bv
 
     def body(n, s):
         p.store_chunk_state(states_ref, n, v0, s)
-        k, _, _ = p.ld.key(k_ref, n, l2norm)
-        v, _ = p.values(v_ref, n, v0)
-        beta = p.ld.scalars(b_ref, n)
-        e, d_last, e_last = _state_gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
-        t = p.tinv(t_ref, n)
-        v_new = _v_new(t, dots.fast(t, (beta * e)[:, None] * k), v, beta, s, dots)
-        return e_last * s + dots.fast(d_last[:, None] * k, v_new, ta=True)
+        v_new = p.tile(u_ref, n, v0, bv) - dots.fast(p.tile(w_ref, n), s)
+        return p.e_last(e_ref, n) * s + dots.fast(p.tile(kd_ref, n), v_new, ta=True)
 
     smask = p.smask(v0)
     s = jax.lax.fori_loop(0, n_chunks, body, plt.load(p.state(h0_ref, v0), mask=smask, other=0.0))
     plt.store(p.state(final_ref, v0), s, mask=smask)
 
 
-def _output_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, states_ref, o_ref, *, heads, T, dk, dv,
-                   dkp, bv, n_blocks, scale, l2norm, dots):
-    """Parallel over chunks: O = scale (diag(e) Q S + (Q K^T * D) V_new) from the chunk's entering state.
-    One program per chunk loops over the dv blocks, so W and Q K^T * D are formed once."""
+def _output_kernel(q_ref, k_ref, g_ref, st_ref, w_ref, u_ref, states_ref, o_ref, *, heads, T, dk, dv, dkp, bv,
+                   n_blocks, scale, l2norm, dots):
+    """Parallel over chunks: O = scale (diag(e) Q S + (Q K^T * D) (U - W S)) from the chunk's entering
+    state, one program per chunk looping over the dv blocks."""
     n = pl.program_id(1)
     p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     q, _, _ = p.ld.key(q_ref, n, l2norm)
     k, _, _ = p.ld.key(k_ref, n, l2norm)
-    beta = p.ld.scalars(b_ref, n)
     d, e, _, _, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
-    t = p.tinv(t_ref, n)
-    w = dots.fast(t, (beta * e)[:, None] * k)
-    qkd = dots.fast(q, k, tb=True) * d
+    w = p.tile(w_ref, n)
+    qkd = scale * dots.fast(q, k, tb=True) * d
     eq = (scale * e)[:, None] * q
 
     def block(i, carry):
         v0 = i * bv
         s = p.chunk_state(states_ref, n, v0)
-        v, vmask = p.values(v_ref, n, v0)
-        o = dots.fast(eq, s) + scale * dots.fast(qkd, _v_new(t, w, v, beta, s, dots))
-        p.store_values(o_ref, n, v0, o, vmask)
+        o = dots.fast(eq, s) + dots.fast(qkd, p.tile(u_ref, n, v0, bv) - dots.fast(w, s))
+        p.store_values(o_ref, n, v0, o)
         return carry
 
     jax.lax.fori_loop(0, n_blocks, block, 0)
 
 
-def _dstates_kernel(q_ref, k_ref, g_ref, b_ref, st_ref, t_ref, do_ref, dfin_ref, dstates_ref, dh0_ref, *,
-                    heads, T, dk, dv, dkp, bv, n_chunks, scale, l2norm, dots):
+def _dstates_kernel(w_ref, kd_ref, e_ref, eq_ref, dvl_ref, do_ref, dfin_ref, dstates_ref, dh0_ref, *, heads, T,
+                    dk, dv, dkp, bv, n_chunks, dots):
     """Serial reverse pass: the gradient of the state leaving every chunk (stored) and of h0:
-    dS <- e_C dS + scale (diag(e) Q)^T dO - W^T dV_new, dV_new = scale (QK^T * D)^T dO + diag(D_C:) K dS."""
+    dV_new = DVL + KD dS, dS <- e_C dS + EQ^T dO - W^T dV_new."""
     p, v0 = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv), pl.program_id(1) * bv
 
     def body(i, ds):
         n = n_chunks - 1 - i
         p.store_chunk_state(dstates_ref, n, v0, ds)
-        q, _, _ = p.ld.key(q_ref, n, l2norm)
-        k, _, _ = p.ld.key(k_ref, n, l2norm)
+        dv_new = p.tile(dvl_ref, n, v0, bv) + dots.fast(p.tile(kd_ref, n), ds)
         do, _ = p.values(do_ref, n, v0)
-        beta = p.ld.scalars(b_ref, n)
-        d, e, d_last, e_last, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
-        w = dots.fast(p.tinv(t_ref, n), (beta * e)[:, None] * k)
-        dv_new = scale * dots.fast(dots.fast(q, k, tb=True) * d, do, ta=True) + dots.fast(d_last[:, None] * k, ds)
-        return e_last * ds + scale * dots.fast(e[:, None] * q, do, ta=True) - dots.fast(w, dv_new, ta=True)
+        return (p.e_last(e_ref, n) * ds + dots.fast(p.tile(eq_ref, n), do, ta=True)
+                - dots.fast(p.tile(w_ref, n), dv_new, ta=True))
 
     smask = p.smask(v0)
     ds = jax.lax.fori_loop(0, n_chunks, body, plt.load(p.state(dfin_ref, v0), mask=smask, other=0.0))
     plt.store(p.state(dh0_ref, v0), ds, mask=smask)
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_ref, ds_ref,
+def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref, dvl_ref, s_ref, do_ref, ds_ref,
                   dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, n_blocks, scale, l2norm,
                   dots):
     """Parallel over chunks: every input gradient of one chunk from its entering state S and the gradient
@@ -294,32 +320,29 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_re
     q, rq, _ = p.ld.key(q_ref, n, l2norm)
     beta = p.ld.scalars(b_ref, n)
     d, e, d_last, e_last, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
-    t = p.tinv(t_ref, n)
-    rk = (beta * e)[:, None] * k
-    w = fast(t, rk)
-    qk = fast(q, k, tb=True)
-    qkd, kd = qk * d, d_last[:, None] * k
+    t, w = p.tile(t_ref, n), p.tile(w_ref, n)
+    kd = d_last[:, None] * k
 
     def block(i, acc):
         dos, dp, dkd, dws, dtv, de_last, dbeta_v = acc
         v0 = i * bv
         s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
-        v, vmask = p.values(v_ref, n, v0)
+        v, _ = p.values(v_ref, n, v0)
         do, _ = p.values(do_ref, n, v0)
-        rv = beta[:, None] * v
-        v_new = fast(t, rv) - fast(w, s)
-        dv_new = scale * fast(qkd, do, ta=True) + fast(kd, ds)
+        v_new = p.tile(u_ref, n, v0, bv) - fast(w, s)
+        dv_new = p.tile(dvl_ref, n, v0, bv) + fast(kd, ds)
         drv = fast(t, dv_new, ta=True)
-        p.store_values(dv_ref, n, v0, beta[:, None] * drv, vmask)
+        p.store_values(dv_ref, n, v0, beta[:, None] * drv)
         return (dos + fast(do, s, tb=True), dp + fast(do, v_new, tb=True), dkd + fast(v_new, ds, tb=True),
-                dws + fast(dv_new, s, tb=True), dtv + fast(dv_new, rv, tb=True), de_last + jnp.sum(s * ds),
-                dbeta_v + jnp.sum(drv * v, axis=1))
+                dws + fast(dv_new, s, tb=True), dtv + fast(dv_new, beta[:, None] * v, tb=True),
+                de_last + jnp.sum(s * ds), dbeta_v + jnp.sum(drv * v, axis=1))
 
     ck, cc, c1 = jnp.zeros((CHUNK, dkp), _F32), jnp.zeros((CHUNK, CHUNK), _F32), jnp.zeros((CHUNK,), _F32)
     dos, dp, dkd, dws, dtv, de_last, dbeta = jax.lax.fori_loop(
         0, n_blocks, block, (ck, cc, ck, ck, cc, jnp.float32(0.0), c1))
 
     # Output terms.
+    qk = fast(q, k, tb=True)
     dp = scale * dp  # gradient of P = QK^T * D
     dqk = dp * d
     dq = (scale * e)[:, None] * dos + fast(dqk, k)
@@ -333,9 +356,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_re
     dd_last = jnp.sum(dkd * k, axis=1)
 
     # Through W = T Rk and V_new = U - W S (U's part of dT, dtv, and dv came out of the loop).
-    dw = -dws
-    dt = fast(dw, rk, tb=True) + dtv
-    drk = fast(t, dw, ta=True)
+    rk = (beta * e)[:, None] * k
+    dt = dtv - fast(dws, rk, tb=True)
+    drk = -fast(t, dws, ta=True)
     dk_ = dk_ + (beta * e)[:, None] * drk
     drk_k = jnp.sum(drk * k, axis=1)
     dbeta = dbeta + e * drk_k
@@ -363,14 +386,13 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, s_ref, do_re
     plt.store(db_ref.at[p.b, rows, p.h], dbeta.astype(db_ref.dtype), mask=ok)
 
 
-def _dims(q, v, block_v):
-    B, T, H, dk = q.shape
-    dv = v.shape[-1]
+def _dims(B, T, H, dk, dv, block_v):
     dkp, dvp = padded(dk), padded(dv)
     bv = min(dvp, block_v)
     if bv & (bv - 1) or bv < 16:
         raise ValueError(f"block_v={block_v} must be a power of two >= 16")
-    return dict(B=B, T=T, H=H, dk=dk, dv=dv, dkp=dkp, dvp=dvp, bv=bv, nv=dvp // bv, N=pl.cdiv(T, CHUNK))
+    return dict(B=B, T=T, H=H, BH=B * H, dk=dk, dv=dv, dkp=dkp, dvp=dvp, bv=bv, nv=dvp // bv,
+                N=pl.cdiv(T, CHUNK))
 
 
 def dot_dtype(*xs):
@@ -378,80 +400,100 @@ def dot_dtype(*xs):
     return jnp.bfloat16 if all(jnp.dtype(getattr(x, "dtype", x)) == jnp.bfloat16 for x in xs) else _F32
 
 
-def _call(kernel, grid, out_shape, interpret, num_warps, fast_dtype, *args):
+def _call(kernel, m, grid, out_shape, interpret, num_warps, fast_dtype, *args):
     # fp32 tiles are twice the size: one pipeline stage keeps the serial passes in shared memory.
     stages = NUM_STAGES if fast_dtype == jnp.bfloat16 else 1
+    kernel = functools.partial(kernel, heads=m["H"], T=m["T"], dk=m["dk"], dv=m["dv"], dkp=m["dkp"], bv=m["bv"],
+                               dots=_Dots(fast_dtype, interpret))
+    grid = {"serial": (m["BH"], m["nv"]), "chunks": (m["BH"], m["N"])}[grid]
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret,
                           compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=stages))(*args)
 
 
-def _kernel(fn, m, fast_dtype, interpret, **static):
-    return functools.partial(fn, heads=m["H"], T=m["T"], dk=m["dk"], dkp=m["dkp"],
-                             dots=_Dots(fast_dtype, interpret), **static)
+def _tiles(m, width, dtype):  # a chunk-major [B*H, N*C, width] buffer
+    return jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK, width), dtype)
 
 
-_STATIC = ("l2norm", "block_v", "interpret", "num_warps")
+def _states_shape(m, dtype):  # a state per chunk, [B*H, N*dkp, dvp] (chunk n in rows n*dkp..)
+    return jax.ShapeDtypeStruct((m["BH"], m["N"] * m["dkp"], m["dvp"]), dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", "interpret", "num_warps"))
-def inverses(k, g, beta, starts, *, l2norm, fast_dtype, interpret=False, num_warps=NUM_WARPS):
-    """T of every chunk, [B*H, N*C, C] in `fast_dtype` (what the fast dots round it to; chunk n in rows
-    n*C..)."""
-    m = _dims(k, k, CHUNK)
-    kernel = _kernel(_inverse_kernel, m, fast_dtype, interpret, l2norm=l2norm)
-    out_shape = jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * CHUNK, CHUNK), fast_dtype)
-    return _call(kernel, (m["B"] * m["H"], m["N"]), out_shape, interpret, num_warps, fast_dtype, k, g, beta, starts)
+def _serial_dims(w, h0, block_v):  # the dims of a serial pass, from a chunk-major input and a state
+    B, H, dk, dv = h0.shape
+    return _dims(B, w.shape[1], H, dk, dv, block_v)
 
 
-@functools.partial(jax.jit, static_argnames=("fast_dtype", *_STATIC))
-def chunk_states(k, v, g, beta, starts, h0, tinv, *, l2norm, fast_dtype, block_v=64, interpret=False,
-                 num_warps=WIDE_WARPS):
-    """(the state entering every chunk [B*H, N*dkp, dvp] (chunk n in rows n*dkp..), in `fast_dtype` (what
-    the fast dots round it to anyway); the final state [B, H, dk, dv] float32)."""
-    m = _dims(k, v, block_v)
-    kernel = _kernel(_states_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], n_chunks=m["N"],
-                     l2norm=l2norm)
-    out_shape = [jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * m["dkp"], m["dvp"]), fast_dtype),
-                 jax.ShapeDtypeStruct(h0.shape, _F32)]
-    return tuple(_call(kernel, (m["B"] * m["H"], m["nv"]), out_shape, interpret, num_warps, fast_dtype,
-                       k, v, g, beta, starts, h0, tinv))
+_STATIC = ("block_v", "interpret", "num_warps")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", *_STATIC))
-def output(q, k, v, g, beta, starts, tinv, states, *, scale, l2norm, block_v=64, interpret=False,
-           num_warps=NUM_WARPS):
-    """o [B, T, H, dv] in v's dtype from `inverses` and `chunk_states`."""
-    m = _dims(q, v, block_v)
-    fast_dtype = dot_dtype(q, k, v)
-    kernel = _kernel(_output_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], n_blocks=m["nv"],
-                     scale=scale, l2norm=l2norm)
-    return _call(kernel, (m["B"] * m["H"], m["N"]), jax.ShapeDtypeStruct(v.shape, v.dtype), interpret,
-                 num_warps, fast_dtype, q, k, v, g, beta, starts, tinv, states)
+@functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", *_STATIC))
+def prepare(k, v, g, beta, starts, *, l2norm, fast_dtype, block_v=64, interpret=False, num_warps=NUM_WARPS):
+    """The forward's parallel first kernel: (T [B*H, N*C, C], W [.., dkp], U [.., dvp], KD [.., dkp]) in
+    `fast_dtype` (what the fast dots round them to), e [B*H, N*C] float32."""
+    B, T, H, dk = k.shape
+    m = _dims(B, T, H, dk, v.shape[-1], block_v)
+    out_shape = [_tiles(m, CHUNK, fast_dtype), _tiles(m, m["dkp"], fast_dtype), _tiles(m, m["dvp"], fast_dtype),
+                 _tiles(m, m["dkp"], fast_dtype), jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK), _F32)]
+    kernel = functools.partial(_prepare_kernel, backward=False, n_blocks=m["nv"], scale=None, l2norm=l2norm)
+    return tuple(_call(kernel, m, "chunks", out_shape, interpret, num_warps, fast_dtype, k, v, g, beta, starts))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", *_STATIC))
-def state_grads(q, k, v, g, beta, starts, tinv, do, d_final, *, scale, l2norm, block_v=64, interpret=False,
-                num_warps=WIDE_WARPS):
+@functools.partial(jax.jit, static_argnames=("scale", "l2norm", *_STATIC))
+def prepare_backward(q, k, v, g, beta, starts, tinv, do, *, scale, l2norm, block_v=64, interpret=False,
+                     num_warps=NUM_WARPS):
+    """The backward's parallel first kernel, from the forward's T: (W, U, KD, e as `prepare`; EQ [B*H, N*C,
+    dkp], DVL [B*H, N*C, dvp])."""
+    B, T, H, dk = q.shape
+    m = _dims(B, T, H, dk, v.shape[-1], block_v)
+    fd = tinv.dtype
+    out_shape = [_tiles(m, m["dkp"], fd), _tiles(m, m["dvp"], fd), _tiles(m, m["dkp"], fd),
+                 jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK), _F32), _tiles(m, m["dkp"], fd),
+                 _tiles(m, m["dvp"], fd)]
+    kernel = functools.partial(_prepare_kernel, backward=True, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
+    return tuple(_call(kernel, m, "chunks", out_shape, interpret, num_warps, fd, q, k, v, g, beta, starts, tinv,
+                       do))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def chunk_states(w, u, kd, e, h0, *, block_v=64, interpret=False, num_warps=WIDE_WARPS):
+    """(the state entering every chunk [B*H, N*dkp, dvp] in W's dtype (what the fast dots round it to
+    anyway); the final state [B, H, dk, dv] float32) from `prepare` and h0."""
+    m = _serial_dims(w, h0, block_v)
+    kernel = functools.partial(_states_kernel, n_chunks=m["N"])
+    out_shape = [_states_shape(m, w.dtype), jax.ShapeDtypeStruct(h0.shape, _F32)]
+    return tuple(_call(kernel, m, "serial", out_shape, interpret, num_warps, w.dtype, w, u, kd, e, h0))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "l2norm", *_STATIC))
+def output(q, k, v, g, starts, w, u, states, *, scale, l2norm, block_v=64, interpret=False, num_warps=NUM_WARPS):
+    """o [B, T, H, dv] in v's dtype (v itself is not read) from `prepare` and `chunk_states`."""
+    B, T, H, dk = q.shape
+    m = _dims(B, T, H, dk, v.shape[-1], block_v)
+    kernel = functools.partial(_output_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
+    return _call(kernel, m, "chunks", jax.ShapeDtypeStruct(v.shape, v.dtype), interpret, num_warps, w.dtype,
+                 q, k, g, starts, w, u, states)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def state_grads(w, kd, e, eq, dvl, do, d_final, *, block_v=64, interpret=False, num_warps=WIDE_WARPS):
     """(the gradient of the state leaving every chunk, laid out as `chunk_states`; dh0 [B, H, dk, dv]
-    float32) from do [B, T, H, dv] and the final-state cotangent d_final [B, H, dk, dv]."""
-    m = _dims(q, v, block_v)
-    fast_dtype = dot_dtype(q, k, v)
-    kernel = _kernel(_dstates_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], n_chunks=m["N"],
-                     scale=scale, l2norm=l2norm)
-    out_shape = [jax.ShapeDtypeStruct((m["B"] * m["H"], m["N"] * m["dkp"], m["dvp"]), fast_dtype),
-                 jax.ShapeDtypeStruct(d_final.shape, _F32)]
-    return tuple(_call(kernel, (m["B"] * m["H"], m["nv"]), out_shape, interpret, num_warps, fast_dtype,
-                       q, k, g, beta, starts, tinv, do, d_final))
+    float32) from `prepare_backward`, do [B, T, H, dv] and the final-state cotangent d_final."""
+    m = _serial_dims(w, d_final, block_v)
+    m["T"] = do.shape[1]
+    kernel = functools.partial(_dstates_kernel, n_chunks=m["N"])
+    out_shape = [_states_shape(m, w.dtype), jax.ShapeDtypeStruct(d_final.shape, _F32)]
+    return tuple(_call(kernel, m, "serial", out_shape, interpret, num_warps, w.dtype, w, kd, e, eq, dvl, do,
+                       d_final))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", *_STATIC))
-def input_grads(q, k, v, g, beta, starts, tinv, states, do, dstates, *, scale, l2norm, block_v=64,
+@functools.partial(jax.jit, static_argnames=("scale", "l2norm", *_STATIC))
+def input_grads(q, k, v, g, beta, starts, tinv, w, u, dvl, states, do, dstates, *, scale, l2norm, block_v=64,
                 interpret=False, num_warps=WIDE_WARPS):
-    """(dq, dk, dv, dg, dbeta), each in its input's dtype, from `chunk_states` and `state_grads`."""
-    m = _dims(q, v, block_v)
-    fast_dtype = dot_dtype(q, k, v)
-    kernel = _kernel(_grads_kernel, m, fast_dtype, interpret, dv=m["dv"], bv=m["bv"], n_blocks=m["nv"],
-                     scale=scale, l2norm=l2norm)
+    """(dq, dk, dv, dg, dbeta), each in its input's dtype, from `prepare_backward`, `chunk_states` and
+    `state_grads`."""
+    B, T, H, dk = q.shape
+    m = _dims(B, T, H, dk, v.shape[-1], block_v)
+    kernel = functools.partial(_grads_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g, beta)]
-    return tuple(_call(kernel, (m["B"] * m["H"], m["N"]), out_shape, interpret, num_warps, fast_dtype,
-                       q, k, v, g, beta, starts, tinv, states, do, dstates))
+    return tuple(_call(kernel, m, "chunks", out_shape, interpret, num_warps, w.dtype,
+                       q, k, v, g, beta, starts, tinv, w, u, dvl, states, do, dstates))
