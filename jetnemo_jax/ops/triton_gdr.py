@@ -35,9 +35,11 @@ def check_supported(dk, dv, dtypes, interpret=False):
                          f"{MAX_FP32_KEY_DIM}, got dk={dk}")
 
 
-def default_block_v(batch_heads: int, dv: int) -> int:
-    """dv columns per program: 64, or 32 when B*H (the other grid axis) is too small to fill a GPU."""
-    return 32 if batch_heads * kernels.padded(dv) // 64 < 132 else 64
+def default_block_v(batch_heads: int, dv: int, fast_dtype=jnp.bfloat16) -> int:
+    """dv columns per block: 64, or 32 when B*H (the serial passes' other grid axis) is too small to fill a
+    GPU, and for fp32 inputs (twice the bytes per tile: 64 asked for 256 KiB of shared memory, H100)."""
+    small = batch_heads * kernels.padded(dv) // 64 < 132
+    return 32 if small or jnp.dtype(fast_dtype) == jnp.float32 else 64
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -74,7 +76,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 def _local(q, k, v, g, beta, initial_state, doc_ids, *, scale, l2norm, block_v, interpret):
     B, _, H, dk = q.shape
     check_supported(dk, v.shape[-1], (q.dtype, k.dtype, v.dtype), interpret)
-    block_v = block_v or default_block_v(B * H, v.shape[-1])
+    block_v = block_v or default_block_v(B * H, v.shape[-1], kernels.dot_dtype(q, k, v))
     starts = jnp.concatenate([jnp.zeros((B, 1), bool), doc_ids[:, 1:] != doc_ids[:, :-1]], axis=1)
     return _core(q, k, v, g, beta, starts.astype(jnp.float32), initial_state, scale, l2norm, block_v,
                  interpret)

@@ -310,9 +310,10 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
                   dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, n_blocks, scale, l2norm,
                   dots):
     """Parallel over chunks: every input gradient of one chunk from its entering state S and the gradient
-    dS of its leaving state. One program per chunk: a loop over the dv blocks writes dv and accumulates the
-    sums over value columns (dO S^T, dO V_new^T, V_new dS^T, dV_new S^T, dV_new (beta V)^T); the key- and
-    chunk-space rest (through T, the gates and the L2 norm) runs once after it."""
+    dS of its leaving state. One program per chunk, two loops over the dv blocks, each accumulating sums
+    over value columns: the first through the output and V_new (dO S^T, dO V_new^T, V_new dS^T), the second
+    through dV_new (dV_new S^T, dV_new (beta V)^T; it writes dv). Two loops keep two [C, dk] accumulators
+    live instead of three (register spills); the key- and chunk-space rest runs once."""
     n = pl.program_id(1)
     p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     fast = dots.fast
@@ -321,25 +322,18 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
     beta = p.ld.scalars(b_ref, n)
     d, e, d_last, e_last, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
     t, w = p.tile(t_ref, n), p.tile(w_ref, n)
-    kd = d_last[:, None] * k
+    ck, cc = jnp.zeros((CHUNK, dkp), _F32), jnp.zeros((CHUNK, CHUNK), _F32)
 
-    def block(i, acc):
-        dos, dp, dkd, dws, dtv, de_last, dbeta_v = acc
+    def through_output(i, acc):
+        dos, dp, dkd, de_last = acc
         v0 = i * bv
         s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
-        v, _ = p.values(v_ref, n, v0)
         do, _ = p.values(do_ref, n, v0)
         v_new = p.tile(u_ref, n, v0, bv) - fast(w, s)
-        dv_new = p.tile(dvl_ref, n, v0, bv) + fast(kd, ds)
-        drv = fast(t, dv_new, ta=True)
-        p.store_values(dv_ref, n, v0, beta[:, None] * drv)
         return (dos + fast(do, s, tb=True), dp + fast(do, v_new, tb=True), dkd + fast(v_new, ds, tb=True),
-                dws + fast(dv_new, s, tb=True), dtv + fast(dv_new, beta[:, None] * v, tb=True),
-                de_last + jnp.sum(s * ds), dbeta_v + jnp.sum(drv * v, axis=1))
+                de_last + jnp.sum(s * ds))
 
-    ck, cc, c1 = jnp.zeros((CHUNK, dkp), _F32), jnp.zeros((CHUNK, CHUNK), _F32), jnp.zeros((CHUNK,), _F32)
-    dos, dp, dkd, dws, dtv, de_last, dbeta = jax.lax.fori_loop(
-        0, n_blocks, block, (ck, cc, ck, ck, cc, jnp.float32(0.0), c1))
+    dos, dp, dkd, de_last = jax.lax.fori_loop(0, n_blocks, through_output, (ck, cc, ck, jnp.float32(0.0)))
 
     # Output terms.
     qk = fast(q, k, tb=True)
@@ -354,6 +348,20 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
     dk_ = fast(dqk, q, ta=True) + d_last[:, None] * dkd
     dd = dp * qk
     dd_last = jnp.sum(dkd * k, axis=1)
+    kd = d_last[:, None] * k
+
+    def through_state(i, acc):
+        dws, dtv, dbeta_v = acc
+        v0 = i * bv
+        s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
+        v, _ = p.values(v_ref, n, v0)
+        dv_new = p.tile(dvl_ref, n, v0, bv) + fast(kd, ds)
+        drv = fast(t, dv_new, ta=True)
+        p.store_values(dv_ref, n, v0, beta[:, None] * drv)
+        return (dws + fast(dv_new, s, tb=True), dtv + fast(dv_new, beta[:, None] * v, tb=True),
+                dbeta_v + jnp.sum(drv * v, axis=1))
+
+    dws, dtv, dbeta = jax.lax.fori_loop(0, n_blocks, through_state, (ck, cc, jnp.zeros((CHUNK,), _F32)))
 
     # Through W = T Rk and V_new = U - W S (U's part of dT, dtv, and dv came out of the loop).
     rk = (beta * e)[:, None] * k
