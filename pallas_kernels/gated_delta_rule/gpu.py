@@ -185,8 +185,10 @@ class _Program:
     def state(self, ref, v0):  # [dkp, bv] of a [B, H, dk, dv] ref
         return ref.at[self.b, self.h, pl.ds(0, self.dkp), pl.ds(v0, self.bv)]
 
+    # Chunk-major loads keep the stored dtype (bf16 for bf16 inputs): they feed dots, and a bf16 tile takes
+    # half the registers of its fp32 copy; the few elementwise uses cast.
     def chunk_state(self, ref, n, v0):  # [dkp, bv] of chunk n in a [BH, N*dkp, dvp] ref
-        return plt.load(ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(v0, self.bv)]).astype(_F32)
+        return plt.load(ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(v0, self.bv)])
 
     def store_chunk_state(self, ref, n, v0, x):
         plt.store(ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(v0, self.bv)], x.astype(ref.dtype))
@@ -200,7 +202,7 @@ class _Program:
 
     def tile(self, ref, n, c0=0, width=None):  # [C, width] of a chunk-major ref
         width = ref.shape[-1] if width is None else width
-        return plt.load(ref.at[self.bh, pl.ds(n * CHUNK, CHUNK), pl.ds(c0, width)]).astype(_F32)
+        return plt.load(ref.at[self.bh, pl.ds(n * CHUNK, CHUNK), pl.ds(c0, width)])
 
     def store_tile(self, ref, n, x, c0=0):
         plt.store(ref.at[self.bh, pl.ds(n * CHUNK, CHUNK), pl.ds(c0, x.shape[-1])], x.astype(ref.dtype))
@@ -312,15 +314,12 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
     """Parallel over chunks: every input gradient of one chunk from its entering state S and the gradient
     dS of its leaving state. One program per chunk, two loops over the dv blocks, each accumulating sums
     over value columns: the first through the output and V_new (dO S^T, dO V_new^T, V_new dS^T), the second
-    through dV_new (dV_new S^T, dV_new (beta V)^T; it writes dv). Two loops keep two [C, dk] accumulators
-    live instead of three (register spills); the key- and chunk-space rest runs once."""
+    through dV_new (dV_new S^T, dV_new (beta V)^T; it writes dv). Register pressure decides the order: two
+    loops keep two [C, dk] fp32 accumulators live, not three; q and k are loaded after the first loop and
+    k (and the gates) again after the second rather than held across it; T, W, KD stay bf16."""
     n = pl.program_id(1)
     p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     fast = dots.fast
-    k, rk_norm, kmask = p.ld.key(k_ref, n, l2norm)
-    q, rq, _ = p.ld.key(q_ref, n, l2norm)
-    beta = p.ld.scalars(b_ref, n)
-    d, e, d_last, e_last, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
     t, w = p.tile(t_ref, n), p.tile(w_ref, n)
     ck, cc = jnp.zeros((CHUNK, dkp), _F32), jnp.zeros((CHUNK, CHUNK), _F32)
 
@@ -331,11 +330,14 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
         do, _ = p.values(do_ref, n, v0)
         v_new = p.tile(u_ref, n, v0, bv) - fast(w, s)
         return (dos + fast(do, s, tb=True), dp + fast(do, v_new, tb=True), dkd + fast(v_new, ds, tb=True),
-                de_last + jnp.sum(s * ds))
+                de_last + jnp.sum(s.astype(_F32) * ds.astype(_F32)))
 
     dos, dp, dkd, de_last = jax.lax.fori_loop(0, n_blocks, through_output, (ck, cc, ck, jnp.float32(0.0)))
 
     # Output terms.
+    q, rq, _ = p.ld.key(q_ref, n, l2norm)
+    k, _, kmask = p.ld.key(k_ref, n, l2norm)
+    d, e, d_last, _, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
     qk = fast(q, k, tb=True)
     dp = scale * dp  # gradient of P = QK^T * D
     dqk = dp * d
@@ -348,7 +350,8 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
     dk_ = fast(dqk, q, ta=True) + d_last[:, None] * dkd
     dd = dp * qk
     dd_last = jnp.sum(dkd * k, axis=1)
-    kd = d_last[:, None] * k
+    kd = (d_last[:, None] * k).astype(dots.fast_dtype)
+    beta = p.ld.scalars(b_ref, n)
 
     def through_state(i, acc):
         dws, dtv, dbeta_v = acc
@@ -362,8 +365,10 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
                 dbeta_v + jnp.sum(drv * v, axis=1))
 
     dws, dtv, dbeta = jax.lax.fori_loop(0, n_blocks, through_state, (ck, cc, jnp.zeros((CHUNK,), _F32)))
+    k, rk_norm, _ = p.ld.key(k_ref, n, l2norm)
+    d, _, _, e_last, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
 
-    # Through W = T Rk and V_new = U - W S (U's part of dT, dtv, and dv came out of the loop).
+    # Through W = T Rk and V_new = U - W S (U's part of dT, dtv, and dv came out of the second loop).
     rk = (beta * e)[:, None] * k
     dt = dtv - fast(dws, rk, tb=True)
     drk = -fast(t, dws, ta=True)
