@@ -31,8 +31,9 @@ ROWS, DIM = 128, 128  # the caller pads the token rows and channels to multiples
 # Block sizes and launch parameters of each kernel (the bench's --sweep times alternatives on an H100).
 FWD = {"bt": 64, "bd": 64, "bg": 128, "num_warps": 4, "num_stages": 2}
 DC_DU = {"bt": 64, "bd": 64, "bg": 128, "num_warps": 4, "num_stages": 2}
-GRAD_H = {"bt": 64, "bg": 128, "bk": 64, "num_warps": 4, "num_stages": 3}
-GRAD_W2 = {"bn": 64, "bg": 128, "bd": 128, "splits": 8, "num_warps": 8, "num_stages": 3}
+# gtiles: G blocks per program, sharing each tap-gradient tile (fewer elementwise passes, more registers).
+GRAD_H = {"bt": 64, "bg": 128, "bk": 64, "gtiles": 1, "num_warps": 4, "num_stages": 3}
+GRAD_W2 = {"bn": 64, "bg": 128, "bd": 128, "gtiles": 1, "splits": 8, "num_warps": 8, "num_stages": 3}
 
 _ANY = pl.BlockSpec(memory_space=pl.ANY)
 _F32 = common.F32
@@ -117,40 +118,48 @@ def _dc_du_kernel(h_ref, w2_ref, b2_ref, c_ref, dy_ref, u_ref, pos_ref, du_ref, 
     du_ref[...] = du.astype(du_ref.dtype)
 
 
-def _grad_h_kernel(dc_ref, u_ref, w2_ref, pos_ref, dh_ref, *, bt, bg, bk, width, precision):
+def _grad_h_kernel(dc_ref, u_ref, w2_ref, pos_ref, dh_ref, *, bt, bg, bk, gtiles, width, precision):
     i, g = pl.program_id(0), pl.program_id(1)
-    base, gcols = PAD + i * bt, pl.ds(g * bg, bg)
+    base = PAD + i * bt
     pos = pos_ref[pl.ds(base, bt)][:, None]
+    gcols = [pl.ds((g * gtiles + q) * bg, bg) for q in range(gtiles)]  # one tap-gradient tile feeds them all
 
-    def body(k, acc):
+    def body(k, accs):
         cols = pl.ds(pl.multiple_of(k * bk, bk), bk)
         dc = dc_ref[pl.ds(i * bt, bt), cols].astype(_F32)
+        accs = list(accs)
         for w in range(width):
             back = width - 1 - w
             dk = jnp.where(pos >= back, dc * u_ref[pl.ds(base - back, bt), cols].astype(_F32), 0.0)
-            acc += jax.lax.dot_general(dk.astype(w2_ref.dtype), w2_ref[w, gcols, cols], (((1,), (1,)), ((), ())),
-                                       preferred_element_type=_F32, precision=precision)
-        return acc
+            dk = dk.astype(w2_ref.dtype)
+            for q in range(gtiles):
+                accs[q] += jax.lax.dot_general(dk, w2_ref[w, gcols[q], cols], (((1,), (1,)), ((), ())),
+                                               preferred_element_type=_F32, precision=precision)
+        return tuple(accs)
 
-    acc = jax.lax.fori_loop(0, dc_ref.shape[1] // bk, body, jnp.zeros((bt, bg), _F32))
-    dh_ref[...] = acc.astype(dh_ref.dtype)
+    accs = jax.lax.fori_loop(0, dc_ref.shape[1] // bk, body, (jnp.zeros((bt, bg), _F32),) * gtiles)
+    for q in range(gtiles):
+        dh_ref[pl.ds(i * bt, bt), gcols[q]] = accs[q].astype(dh_ref.dtype)
 
 
-def _grad_w2_kernel(h_ref, dc_ref, u_ref, pos_ref, dw_ref, *, bn, bg, bd, steps, width, precision):
+def _grad_w2_kernel(h_ref, dc_ref, u_ref, pos_ref, dw_ref, *, bn, bg, bd, gtiles, steps, width, precision):
     s, w, d, g = (pl.program_id(a) for a in range(4))
     back = width - 1 - w
-    gcols, cols = pl.ds(g * bg, bg), pl.ds(d * bd, bd)
+    cols = pl.ds(d * bd, bd)
+    gcols = [pl.ds((g * gtiles + q) * bg, bg) for q in range(gtiles)]
 
-    def body(k, acc):
+    def body(k, accs):
         r0 = pl.multiple_of((s * steps + k) * bn, bn)
         pos = pos_ref[pl.ds(PAD + r0, bn)][:, None]
         u = u_ref[pl.ds(PAD + r0 - back, bn), cols].astype(_F32)
-        dk = jnp.where(pos >= back, dc_ref[pl.ds(r0, bn), cols].astype(_F32) * u, 0.0)
-        return acc + jax.lax.dot_general(h_ref[pl.ds(r0, bn), gcols], dk.astype(h_ref.dtype),
-                                         (((0,), (0,)), ((), ())), preferred_element_type=_F32,
-                                         precision=precision)
+        dk = jnp.where(pos >= back, dc_ref[pl.ds(r0, bn), cols].astype(_F32) * u, 0.0).astype(h_ref.dtype)
+        return tuple(acc + jax.lax.dot_general(h_ref[pl.ds(r0, bn), gcols[q]], dk, (((0,), (0,)), ((), ())),
+                                               preferred_element_type=_F32, precision=precision)
+                     for q, acc in enumerate(accs))
 
-    dw_ref[0, 0] = jax.lax.fori_loop(0, steps, body, jnp.zeros((bg, bd), _F32))
+    accs = jax.lax.fori_loop(0, steps, body, (jnp.zeros((bg, bd), _F32),) * gtiles)
+    for q in range(gtiles):
+        dw_ref[s, w, gcols[q], cols] = accs[q]
 
 
 def dc_du(h, w2t, b2t, u, pos, c, dy, *, interpret=False, **blocks):
@@ -179,9 +188,11 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, **blocks):
     N, D = dc.shape
     width, G, _ = w2t.shape
     bt, bg, bk = cfg["bt"], _block(cfg["bg"], G), _block(cfg["bk"], D)
+    gtiles = math.gcd(cfg["gtiles"], G // bg)
     return pl.pallas_call(
-        functools.partial(_grad_h_kernel, bt=bt, bg=bg, bk=bk, width=width, precision=_precision(w2t.dtype)),
-        grid=(N // bt, G // bg), in_specs=[_ANY] * 4, out_specs=pl.BlockSpec((bt, bg), lambda i, g: (i, g)),
+        functools.partial(_grad_h_kernel, bt=bt, bg=bg, bk=bk, gtiles=gtiles, width=width,
+                          precision=_precision(w2t.dtype)),
+        grid=(N // bt, G // bg // gtiles), in_specs=[_ANY] * 4, out_specs=_ANY,
         out_shape=jax.ShapeDtypeStruct((N, G), w2t.dtype),
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
         name="dynamic_conv_grad_h",
@@ -195,13 +206,12 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, **blocks):
     N, G = h.shape
     D = dc.shape[1]
     bn, bg, bd = cfg["bn"], _block(cfg["bg"], G), _block(cfg["bd"], D)
-    chunks = N // bn
+    gtiles, chunks = math.gcd(cfg["gtiles"], G // bg), N // bn
     splits = max(s for s in range(1, min(cfg["splits"], chunks) + 1) if chunks % s == 0)
     dw2 = pl.pallas_call(
-        functools.partial(_grad_w2_kernel, bn=bn, bg=bg, bd=bd, steps=chunks // splits, width=width,
-                          precision=_precision(h.dtype)),
-        grid=(splits, width, D // bd, G // bg), in_specs=[_ANY] * 4,
-        out_specs=pl.BlockSpec((1, 1, bg, bd), lambda s, w, d, g: (s, w, g, d)),
+        functools.partial(_grad_w2_kernel, bn=bn, bg=bg, bd=bd, gtiles=gtiles, steps=chunks // splits,
+                          width=width, precision=_precision(h.dtype)),
+        grid=(splits, width, D // bd, G // bg // gtiles), in_specs=[_ANY] * 4, out_specs=_ANY,
         out_shape=jax.ShapeDtypeStruct((splits, width, G, D), _F32),
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
         name="dynamic_conv_grad_w2",
