@@ -9,6 +9,7 @@ and each time as a fraction of the HBM and bf16 matmul rooflines. Bytes that mus
 materialised): forward reads x, u, writes and reads h, writes v; forward+backward adds reading x, h, u, dv,
 writing dx, du, and dh (written and read). Matmul FLOPs: forward 2N(H G + G Dv W), backward twice that
 (the Pallas backward regenerates the kernels: one more G Dv W matmul, counted in its own column).
+--profile times each piece at the 2B shape and sweeps the Triton kernels' block sizes (see `profile`).
 """
 
 from __future__ import annotations
