@@ -147,31 +147,30 @@ def _best(out, kind, time_one, configs, iters=5):
     return best
 
 
-FWD_CONFIGS = [dict(bt=bt, bd=bd, bg=bg, num_warps=nw, num_stages=ns) for bt, bd, bg, nw, ns in (
-    (64, 64, 128, 4, 2), (128, 64, 128, 4, 2), (128, 64, 128, 8, 2), (64, 128, 128, 4, 2), (64, 128, 128, 8, 2),
-    (128, 128, 128, 8, 2), (128, 128, 64, 8, 3), (128, 128, 128, 4, 2), (64, 256, 128, 8, 2), (128, 256, 64, 8, 2))]
+FWD_CONFIGS = [dict(bt=bt, bd=bd, bg=bg, num_warps=nw, num_stages=2) for bt, bd, bg, nw in (
+    (64, 64, 128, 4), (128, 64, 128, 8), (128, 64, 64, 8), (64, 64, 128, 8), (128, 128, 128, 8), (128, 128, 64, 8))]
 GRAD_H_CONFIGS = [dict(bt=bt, bg=bg, bk=bk, gtiles=gt, num_warps=nw, num_stages=ns) for bt, bg, bk, gt, nw, ns in (
-    (64, 128, 64, 1, 4, 3), (64, 128, 64, 1, 4, 2), (128, 128, 64, 1, 8, 3), (64, 128, 128, 1, 4, 3),
-    (128, 128, 64, 1, 4, 3), (128, 128, 128, 1, 8, 3), (64, 128, 64, 3, 4, 3), (64, 128, 64, 3, 8, 3),
-    (128, 128, 64, 3, 8, 3), (64, 128, 32, 3, 4, 3))]
+    (64, 128, 64, 1, 4, 3), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 1, 4, 3),
+    (128, 128, 64, 1, 4, 3), (64, 128, 64, 3, 4, 3), (64, 128, 64, 3, 8, 3), (128, 128, 64, 3, 8, 3),
+    (128, 128, 32, 3, 8, 3), (64, 128, 32, 3, 4, 4))]
 GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw, num_stages=ns)
                    for bn, bg, bd, gt, sp, nw, ns in (
-    (64, 128, 128, 1, 8, 8, 3), (64, 128, 128, 1, 4, 4, 3), (32, 128, 128, 1, 8, 8, 3), (64, 128, 64, 1, 8, 4, 3),
-    (64, 128, 256, 1, 8, 8, 3), (128, 128, 128, 1, 8, 8, 3), (64, 128, 128, 1, 16, 8, 4),
-    (64, 128, 64, 3, 8, 8, 3), (32, 128, 64, 3, 16, 4, 3), (64, 128, 128, 3, 16, 8, 3))]
+    (64, 128, 128, 3, 16, 8, 3), (64, 128, 128, 3, 8, 8, 3), (64, 128, 128, 3, 32, 8, 3), (32, 128, 128, 3, 16, 8, 3),
+    (64, 128, 128, 3, 16, 8, 4), (64, 128, 128, 3, 16, 8, 2), (64, 128, 64, 3, 8, 8, 3), (128, 128, 64, 3, 16, 8, 3))]
 
 
 def profile(rng, tokens):
     """Each piece of the value path at the 2B shape, with a block-size sweep of every Triton kernel: XLA's
-    h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient, the
-    forward kernel (with and without saving c), the three backward kernels; then the whole op (pallas with
-    the fastest blocks found, and reference), forward and forward+backward. One matmul "unit" is
-    2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the Pallas backward three."""
-    from pallas_kernels.dynamic_conv import gpu
+    h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
+    the kernels replace), the forward kernel (with and without saving c), XLA's dc = dy silu'(c), and the
+    three backward kernels. Leaves the fastest blocks of each kernel in `gpu`'s tables for the runs that
+    follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the Pallas
+    backward three."""
+    from pallas_kernels.dynamic_conv import common, gpu
     s = SHAPES["2b"]
     N, G, D, P = tokens, s["gen"], s["dv"], gpu.PAD
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.bfloat16)
-    h, w2t, u, c, dy, dc = f(N, G), f(W, G, D), f(N + 2 * P, D), f(N + 2 * P, D), f(N, D), f(N, D)
+    h, w2t, u, c, dy, dc = f(N, G), f(W, G, D), f(N + 2 * P, D), f(N, D), f(N, D), f(N + 2 * P, D)
     b2t = jnp.zeros((W, D), jnp.float32)
     pos = jnp.asarray(np.arange(N + 2 * P) % 700, jnp.int32)
     unit = 2 * N * G * D * W
@@ -184,30 +183,25 @@ def profile(rng, tokens):
     out["xla_dw2_from_dk_ms"] = jt(lambda h, dk: jnp.einsum("ng,wnd->wgd", h, dk, preferred_element_type=jnp.float32),
                                    h, dk)
     del dk
+    out["xla_dc_ms"] = jt(lambda c, dy: jnp.pad(common.silu_grad(c.astype(jnp.float32), dy.astype(jnp.float32))
+                                                .astype(c.dtype), [(P, P), (0, 0)]), c, dy)
     print(out, flush=True)
-    best = {}
-    best["fwd"] = _best(out, "fwd", lambda cfg, it: timeit(jax.jit(lambda *a: gpu.forward(*a, **cfg)),
-                                                          h, w2t, b2t, u, pos, iters=it)[0], FWD_CONFIGS)
-    best["dc_du"] = _best(out, "dc_du", lambda cfg, it: timeit(jax.jit(lambda *a: gpu.dc_du(*a, **cfg)),
-                                                              h, w2t, b2t, u, pos, c, dy, iters=it)[0], FWD_CONFIGS)
-    best["grad_h"] = _best(out, "grad_h", lambda cfg, it: timeit(jax.jit(lambda *a: gpu.grad_h(*a, **cfg)),
-                                                                dc, u, w2t, pos, iters=it)[0], GRAD_H_CONFIGS)
-    best["grad_w2"] = _best(out, "grad_w2", lambda cfg, it: timeit(jax.jit(lambda *a: gpu.grad_w2(*a, W, **cfg)),
-                                                                  h, dc, u, pos, iters=it)[0], GRAD_W2_CONFIGS)
-    for name, table in (("fwd", gpu.FWD), ("dc_du", gpu.DC_DU), ("grad_h", gpu.GRAD_H), ("grad_w2", gpu.GRAD_W2)):
-        if best[name] is not None:
-            table.update(best[name][1])
-            out[f"best {name}"] = {"ms": best[name][0], "cfg": best[name][1],
-                                   "mxu_frac": unit / BF16_FLOPS_S / (best[name][0] * 1e-3)}
+    runs = {
+        "fwd": (gpu.FWD, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.forward(*a, **cfg), (h, w2t, b2t, u, pos))),
+        "grad_u": (gpu.GRAD_U, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.grad_u(*a, **cfg), (h, w2t, b2t, dc, pos))),
+        "grad_h": (gpu.GRAD_H, GRAD_H_CONFIGS, lambda cfg: (lambda *a: gpu.grad_h(*a, **cfg), (dc, u, w2t, pos))),
+        "grad_w2": (gpu.GRAD_W2, GRAD_W2_CONFIGS,
+                    lambda cfg: (lambda *a: gpu.grad_w2(*a, W, **cfg), (h, dc, u, pos))),
+    }
+    for name, (table, configs, make_fn) in runs.items():
+        def time_one(cfg, iters, make_fn=make_fn):
+            fn, args = make_fn(cfg)
+            return timeit(jax.jit(fn), *args, iters=iters)[0]
+        best = _best(out, name, time_one, configs)
+        if best is not None:
+            table.update(best[1])
+            out[f"best {name}"] = {"ms": best[0], "cfg": best[1], "mxu_frac": unit / BF16_FLOPS_S / (best[0] * 1e-3)}
     out["fwd save_c (best blocks) ms"] = jt(lambda *a: gpu.forward(*a, save_c=True), h, w2t, b2t, u, pos)
-    args, seg = make(rng, tokens, s["hidden"], s["gen"], s["dv"], jnp.bfloat16)
-    a = tuple(args.values())
-    dv = jnp.asarray(rng.standard_normal(args["u"].shape), jnp.bfloat16)
-    for impl in ("pallas", "reference"):
-        out[f"{impl} fwd ms"] = jt(value_path(impl, seg), *a)
-        out[f"{impl} fwd+bwd ms"] = jt(fwd_bwd(impl, seg), a, dv)
-        print(out, flush=True)
-    out["speedup fwd+bwd"] = out["reference fwd+bwd ms"] / out["pallas fwd+bwd ms"]
     return out
 
 
@@ -221,15 +215,17 @@ def main():
     p.add_argument("--out", default="dynamic_conv_bench.json")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--check-only", action="store_true")
-    p.add_argument("--profile", action="store_true", help="time each piece and sweep the Triton block sizes (2B)")
+    p.add_argument("--profile", action="store_true",
+                   help="first time each piece and sweep the Triton block sizes (2B); the runs after use the fastest")
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    if args.profile:
-        res = profile(rng, args.tokens)
-        print(json.dumps(res, indent=1))
-        dump(res, args.out)
-        return
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "checks": {}, "rows": []}
+    if args.profile:
+        report["profile"] = profile(rng, args.tokens)
+        dump(report, args.out)
+    from pallas_kernels.dynamic_conv import gpu
+    report["gpu_blocks"] = {"fwd": gpu.FWD, "grad_u": gpu.GRAD_U, "grad_h": gpu.GRAD_H, "grad_w2": gpu.GRAD_W2}
+    print("blocks", report["gpu_blocks"], flush=True)
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
         ok, errs = check(rng, jnp.dtype(dtype), tol)
         report["checks"][dtype] = {"ok": ok, "rel_err": errs}

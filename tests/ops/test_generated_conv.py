@@ -171,7 +171,7 @@ def test_gpu_kernels_with_other_blocks(rng, monkeypatch):
     the same gradients: float32, G 200 (two 128-wide G blocks after padding), packed documents."""
     from pallas_kernels.dynamic_conv import gpu
 
-    for table, cfg in ((gpu.FWD, {"bt": 128, "bd": 128}), (gpu.DC_DU, {"bt": 128, "bg": 64}),
+    for table, cfg in ((gpu.FWD, {"bt": 128, "bd": 128}), (gpu.GRAD_U, {"bt": 128, "bg": 64}),
                        (gpu.GRAD_H, {"bt": 128, "bk": 32, "gtiles": 2}),
                        (gpu.GRAD_W2, {"bn": 32, "bd": 64, "gtiles": 2, "splits": 3})):
         for k, v in cfg.items():
