@@ -53,6 +53,11 @@ def _block(b, n):
     return math.gcd(b, n)
 
 
+def _divisor(q, n):
+    """The largest divisor of n that is <= q (G blocks per program)."""
+    return max(d for d in range(1, min(q, n) + 1) if n % d == 0)
+
+
 def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
@@ -176,7 +181,7 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, **blocks):
     N, D = dc.shape[0] - 2 * PAD, dc.shape[1]
     width, G, _ = w2t.shape
     bt, bg, bk = cfg["bt"], _block(cfg["bg"], G), _block(cfg["bk"], D)
-    gtiles = math.gcd(cfg["gtiles"], G // bg)
+    gtiles = _divisor(cfg["gtiles"], G // bg)
     return pl.pallas_call(
         functools.partial(_grad_h_kernel, bt=bt, bg=bg, bk=bk, gtiles=gtiles, width=width,
                           precision=_precision(w2t.dtype)),
@@ -194,8 +199,8 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, **blocks):
     N, G = h.shape
     D = dc.shape[1]
     bn, bg, bd = cfg["bn"], _block(cfg["bg"], G), _block(cfg["bd"], D)
-    gtiles, chunks = math.gcd(cfg["gtiles"], G // bg), N // bn
-    splits = max(s for s in range(1, min(cfg["splits"], chunks) + 1) if chunks % s == 0)
+    gtiles, chunks = _divisor(cfg["gtiles"], G // bg), N // bn
+    splits = _divisor(cfg["splits"], chunks)
     gprogs = G // bg // gtiles
     dw2, db2 = pl.pallas_call(
         functools.partial(_grad_w2_kernel, bn=bn, bg=bg, bd=bd, gtiles=gtiles, steps=chunks // splits,
