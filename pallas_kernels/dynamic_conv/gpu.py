@@ -28,12 +28,13 @@ from pallas_kernels.dynamic_conv import common
 PAD = 128  # zero rows before and after the token rows (>= any token block and >= W - 1)
 ROWS, DIM = 128, 128  # the caller pads the token rows and channels to multiples of these
 
-# Block sizes and launch parameters of each kernel (the bench's --sweep times alternatives on an H100).
-FWD = {"bt": 128, "bd": 64, "bg": 128, "num_warps": 8, "num_stages": 2}
+# Block sizes and launch parameters of each kernel: the fastest of `python bench/dynamic_conv.py --profile`'s
+# sweep on an H100 at the 2B shape (BENCHMARKS.md). gtiles: G blocks per program, sharing each tap-gradient
+# tile (fewer elementwise passes, more registers); splits: programs per grad_w2 output block over the rows.
+FWD = {"bt": 128, "bd": 128, "bg": 64, "num_warps": 8, "num_stages": 2}
 GRAD_U = {"bt": 128, "bd": 64, "bg": 128, "num_warps": 8, "num_stages": 2}
-# gtiles: G blocks per program, sharing each tap-gradient tile (fewer elementwise passes, more registers).
-GRAD_H = {"bt": 64, "bg": 128, "bk": 64, "gtiles": 1, "num_warps": 4, "num_stages": 3}
-GRAD_W2 = {"bn": 64, "bg": 128, "bd": 128, "gtiles": 3, "splits": 16, "num_warps": 8, "num_stages": 3}
+GRAD_H = {"bt": 64, "bg": 128, "bk": 64, "gtiles": 3, "num_warps": 4, "num_stages": 3}
+GRAD_W2 = {"bn": 64, "bg": 128, "bd": 64, "gtiles": 3, "splits": 8, "num_warps": 8, "num_stages": 3}
 
 _ANY = pl.BlockSpec(memory_space=pl.ANY)
 _F32 = common.F32

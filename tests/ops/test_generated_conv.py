@@ -167,13 +167,13 @@ def test_kernels_run_per_shard_on_a_mesh(rng):
 
 
 def test_gpu_kernels_with_other_blocks(rng, monkeypatch):
-    """The GPU kernels' block options (several G blocks per program, split token rows, 128-row tiles) give
-    the same gradients: float32, G 200 (two 128-wide G blocks after padding), packed documents."""
+    """The GPU kernels' block options other than the defaults (several G blocks per program, split token
+    rows, other tiles) give the same gradients: float32, G 200 (two 128-wide G blocks after padding)."""
     from pallas_kernels.dynamic_conv import gpu
 
-    for table, cfg in ((gpu.FWD, {"bt": 128, "bd": 128}), (gpu.GRAD_U, {"bt": 128, "bg": 64}),
+    for table, cfg in ((gpu.FWD, {"bt": 64, "bd": 64, "bg": 128}), (gpu.GRAD_U, {"bt": 64, "bg": 64}),
                        (gpu.GRAD_H, {"bt": 128, "bk": 32, "gtiles": 2}),
-                       (gpu.GRAD_W2, {"bn": 32, "bd": 64, "gtiles": 2, "splits": 3})):
+                       (gpu.GRAD_W2, {"bn": 32, "bd": 128, "gtiles": 2, "splits": 3})):
         for k, v in cfg.items():
             monkeypatch.setitem(table, k, v)
     u, h, w2, b2, seg, cache = inputs(rng, 2, 75, 200, 72, 4, "float32", True, True)
