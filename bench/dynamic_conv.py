@@ -1,6 +1,6 @@
 """JetBlock's value path (generator + generated causal conv + SiLU): the fused Pallas kernels vs pure XLA.
 
-    python bench/dynamic_conv.py [--out results.json] [--check-only] [--tokens 32768]
+    python bench/dynamic_conv.py [--out results.json] [--check-only] [--profile] [--tokens 32768]
 
 For the 2B and 4B shapes (B*T tokens, bf16, packed documents) times the forward and the forward+backward
 of  v = dynamic_conv(u, kernels = silu(x W1) W2 + b2)  with impl="pallas" and impl="reference", checks
@@ -9,6 +9,7 @@ and each time as a fraction of the HBM and bf16 matmul rooflines. Bytes that mus
 materialised): forward reads x, u, writes and reads h, writes v; forward+backward adds reading x, h, u, dv,
 writing dx, du, and dh (written and read). Matmul FLOPs: forward 2N(H G + G Dv W), backward twice that
 (the Pallas backward regenerates the kernels: one more G Dv W matmul, counted in its own column).
+--profile times each piece at the 2B shape and sweeps the Triton kernels' block sizes (see `profile`).
 """
 
 from __future__ import annotations
@@ -126,31 +127,81 @@ def bench(rng, name, tokens):
     return row
 
 
-def sweep(rng, tokens):
-    """Triton block sizes of the two kernels at the 2B shape, beside XLA's h @ W2 alone (the matmul the
-    fused forward hides its conv behind: the lower bound for that kernel)."""
-    from pallas_kernels.dynamic_conv import gpu
+def _cfg_name(kind, cfg):
+    return kind + " " + " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def _best(out, kind, time_one, configs, iters=5):
+    """Times each config of one kernel (a failed compile is recorded, not fatal); returns the fastest."""
+    best = None
+    for cfg in configs:
+        try:
+            t = time_one(cfg, iters) * 1e3
+        except Exception as e:  # noqa: BLE001 -- a config Triton cannot compile (registers, shared memory)
+            out[_cfg_name(kind, cfg)] = repr(e)[:300]
+            continue
+        out[_cfg_name(kind, cfg)] = t
+        print(f"{_cfg_name(kind, cfg)}: {t:.3f} ms", flush=True)
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    return best
+
+
+FWD_CONFIGS = [dict(bt=bt, bd=bd, bg=bg, num_warps=nw, num_stages=2) for bt, bd, bg, nw in (
+    (64, 64, 128, 4), (128, 64, 128, 8), (128, 64, 64, 8), (64, 64, 128, 8), (128, 128, 128, 8), (128, 128, 64, 8))]
+GRAD_H_CONFIGS = [dict(bt=bt, bg=bg, bk=bk, gtiles=gt, num_warps=nw, num_stages=ns) for bt, bg, bk, gt, nw, ns in (
+    (64, 128, 64, 1, 4, 3), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 1, 4, 3),
+    (128, 128, 64, 1, 4, 3), (64, 128, 64, 3, 4, 3), (64, 128, 64, 3, 8, 3), (128, 128, 64, 3, 8, 3),
+    (128, 128, 32, 3, 8, 3), (64, 128, 32, 3, 4, 4))]
+GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw, num_stages=ns)
+                   for bn, bg, bd, gt, sp, nw, ns in (
+    (64, 128, 128, 3, 16, 8, 3), (64, 128, 128, 3, 8, 8, 3), (64, 128, 128, 3, 32, 8, 3), (32, 128, 128, 3, 16, 8, 3),
+    (64, 128, 128, 3, 16, 8, 4), (64, 128, 128, 3, 16, 8, 2), (64, 128, 64, 3, 8, 8, 3), (128, 128, 64, 3, 16, 8, 3))]
+
+
+def profile(rng, tokens):
+    """Each piece of the value path at the 2B shape, with a block-size sweep of every Triton kernel: XLA's
+    h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
+    the kernels replace), the forward kernel (with and without saving c), XLA's dc = dy silu'(c), and the
+    three backward kernels. Leaves the fastest blocks of each kernel in `gpu`'s tables for the runs that
+    follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the Pallas
+    backward three."""
+    from pallas_kernels.dynamic_conv import common, gpu
     s = SHAPES["2b"]
     N, G, D, P = tokens, s["gen"], s["dv"], gpu.PAD
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.bfloat16)
-    h, w2t, u, k, dy = f(N, G), f(W, G, D), f(N + 2 * P, D), f(W, N + 2 * P, D), f(N + 2 * P, D)
+    h, w2t, u, c, dy, dc = f(N, G), f(W, G, D), f(N + 2 * P, D), f(N, D), f(N, D), f(N + 2 * P, D)
     b2t = jnp.zeros((W, D), jnp.float32)
     pos = jnp.asarray(np.arange(N + 2 * P) % 700, jnp.int32)
-    out = {"xla_h_at_w2_ms": timeit(jax.jit(lambda h, w: jnp.einsum("ng,wgd->wnd", h, w)), h, w2t)[0] * 1e3}
-    for bt, bd, bg, nw in ((64, 64, 128, 4), (64, 128, 128, 4), (128, 128, 128, 8), (128, 64, 128, 4),
-                           (128, 128, 64, 8), (64, 256, 128, 8), (128, 256, 128, 8)):
-        fn = jax.jit(lambda *a, bt=bt, bd=bd, bg=bg, nw=nw: gpu.forward(*a, bt=bt, bd=bd, bg=bg, num_warps=nw))
-        try:
-            out[f"fwd bt={bt} bd={bd} bg={bg} warps={nw}"] = timeit(fn, h, w2t, b2t, u, pos)[0] * 1e3
-        except Exception as e:  # noqa: BLE001 -- a config Triton cannot compile (registers, shared memory)
-            out[f"fwd bt={bt} bd={bd} bg={bg} warps={nw}"] = repr(e)[:200]
-        print(out, flush=True)
-    for bt, bd, nw in ((32, 128, 4), (64, 128, 4), (16, 256, 4), (64, 64, 4), (32, 256, 8)):
-        fn = jax.jit(lambda *a, bt=bt, bd=bd, nw=nw: gpu.backward(*a, bt=bt, bd=bd, num_warps=nw))
-        try:
-            out[f"bwd bt={bt} bd={bd} warps={nw}"] = timeit(fn, k, u, dy, pos)[0] * 1e3
-        except Exception as e:  # noqa: BLE001 -- as above
-            out[f"bwd bt={bt} bd={bd} warps={nw}"] = repr(e)[:200]
+    unit = 2 * N * G * D * W
+    out = {"unit_gflop": unit / 1e9}
+    jt = lambda fn, *a, iters=10: timeit(jax.jit(fn), *a, iters=iters)[0] * 1e3
+    out["xla_h_at_w2_ms"] = jt(lambda h, w: jnp.einsum("ng,wgd->wnd", h, w), h, w2t)
+    dk = jnp.einsum("ng,wgd->wnd", h, w2t)
+    out["xla_dh_from_dk_ms"] = jt(lambda dk, w: jnp.einsum("wnd,wgd->ng", dk, w, preferred_element_type=jnp.float32)
+                                  .astype(jnp.bfloat16), dk, w2t)
+    out["xla_dw2_from_dk_ms"] = jt(lambda h, dk: jnp.einsum("ng,wnd->wgd", h, dk, preferred_element_type=jnp.float32),
+                                   h, dk)
+    del dk
+    out["xla_dc_ms"] = jt(lambda c, dy: jnp.pad(common.silu_grad(c.astype(jnp.float32), dy.astype(jnp.float32))
+                                                .astype(c.dtype), [(P, P), (0, 0)]), c, dy)
+    print(out, flush=True)
+    runs = {
+        "fwd": (gpu.FWD, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.forward(*a, **cfg), (h, w2t, b2t, u, pos))),
+        "grad_u": (gpu.GRAD_U, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.grad_u(*a, **cfg), (h, w2t, b2t, dc, pos))),
+        "grad_h": (gpu.GRAD_H, GRAD_H_CONFIGS, lambda cfg: (lambda *a: gpu.grad_h(*a, **cfg), (dc, u, w2t, pos))),
+        "grad_w2": (gpu.GRAD_W2, GRAD_W2_CONFIGS,
+                    lambda cfg: (lambda *a: gpu.grad_w2(*a, W, **cfg), (h, dc, u, pos))),
+    }
+    for name, (table, configs, make_fn) in runs.items():
+        def time_one(cfg, iters, make_fn=make_fn):
+            fn, args = make_fn(cfg)
+            return timeit(jax.jit(fn), *args, iters=iters)[0]
+        best = _best(out, name, time_one, configs)
+        if best is not None:
+            table.update(best[1])
+            out[f"best {name}"] = {"ms": best[0], "cfg": best[1], "mxu_frac": unit / BF16_FLOPS_S / (best[0] * 1e-3)}
+    out["fwd save_c (best blocks) ms"] = jt(lambda *a: gpu.forward(*a, save_c=True), h, w2t, b2t, u, pos)
     return out
 
 
@@ -164,17 +215,20 @@ def main():
     p.add_argument("--out", default="dynamic_conv_bench.json")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--check-only", action="store_true")
-    p.add_argument("--sweep", action="store_true", help="time Triton block sizes of both kernels only")
+    p.add_argument("--profile", action="store_true",
+                   help="first time each piece and sweep the Triton block sizes (2B); the runs after use the fastest")
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    if args.sweep:
-        res = sweep(rng, args.tokens)
-        print(json.dumps(res, indent=1))
-        dump(res, args.out)
-        return
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "checks": {}, "rows": []}
+    if args.profile:
+        report["profile"] = profile(rng, args.tokens)
+        dump(report, args.out)
+    from pallas_kernels.dynamic_conv import gpu
+    report["gpu_blocks"] = {"fwd": gpu.FWD, "grad_u": gpu.GRAD_U, "grad_h": gpu.GRAD_H, "grad_w2": gpu.GRAD_W2}
+    print("blocks", report["gpu_blocks"], flush=True)
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
-        ok, errs = check(rng, jnp.dtype(dtype), tol)
+        with jax.default_matmul_precision("float32"):  # else the XLA path's float32 matmuls use TF32 on GPU
+            ok, errs = check(rng, jnp.dtype(dtype), tol)
         report["checks"][dtype] = {"ok": ok, "rel_err": errs}
         print(f"check {dtype}: {'ok' if ok else 'FAILED'} {errs}", flush=True)
     if not args.check_only:

@@ -3,9 +3,10 @@
 The op takes the generator's hidden activation h = silu(x W1) [B, T, G] and its second projection
 (w2 [G, Dv * W] channel-major, b2) instead of the kernels: the forward kernel generates each tile's taps in
 fast memory, so the [B, T, Dv, W] kernel tensor is neither written in the forward nor kept for the
-backward (the activation memory the fusion saves). The backward regenerates the taps with one XLA matmul,
-runs the conv backward kernel (du and the tap gradients, masked at document boundaries both ways), and
-leaves dh = dk w2^T and dw2 = h^T dk to XLA's matmuls.
+backward (the activation memory the fusion saves). Backward on GPU: the forward also saves the
+pre-activation c, and three Triton kernels form du, dh, dw2 and db2 without ever writing the taps or their
+gradient (see `pallas_kernels.dynamic_conv.gpu`). On TPU: one XLA matmul regenerates the taps, the conv
+backward kernel writes du and the tap gradient, and XLA's matmuls form dh = dk w2^T and dw2 = h^T dk.
 
 This module owns the layout (see pallas_kernels/dynamic_conv/common.py): batch rows flattened into one row
 axis, a cache (prefill continuation) prepended to its row as the first document's earlier tokens, rows
@@ -54,13 +55,20 @@ def _core(h, w2t, b2t, u, pos, backend, interpret):
 
 
 def _core_fwd(h, w2t, b2t, u, pos, backend, interpret):
-    return _core(h, w2t, b2t, u, pos, backend, interpret), (h, w2t, b2t, u, pos)
+    kern = kernel_module(backend)
+    if kern is gpu:
+        y, c = gpu.forward(h, w2t, b2t, u, pos, save_c=True, interpret=interpret)
+        return y, (h, w2t, b2t, u, pos, c)
+    return kern.forward(h, w2t, b2t, u, pos, interpret=interpret), (h, w2t, b2t, u, pos, None)
 
 
 def _core_bwd(backend, interpret, res, dy):
-    h, w2t, b2t, u, pos = res
+    h, w2t, b2t, u, pos, c = res
     kern = kernel_module(backend)
     pad = [(kern.PAD, kern.PAD), (0, 0)]
+    if kern is gpu:
+        dh, dw2t, db2t, du = gpu.backward(h, w2t, b2t, u, pos, c, dy, interpret=interpret)
+        return dh, dw2t.astype(w2t.dtype), db2t, jnp.pad(du, pad), None
     k = jnp.einsum("ng,wgd->wnd", jnp.pad(h, pad), w2t, preferred_element_type=jnp.float32)
     k = (k + b2t[:, None, :]).astype(h.dtype)  # the regenerated taps, in the matmul dtype
     du, dk = kern.backward(k, u, jnp.pad(dy, pad), pos, interpret=interpret)

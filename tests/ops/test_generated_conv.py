@@ -164,3 +164,22 @@ def test_kernels_run_per_shard_on_a_mesh(rng):
     out = subprocess.run([sys.executable, "-c", _SHARDED.format(seed=int(rng.integers(2**31)))], cwd=root,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_gpu_kernels_with_other_blocks(rng, monkeypatch):
+    """The GPU kernels' block options other than the defaults (several G blocks per program, split token
+    rows, other tiles) give the same gradients: float32, G 200 (two 128-wide G blocks after padding)."""
+    from pallas_kernels.dynamic_conv import gpu
+
+    for table, cfg in ((gpu.FWD, {"bt": 64, "bd": 64, "bg": 128}), (gpu.GRAD_U, {"bt": 64, "bg": 64}),
+                       (gpu.GRAD_H, {"bt": 128, "bk": 32, "gtiles": 2}),
+                       (gpu.GRAD_W2, {"bn": 32, "bd": 128, "gtiles": 2, "splits": 3})):
+        for k, v in cfg.items():
+            monkeypatch.setitem(table, k, v)
+    u, h, w2, b2, seg, cache = inputs(rng, 2, 75, 200, 72, 4, "float32", True, True)
+    y, vjp = run("cpu", u, h, w2, b2, seg, cache)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    y_ref, grads_ref = oracle(u, h, w2, b2, seg, cache, dy)
+    assert rel_err(y, y_ref) <= 1e-5
+    for name, g, g_ref in zip(("du", "dh", "dw2", "db2", "dcache"), vjp(dy), grads_ref):
+        assert rel_err(g, g_ref) <= 1e-5, name
