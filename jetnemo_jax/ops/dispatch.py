@@ -75,14 +75,21 @@ def _kernel_interpret(impl, mesh) -> bool:
     return backend == "cpu"
 
 
-def _auto_impl(dk, dv, chunk_size, mesh) -> str:
-    """The TPU kernels where they apply (chunk 64, head sizes they support, a known layout), else the
-    pure-XLA chunked op. GPUs get the chunked op too: the Pallas GPU kernels ("pallas_triton") are opt-in
-    until they beat it (on an H100 their forward+backward is no faster and far behind fla: BENCHMARKS.md)."""
+def _auto_impl(dk, dv, dtypes, chunk_size, mesh) -> str:
+    """The platform's kernels where they apply (chunk 64, head sizes and dtypes they support, a known
+    layout): "pallas" on TPU, "pallas_triton" on GPU (on an H100 2.8x the XLA op's forward+backward speed at
+    the 2B shape, though 1.5x slower than fla: BENCHMARKS.md); else the pure-XLA chunked op."""
     if chunk_size != 64 or not pallas_gdr.layout_known(mesh):
         return "chunked"
-    if pallas_gdr.platform(mesh) == "tpu" and max(dk, dv) <= pallas_gdr.MAX_HEAD_DIM:
+    backend = pallas_gdr.platform(mesh)
+    if backend == "tpu" and max(dk, dv) <= pallas_gdr.MAX_HEAD_DIM:
         return "pallas"
+    if backend == "gpu":
+        try:
+            triton_gdr.check_supported(dk, dv, dtypes)
+            return "pallas_triton"
+        except ValueError:
+            return "chunked"
     return "chunked"
 
 
@@ -106,7 +113,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     if impl not in GDR_IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {GDR_IMPLS}")
     if impl == "auto":
-        impl = _auto_impl(dk, dv, chunk_size, mesh)
+        impl = _auto_impl(dk, dv, (q.dtype, k.dtype, v.dtype), chunk_size, mesh)
     if impl in ("pallas", "pallas_triton") and chunk_size != 64:
         raise ValueError(f"impl={impl!r} uses chunk_size=64, got {chunk_size}")
     if impl == "pallas":
@@ -199,9 +206,9 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
     and b2 [Dv*W], both in h's dtype. impl="pallas" fuses the generation into the conv kernels, so the
     [B,T,Dv,W] kernels never reach HBM (`ops.pallas_conv`): the forward keeps ~20x less activation memory
     for the backward. It runs per shard of `mesh` (else of the training step's mesh, else of the
-    `jax.set_mesh` mesh). "auto" picks it on TPU, else "reference" (XLA): on an H100 the Triton kernels are
-    still 0.8x XLA's speed (BENCHMARKS.md), so GPUs use them only when asked (impl="pallas", e.g. to save
-    memory). Returns dynamic_conv's pair.
+    `jax.set_mesh` mesh). "auto" picks it on TPU and GPU (on an H100 its forward+backward is 1.44x XLA's
+    speed at the 2B shape and 1.12x at 4B, with 13x less activation memory; its 4B forward alone is 0.71x:
+    BENCHMARKS.md), else "reference" (XLA). Returns dynamic_conv's pair.
     """
     B, T, D = u.shape
     if h.ndim != 3 or h.shape[:2] != (B, T) or w2.shape[0] != h.shape[-1] or w2.shape[1] % D or b2.shape != w2.shape[1:]:
@@ -215,7 +222,7 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
     mesh = next((m for m in (mesh, active_mesh(), pallas_gdr._context_mesh()) if m is not None), None)
     backend = pallas_gdr.platform(mesh)
     if impl == "auto":
-        impl = "pallas" if backend == "tpu" else "reference"
+        impl = "pallas" if backend in ("tpu", "gpu") else "reference"
     if impl == "reference":
         kernels = (jnp.dot(h, w2, preferred_element_type=jnp.float32) + b2).astype(h.dtype)
         return dynamic_conv(u, kernels.reshape(B, T, D, W), segment_ids=segment_ids, cache=cache,

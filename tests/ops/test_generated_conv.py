@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jetnemo_jax import ops
-from jetnemo_jax.ops import dispatch, pallas_conv
+from jetnemo_jax.ops import dispatch, pallas_conv, pallas_gdr
 from tests.oracles import doc_starts, rel_err
 
 TOL = {"float32": (1e-5, 1e-5), "bfloat16": (2e-2, 3e-2)}
@@ -113,10 +113,12 @@ def test_public_op_prefill_cache_and_decode(rng):
     assert rel_err(y_full, y_all[:, :11]) <= 1e-5
 
 
-def test_auto_is_xla_on_cpu(rng):
+def test_auto_is_xla_on_cpu_and_the_kernels_on_gpu(rng, monkeypatch):
     u, h, w2, b2, _, _ = inputs(rng, 1, 5, 16, 8, 4, "float32", False, False)
     jaxpr = lambda impl: str(jax.make_jaxpr(lambda *a: ops.generated_dynamic_conv(*a, impl=impl))(u, h, w2, b2))
     assert "pallas_call" not in jaxpr("auto") and "pallas_call" in jaxpr("pallas")
+    monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "gpu")
+    assert "pallas_call" in jaxpr("auto")
     with pytest.raises(ValueError, match="expected"):
         ops.generated_dynamic_conv(u, h, w2[:, :-1], b2, impl="pallas")
 

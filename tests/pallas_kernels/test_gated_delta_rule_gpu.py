@@ -88,13 +88,12 @@ def test_lowers_to_triton_for_cuda(dtype, T, dk, dv):
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 7
 
 
-def test_auto_keeps_the_xla_op_on_gpu_and_impls_check_their_platform(rng, monkeypatch):
-    """The GPU kernels are opt-in (not yet faster than the XLA op); each kernel impl refuses the other
-    platform; float32 at dk = 96 is refused when compiled (shared memory)."""
+def test_auto_takes_the_gpu_kernels_and_impls_check_their_platform(rng, monkeypatch):
+    """On a GPU "auto" runs the kernels; each kernel impl refuses the other platform; float32 at dk = 96 is
+    refused when compiled (shared memory)."""
     x = make_inputs(rng, 1, 20, 1, 96, 64, dtype="bfloat16")
     monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "gpu")
-    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x))(x))
-    assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x, impl="pallas_triton"))(x))
+    assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x))(x))
     with pytest.raises(ValueError, match="TPUs only"):
         ops.gated_delta_rule(**x, impl="pallas")
     monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "tpu")
@@ -118,3 +117,16 @@ def test_unsupported_shapes_raise(rng):
 
 def test_runs_under_shard_map_on_a_mesh(rng):
     run_sharded_check(rng, "pallas_triton")
+
+
+def test_auto_picks_the_gpu_kernels_where_they_apply(monkeypatch):
+    """On a GPU, impl="auto" takes the kernels for what they compile (bf16 at any head size up to 256,
+    fp32 only up to dk = 64) and the XLA chunked op otherwise (fp32 dk = 128, chunk 32, dk = 512)."""
+    monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "gpu")
+    monkeypatch.setattr(pallas_gdr, "layout_known", lambda mesh: True)
+    bf16, f32 = (jnp.bfloat16,) * 3, (jnp.float32,) * 3
+    assert dispatch._auto_impl(96, 256, bf16, 64, None) == "pallas_triton"
+    assert dispatch._auto_impl(64, 128, f32, 64, None) == "pallas_triton"
+    assert dispatch._auto_impl(128, 128, f32, 64, None) == "chunked"
+    assert dispatch._auto_impl(96, 256, bf16, 32, None) == "chunked"
+    assert dispatch._auto_impl(512, 256, bf16, 64, None) == "chunked"
