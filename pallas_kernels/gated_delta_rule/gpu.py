@@ -19,7 +19,7 @@ stored chunk-major so that a serial step is two dots; T is all the forward keeps
 (batch*head, dv block) looping over chunks with the fp32 state in registers); `output` (parallel over
 chunks). Backward: `prepare_backward` (W, U, KD, e again from T, plus EQ = scale diag(e) Q and
 DVL = scale (Q K^T * D)^T dO), `chunk_states` again, `state_grads` (the serial reverse pass carrying dS,
-three dots a step) and `input_grads` (parallel over chunks). The delta rule is separable over value
+three dots a step) and `input_grads` (two kernels parallel over chunks). The delta rule is separable over value
 columns: the serial passes take one dv block per program (parallelism when B*H is small); the parallel
 kernels take a whole chunk per program and loop over its dv blocks, so the key- and chunk-space work is
 done once per chunk and every gradient is written once.
@@ -41,9 +41,8 @@ from jax.experimental.pallas import triton as plt
 
 CHUNK = 64
 _F32 = jnp.float32
-# Warps per program: 8 for the serial passes, whose [dk, block_v] fp32 state tiles crowd 4 warps'
-# registers (H100, 2B shape: chunk states 1.21 vs 1.43 ms, state gradients 2.37 vs 4.02 ms), and for the
-# input gradients (five accumulators live across the dv loop); 4 elsewhere.
+# Warps per program: 8 for the input gradients (H100, 2B shape, one kernel then: 5.7 vs 7.9 ms at 4), 4
+# elsewhere (the serial passes with two or three dots a step: 0.69 vs 0.83 ms and 1.06 vs 1.21 ms at 8).
 NUM_WARPS, WIDE_WARPS, NUM_STAGES = 4, 8, 2
 
 
@@ -308,22 +307,35 @@ def _dstates_kernel(w_ref, kd_ref, e_ref, eq_ref, dvl_ref, do_ref, dfin_ref, dst
     plt.store(p.state(dh0_ref, v0), ds, mask=smask)
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref, dvl_ref, s_ref, do_ref, ds_ref,
-                  dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, n_blocks, scale, l2norm,
-                  dots):
-    """Parallel over chunks: every input gradient of one chunk from its entering state S and the gradient
-    dS of its leaving state. One program per chunk, two loops over the dv blocks, each accumulating sums
-    over value columns: the first through the output and V_new (dO S^T, dO V_new^T, V_new dS^T), the second
-    through dV_new (dV_new S^T, dV_new (beta V)^T; it writes dv). Register pressure decides the order: two
-    loops keep two [C, dk] fp32 accumulators live, not three; q and k are loaded after the first loop and
-    k (and the gates) again after the second rather than held across it; T, W, KD stay bf16."""
+def _gate_grads(dd, de, d, e, strict, dd_last=None, d_last=None, de_last_e_last=0.0):
+    """dg of one chunk from the gradients of its gates (linear in them, so kernels can add parts):
+    D_ij = exp(sum of g over (j, i]) -> dg_m = sum_{i >= m > j} dD_ij D_ij; e_i over [0, i]; d_last_j over
+    (j, C-1]; e_last over the whole chunk."""
+    dseg = _rev_cumsum(dd * d, axis=0)  # [m, j] = sum_{i >= m} dD_ij D_ij
+    dg = jnp.sum(jnp.where(strict, dseg, 0.0), axis=1) + _rev_cumsum(de * e) + de_last_e_last
+    if dd_last is not None:
+        x = dd_last * d_last
+        dg = dg + jnp.cumsum(x) - x
+    return dg
+
+
+# The input gradients take two kernels, each one loop over the dv blocks with two accumulators of [C, dk]
+# (one kernel with all of them spilled registers: 5.7-6.1 ms at the 2B shape on an H100). The first goes
+# through the output and V_new, the second through dV_new, T and the gates; dk and dg pass between them
+# as float32 partial sums (the backward is linear in the cotangents).
+
+
+def _grads_output_kernel(q_ref, k_ref, g_ref, st_ref, w_ref, u_ref, s_ref, do_ref, ds_ref, dq_ref, dk_ref, dg_ref,
+                         *, heads, T, dk, dv, dkp, bv, n_blocks, scale, l2norm, dots):
+    """dq (final), and the parts of dk and dg through O = scale (diag(e) Q S + (QK^T * D) V_new) and through
+    V_new in the state update (S' = e_C S + KD^T V_new): sums over value columns of dO S^T, dO V_new^T and
+    V_new dS^T."""
     n = pl.program_id(1)
     p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     fast = dots.fast
-    t, w = p.tile(t_ref, n), p.tile(w_ref, n)
-    ck, cc = jnp.zeros((CHUNK, dkp), _F32), jnp.zeros((CHUNK, CHUNK), _F32)
+    w = p.tile(w_ref, n)
 
-    def through_output(i, acc):
+    def block(i, acc):
         dos, dp, dkd, de_last = acc
         v0 = i * bv
         s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
@@ -332,28 +344,40 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
         return (dos + fast(do, s, tb=True), dp + fast(do, v_new, tb=True), dkd + fast(v_new, ds, tb=True),
                 de_last + jnp.sum(s.astype(_F32) * ds.astype(_F32)))
 
-    dos, dp, dkd, de_last = jax.lax.fori_loop(0, n_blocks, through_output, (ck, cc, ck, jnp.float32(0.0)))
-
-    # Output terms.
-    q, rq, _ = p.ld.key(q_ref, n, l2norm)
-    k, _, kmask = p.ld.key(k_ref, n, l2norm)
-    d, e, d_last, _, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+    ck = jnp.zeros((CHUNK, dkp), _F32)
+    dos, dp, dkd, de_last = jax.lax.fori_loop(
+        0, n_blocks, block, (ck, jnp.zeros((CHUNK, CHUNK), _F32), ck, jnp.float32(0.0)))
+    q, rq, kmask = p.ld.key(q_ref, n, l2norm)
+    k, _, _ = p.ld.key(k_ref, n, l2norm)
+    d, e, d_last, e_last, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
     qk = fast(q, k, tb=True)
     dp = scale * dp  # gradient of P = QK^T * D
     dqk = dp * d
     dq = (scale * e)[:, None] * dos + fast(dqk, k)
-    de = scale * jnp.sum(q * dos, axis=1)
     if l2norm:  # d/dx of x / |x|
         dq = rq[:, None] * (dq - q * jnp.sum(dq * q, axis=1)[:, None])
     rows, ok = p.ld.rows(n)
     plt.store(dq_ref.at[p.b, rows, p.h, pl.ds(0, dkp)], dq.astype(dq_ref.dtype), mask=kmask)
-    dk_ = fast(dqk, q, ta=True) + d_last[:, None] * dkd
-    dd = dp * qk
-    dd_last = jnp.sum(dkd * k, axis=1)
-    kd = (d_last[:, None] * k).astype(dots.fast_dtype)
-    beta = p.ld.scalars(b_ref, n)
+    p.store_tile(dk_ref, n, fast(dqk, q, ta=True) + d_last[:, None] * dkd)
+    dg = _gate_grads(dp * qk, scale * jnp.sum(q * dos, axis=1), d, e, strict, jnp.sum(dkd * k, axis=1), d_last,
+                     de_last * e_last)
+    plt.store(dg_ref.at[p.bh, pl.ds(n * CHUNK, CHUNK)], dg)
 
-    def through_state(i, acc):
+
+def _grads_state_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, dvl_ref, s_ref, ds_ref, dk0_ref, dg0_ref,
+                        dk_ref, dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, n_blocks, l2norm, dots):
+    """dk, dg (adding the first kernel's parts), dv and dbeta through dV_new = DVL + KD dS, W = T diag(beta e) K,
+    U = T diag(beta) V and T = (I + A)^-1: sums over value columns of dV_new S^T and dV_new (beta V)^T."""
+    n = pl.program_id(1)
+    p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
+    fast = dots.fast
+    k, rk_norm, kmask = p.ld.key(k_ref, n, l2norm)
+    beta = p.ld.scalars(b_ref, n)
+    d, e, d_last, _, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+    t = p.tile(t_ref, n)
+    kd = (d_last[:, None] * k).astype(dots.fast_dtype)
+
+    def block(i, acc):
         dws, dtv, dbeta_v = acc
         v0 = i * bv
         s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
@@ -364,18 +388,17 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
         return (dws + fast(dv_new, s, tb=True), dtv + fast(dv_new, beta[:, None] * v, tb=True),
                 dbeta_v + jnp.sum(drv * v, axis=1))
 
-    dws, dtv, dbeta = jax.lax.fori_loop(0, n_blocks, through_state, (ck, cc, jnp.zeros((CHUNK,), _F32)))
-    k, rk_norm, _ = p.ld.key(k_ref, n, l2norm)
-    d, _, _, e_last, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+    dws, dtv, dbeta = jax.lax.fori_loop(
+        0, n_blocks, block, (jnp.zeros((CHUNK, dkp), _F32), jnp.zeros((CHUNK, CHUNK), _F32),
+                             jnp.zeros((CHUNK,), _F32)))
 
-    # Through W = T Rk and V_new = U - W S (U's part of dT, dtv, and dv came out of the second loop).
+    # Through W = T Rk (V_new = U - W S: dW = -dV_new S^T); U's part of dT is dtv.
     rk = (beta * e)[:, None] * k
     dt = dtv - fast(dws, rk, tb=True)
     drk = -fast(t, dws, ta=True)
-    dk_ = dk_ + (beta * e)[:, None] * drk
+    dk_ = p.tile(dk0_ref, n).astype(_F32) + (beta * e)[:, None] * drk
     drk_k = jnp.sum(drk * k, axis=1)
     dbeta = dbeta + e * drk_k
-    de = de + beta * drk_k
 
     # Through T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part, A = beta_i (k_i.k_j) D_ij.
     kk = fast(k, k, tb=True)
@@ -383,17 +406,11 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref
     dbeta = dbeta + jnp.sum(da * kk * d, axis=1)
     dkk = da * beta[:, None] * d
     dk_ = dk_ + fast(dkk, k) + fast(dkk, k, ta=True)
-    dd = dd + da * beta[:, None] * kk
-
-    # Gates: D_ij = exp(sum of g over (j, i]) -> dg_m = sum_{i >= m > j} dD_ij D_ij; e_i over [0, i];
-    # d_last_j over (j, C-1]; e_last over the whole chunk.
-    dseg = _rev_cumsum(dd * d, axis=0)  # [m, j] = sum_{i >= m} dD_ij D_ij
-    x = dd_last * d_last
-    dg = (jnp.sum(jnp.where(strict, dseg, 0.0), axis=1) + _rev_cumsum(de * e)
-          + (jnp.cumsum(x) - x) + de_last * e_last)
-
+    dg = plt.load(dg0_ref.at[p.bh, pl.ds(n * CHUNK, CHUNK)]) + _gate_grads(da * beta[:, None] * kk, beta * drk_k, d,
+                                                                            e, strict)
     if l2norm:
         dk_ = rk_norm[:, None] * (dk_ - k * jnp.sum(dk_ * k, axis=1)[:, None])
+    rows, ok = p.ld.rows(n)
     plt.store(dk_ref.at[p.b, rows, p.h, pl.ds(0, dkp)], dk_.astype(dk_ref.dtype), mask=kmask)
     plt.store(dg_ref.at[p.b, rows, p.h], dg.astype(dg_ref.dtype), mask=ok)
     plt.store(db_ref.at[p.b, rows, p.h], dbeta.astype(db_ref.dtype), mask=ok)
@@ -468,7 +485,7 @@ def prepare_backward(q, k, v, g, beta, starts, tinv, do, *, scale, l2norm, block
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def chunk_states(w, u, kd, e, h0, *, block_v=64, interpret=False, num_warps=WIDE_WARPS):
+def chunk_states(w, u, kd, e, h0, *, block_v=64, interpret=False, num_warps=NUM_WARPS):
     """(the state entering every chunk [B*H, N*dkp, dvp] in W's dtype (what the fast dots round it to
     anyway); the final state [B, H, dk, dv] float32) from `prepare` and h0."""
     m = _serial_dims(w, h0, block_v)
@@ -488,7 +505,7 @@ def output(q, k, v, g, starts, w, u, states, *, scale, l2norm, block_v=64, inter
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def state_grads(w, kd, e, eq, dvl, do, d_final, *, block_v=64, interpret=False, num_warps=WIDE_WARPS):
+def state_grads(w, kd, e, eq, dvl, do, d_final, *, block_v=64, interpret=False, num_warps=NUM_WARPS):
     """(the gradient of the state leaving every chunk, laid out as `chunk_states`; dh0 [B, H, dk, dv]
     float32) from `prepare_backward`, do [B, T, H, dv] and the final-state cotangent d_final."""
     m = _serial_dims(w, d_final, block_v)
@@ -503,10 +520,17 @@ def state_grads(w, kd, e, eq, dvl, do, d_final, *, block_v=64, interpret=False, 
 def input_grads(q, k, v, g, beta, starts, tinv, w, u, dvl, states, do, dstates, *, scale, l2norm, block_v=64,
                 interpret=False, num_warps=WIDE_WARPS):
     """(dq, dk, dv, dg, dbeta), each in its input's dtype, from `prepare_backward`, `chunk_states` and
-    `state_grads`."""
+    `state_grads`: two kernels, the second adding to the first's float32 dk and dg."""
     B, T, H, dk = q.shape
     m = _dims(B, T, H, dk, v.shape[-1], block_v)
-    kernel = functools.partial(_grads_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g, beta)]
-    return tuple(_call(kernel, m, "chunks", out_shape, interpret, num_warps, w.dtype,
-                       q, k, v, g, beta, starts, tinv, w, u, dvl, states, do, dstates))
+    fd = w.dtype
+    kernel = functools.partial(_grads_output_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), _tiles(m, m["dkp"], _F32),
+                 jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK), _F32)]
+    dq, dk0, dg0 = _call(kernel, m, "chunks", out_shape, interpret, num_warps, fd,
+                         q, k, g, starts, w, u, states, do, dstates)
+    kernel = functools.partial(_grads_state_kernel, n_blocks=m["nv"], l2norm=l2norm)
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, g, beta)]
+    dk, dv, dg, dbeta = _call(kernel, m, "chunks", out_shape, interpret, num_warps, fd,
+                              k, v, g, beta, starts, tinv, w, dvl, states, dstates, dk0, dg0)
+    return dq, dk, dv, dg, dbeta
