@@ -192,8 +192,8 @@ class _Program:
     def store_chunk_state(self, ref, n, v0, x):
         plt.store(ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(v0, self.bv)], x.astype(ref.dtype))
 
-    def values(self, ref, n, v0):  # [C, bv] of a [B, T, H, dv] ref and its mask
-        return self.ld.tokens(ref, n, self.bv, v0, self.dv)
+    def values(self, ref, n, v0):  # [C, bv] of a [B, T, H, dv] ref, zero outside T and dv
+        return self.ld.tokens(ref, n, self.bv, v0, self.dv)[0]
 
     def store_values(self, ref, n, v0, x):
         rows, mask = self.ld.mask(n, self.bv, v0, self.dv)
@@ -239,10 +239,10 @@ def _prepare_kernel(*refs, backward, heads, T, dk, dv, dkp, bv, n_blocks, scale,
 
     def block(i, carry):
         v0 = i * bv
-        v, _ = p.values(v_ref, n, v0)
+        v = p.values(v_ref, n, v0)
         p.store_tile(u_ref, n, dots.fast(t, beta[:, None] * v), v0)
         if backward:
-            do, _ = p.values(do_ref, n, v0)
+            do = p.values(do_ref, n, v0)
             p.store_tile(dvl_ref, n, scale * dots.fast(qkd, do, ta=True), v0)
         return carry
 
@@ -298,7 +298,7 @@ def _dstates_kernel(w_ref, kd_ref, e_ref, eq_ref, dvl_ref, do_ref, dfin_ref, dst
         n = n_chunks - 1 - i
         p.store_chunk_state(dstates_ref, n, v0, ds)
         dv_new = p.tile(dvl_ref, n, v0, bv) + dots.fast(p.tile(kd_ref, n), ds)
-        do, _ = p.values(do_ref, n, v0)
+        do = p.values(do_ref, n, v0)
         return (p.e_last(e_ref, n) * ds + dots.fast(p.tile(eq_ref, n), do, ta=True)
                 - dots.fast(p.tile(w_ref, n), dv_new, ta=True))
 
@@ -339,7 +339,7 @@ def _grads_output_kernel(q_ref, k_ref, g_ref, st_ref, w_ref, u_ref, s_ref, do_re
         dos, dp, dkd, de_last = acc
         v0 = i * bv
         s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
-        do, _ = p.values(do_ref, n, v0)
+        do = p.values(do_ref, n, v0)
         v_new = p.tile(u_ref, n, v0, bv) - fast(w, s)
         return (dos + fast(do, s, tb=True), dp + fast(do, v_new, tb=True), dkd + fast(v_new, ds, tb=True),
                 de_last + jnp.sum(s.astype(_F32) * ds.astype(_F32)))
@@ -381,7 +381,7 @@ def _grads_state_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, dvl_re
         dws, dtv, dbeta_v = acc
         v0 = i * bv
         s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
-        v, _ = p.values(v_ref, n, v0)
+        v = p.values(v_ref, n, v0)
         dv_new = p.tile(dvl_ref, n, v0, bv) + fast(kd, ds)
         drv = fast(t, dv_new, ta=True)
         p.store_values(dv_ref, n, v0, beta[:, None] * drv)
