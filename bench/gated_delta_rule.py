@@ -142,21 +142,20 @@ def profile_kernels(name, reps, warps, block_vs):
     bv0 = triton_gdr.default_block_v(B * H, dv)
     scale, fd = dk ** -0.5, jnp.bfloat16
     t, w, u, kd, e = kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, block_v=bv0)
-    st, fin = kern.chunk_states(w, u, kd, e, h0, block_v=bv0)
-    _, _, _, _, eq, dvl = kern.prepare_backward(q, k, v, g, beta, starts, t, do, scale=scale, l2norm=True,
-                                                block_v=bv0)
+    st, vn, fin = kern.chunk_states(w, u, kd, e, h0, block_v=bv0)
+    eq, dvl = kern.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True, fast_dtype=fd, block_v=bv0)
     dst, _ = kern.state_grads(w, kd, e, eq, dvl, do, fin, block_v=bv0)
 
     def runs(nw, bv):
         flags = dict(block_v=bv, num_warps=nw)
         return {
             "prepare": lambda: kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, **flags),
-            "prepare_backward": lambda: kern.prepare_backward(q, k, v, g, beta, starts, t, do, scale=scale,
-                                                              l2norm=True, **flags),
+            "prepare_backward": lambda: kern.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True,
+                                                              fast_dtype=fd, **flags),
             "chunk_states": lambda: kern.chunk_states(w, u, kd, e, h0, **flags),
-            "output": lambda: kern.output(q, k, v, g, starts, w, u, st, scale=scale, l2norm=True, **flags),
+            "output": lambda: kern.output(q, k, v, g, starts, vn, st, scale=scale, l2norm=True, **flags),
             "state_grads": lambda: kern.state_grads(w, kd, e, eq, dvl, do, fin, **flags),
-            "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, w, u, dvl, st, do, dst,
+            "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, vn, dvl, st, do, dst,
                                                     scale=scale, l2norm=True, **flags),
         }
 

@@ -3,10 +3,12 @@
 
 The kernels read [B, T, H, d] as given and pad T, dk and dv inside with masked loads, and they L2-normalise
 q and k themselves, so this module only turns document ids into start flags and chains the kernels.
-Forward: `prepare` (T, W, U, KD per chunk; parallel), chunk-entry states (serial), output (parallel).
-Backward: `prepare_backward` from the saved T, the states again (recomputed rather than kept from the
-forward: no activation memory in between), state gradients (serial, reverse), input gradients (parallel).
-The forward saves only the chunk inverses T (C bf16 values per token and head for bf16 inputs).
+Forward: `prepare` (T, W, U, KD per chunk; parallel), chunk-entry states and V_new (serial), output
+(parallel). Backward: `prepare_backward` (EQ, DVL; parallel), state gradients (serial, reverse), input
+gradients (parallel). The forward saves T, W, KD, e, the chunk states and V_new for the backward (in bf16
+for bf16 inputs: ~2.2 KB per token and head at dk = 96, dv = 256, ~0.86 GB at the 2B shape's 32K tokens):
+recomputing them cost the backward a second serial pass (0.7 ms of 6.1 at that shape, H100). Under
+`jax.checkpoint` (the trainer's remat) they live only through one layer's backward.
 On a mesh the op runs inside `jax.shard_map` like the TPU kernels (`pallas_gdr.shard_over_mesh`).
 """
 
@@ -51,21 +53,20 @@ def _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
     fast_dtype = kernels.dot_dtype(q, k, v)
     flags = dict(block_v=block_v, interpret=interpret)
     tinv, w, u, kd, e = kernels.prepare(k, v, g, beta, starts, l2norm=l2norm, fast_dtype=fast_dtype, **flags)
-    states, final = kernels.chunk_states(w, u, kd, e, h0, **flags)
-    o = kernels.output(q, k, v, g, starts, w, u, states, scale=scale, l2norm=l2norm, **flags)
-    return (o, final), (q, k, v, g, beta, starts, h0, tinv)
+    states, v_new, final = kernels.chunk_states(w, u, kd, e, h0, **flags)
+    o = kernels.output(q, k, v, g, starts, v_new, states, scale=scale, l2norm=l2norm, **flags)
+    return (o, final), (q, k, v, g, beta, starts, h0, tinv, w, kd, e, states, v_new)
 
 
 def _core_bwd(scale, l2norm, block_v, interpret, res, cts):
-    q, k, v, g, beta, starts, h0, tinv = res
+    q, k, v, g, beta, starts, h0, tinv, w, kd, e, states, v_new = res
     do, d_final = cts
     do = do.astype(v.dtype)
     flags = dict(block_v=block_v, interpret=interpret)
-    w, u, kd, e, eq, dvl = kernels.prepare_backward(q, k, v, g, beta, starts, tinv, do, scale=scale,
-                                                    l2norm=l2norm, **flags)
-    states, _ = kernels.chunk_states(w, u, kd, e, h0, **flags)
+    eq, dvl = kernels.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=l2norm, fast_dtype=w.dtype,
+                                       **flags)
     dstates, dh0 = kernels.state_grads(w, kd, e, eq, dvl, do, d_final, **flags)
-    dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, w, u, dvl, states, do, dstates,
+    dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, v_new, dvl, states, do, dstates,
                                                 scale=scale, l2norm=l2norm, **flags)
     return dq, dk, dv, dg, dbeta, None, dh0.astype(h0.dtype)
 

@@ -14,12 +14,11 @@ Per chunk (see shared/spec/gated_delta_rule.md; jetnemo_jax/ops/chunked.py is th
   V_new = U - W S;  O = scale (diag(e) Q S + (Q K^T * D) V_new);  S' = e_C S + (diag(D_C:) K)^T V_new.
 
 Kernels (fla's pipeline shape): `prepare` (parallel over chunks: T, and W, U, KD = diag(D_C:) K and e
-stored chunk-major so that a serial step is two dots; T is all the forward keeps for the backward);
-`chunk_states` (the state entering every chunk and the final state: the serial pass, one program per
-(batch*head, dv block) looping over chunks with the fp32 state in registers); `output` (parallel over
-chunks). Backward: `prepare_backward` (W, U, KD, e again from T, plus EQ = scale diag(e) Q and
-DVL = scale (Q K^T * D)^T dO), `chunk_states` again, `state_grads` (the serial reverse pass carrying dS,
-three dots a step) and `input_grads` (two kernels parallel over chunks). The delta rule is separable over value
+stored chunk-major so that a serial step is two dots); `chunk_states` (the state entering every chunk, V_new
+and the final state: the serial pass, one program per (batch*head, dv block) looping over chunks with the
+fp32 state in registers); `output` (parallel over chunks). Backward, from the forward's T, W, KD, e, states
+and V_new: `prepare_backward` (EQ = scale diag(e) Q and DVL = scale (Q K^T * D)^T dO), `state_grads` (the
+serial reverse pass carrying dS, three dots a step) and `input_grads` (two kernels parallel over chunks). The delta rule is separable over value
 columns: the serial passes take one dv block per program (parallelism when B*H is small); the parallel
 kernels take a whole chunk per program and loop over its dv blocks, so the key- and chunk-space work is
 done once per chunk and every gradient is written once.
@@ -211,53 +210,60 @@ class _Program:
         return jnp.sum(jnp.where(jnp.arange(CHUNK, dtype=jnp.int32) == CHUNK - 1, e, 0.0))
 
 
-def _prepare_kernel(*refs, backward, heads, T, dk, dv, dkp, bv, n_blocks, scale, l2norm, dots):
-    """Parallel over chunks: what the serial passes read, so that a serial step is two (forward) or three
-    (backward) dots: W = T diag(beta e) K, U = T diag(beta) V, KD = diag(D_C:) K and e; the forward also
-    forms T = (I + A)^-1 (kept for the backward), the backward reads T and adds EQ = scale diag(e) Q and
-    DVL = scale (Q K^T * D)^T dO (dV_new's part that does not flow through the state)."""
-    if backward:
-        q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, do_ref, w_ref, u_ref, kd_ref, e_ref, eq_ref, dvl_ref = refs
-    else:
-        k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref, kd_ref, e_ref = refs
+def _prepare_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, u_ref, kd_ref, e_ref, *, heads, T, dk, dv,
+                    dkp, bv, n_blocks, l2norm, dots):
+    """Parallel over chunks: T = (I + A)^-1 and what the serial pass reads, so that its step is two dots:
+    W = T diag(beta e) K, U = T diag(beta) V, KD = diag(D_C:) K and e."""
     n = pl.program_id(1)
     p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     k, _, _ = p.ld.key(k_ref, n, l2norm)
     beta = p.ld.scalars(b_ref, n)
     d, e, d_last, _, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
-    if backward:
-        t = p.tile(t_ref, n)
-        q, _, _ = p.ld.key(q_ref, n, l2norm)
-        p.store_tile(eq_ref, n, (scale * e)[:, None] * q)
-        qkd = dots.fast(q, k, tb=True) * d
-    else:
-        t = _unit_lower_inverse(jnp.where(strict, beta[:, None] * dots.fast(k, k, tb=True) * d, 0.0), dots)
-        p.store_tile(t_ref, n, t)
+    t = _unit_lower_inverse(jnp.where(strict, beta[:, None] * dots.fast(k, k, tb=True) * d, 0.0), dots)
+    p.store_tile(t_ref, n, t)
     p.store_tile(w_ref, n, dots.fast(t, (beta * e)[:, None] * k))
     p.store_tile(kd_ref, n, d_last[:, None] * k)
     plt.store(e_ref.at[p.bh, pl.ds(n * CHUNK, CHUNK)], e)
 
     def block(i, carry):
         v0 = i * bv
-        v = p.values(v_ref, n, v0)
-        p.store_tile(u_ref, n, dots.fast(t, beta[:, None] * v), v0)
-        if backward:
-            do = p.values(do_ref, n, v0)
-            p.store_tile(dvl_ref, n, scale * dots.fast(qkd, do, ta=True), v0)
+        p.store_tile(u_ref, n, dots.fast(t, beta[:, None] * p.values(v_ref, n, v0)), v0)
         return carry
 
     jax.lax.fori_loop(0, n_blocks, block, 0)
 
 
-def _states_kernel(w_ref, u_ref, kd_ref, e_ref, h0_ref, states_ref, final_ref, *, heads, T, dk, dv, dkp, bv,
-                   n_chunks, dots):
-    """Serial pass: the state entering every chunk (stored) and the final state;
-    V_new = U - W S, S' = e_C S + KD^T V_new."""
+def _prepare_backward_kernel(q_ref, k_ref, g_ref, st_ref, do_ref, eq_ref, dvl_ref, *, heads, T, dk, dv, dkp, bv,
+                             n_blocks, scale, l2norm, dots):
+    """Parallel over chunks: what the serial reverse pass reads besides the forward's W, KD and e:
+    EQ = scale diag(e) Q and DVL = scale (Q K^T * D)^T dO (dV_new's part that does not flow through the
+    state)."""
+    n = pl.program_id(1)
+    p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
+    q, _, _ = p.ld.key(q_ref, n, l2norm)
+    k, _, _ = p.ld.key(k_ref, n, l2norm)
+    d, e, _, _, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+    p.store_tile(eq_ref, n, (scale * e)[:, None] * q)
+    qkd = (scale * dots.fast(q, k, tb=True) * d).astype(dots.fast_dtype)
+
+    def block(i, carry):
+        v0 = i * bv
+        p.store_tile(dvl_ref, n, dots.fast(qkd, p.values(do_ref, n, v0), ta=True), v0)
+        return carry
+
+    jax.lax.fori_loop(0, n_blocks, block, 0)
+
+
+def _states_kernel(w_ref, u_ref, kd_ref, e_ref, h0_ref, states_ref, vnew_ref, final_ref, *, heads, T, dk, dv,
+                   dkp, bv, n_chunks, dots):
+    """Serial pass: the state entering every chunk and V_new = U - W S (both stored), and the final state;
+    S' = e_C S + KD^T V_new."""
     p, v0 = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv), pl.program_id(1) * bv
 
     def body(n, s):
         p.store_chunk_state(states_ref, n, v0, s)
         v_new = p.tile(u_ref, n, v0, bv) - dots.fast(p.tile(w_ref, n), s)
+        p.store_tile(vnew_ref, n, v_new, v0)
         return p.e_last(e_ref, n) * s + dots.fast(p.tile(kd_ref, n), v_new, ta=True)
 
     smask = p.smask(v0)
@@ -265,23 +271,21 @@ def _states_kernel(w_ref, u_ref, kd_ref, e_ref, h0_ref, states_ref, final_ref, *
     plt.store(p.state(final_ref, v0), s, mask=smask)
 
 
-def _output_kernel(q_ref, k_ref, g_ref, st_ref, w_ref, u_ref, states_ref, o_ref, *, heads, T, dk, dv, dkp, bv,
+def _output_kernel(q_ref, k_ref, g_ref, st_ref, vnew_ref, states_ref, o_ref, *, heads, T, dk, dv, dkp, bv,
                    n_blocks, scale, l2norm, dots):
-    """Parallel over chunks: O = scale (diag(e) Q S + (Q K^T * D) (U - W S)) from the chunk's entering
-    state, one program per chunk looping over the dv blocks."""
+    """Parallel over chunks: O = scale (diag(e) Q S + (Q K^T * D) V_new) from the chunk's entering state and
+    V_new, one program per chunk looping over the dv blocks."""
     n = pl.program_id(1)
     p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     q, _, _ = p.ld.key(q_ref, n, l2norm)
     k, _, _ = p.ld.key(k_ref, n, l2norm)
     d, e, _, _, _ = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
-    w = p.tile(w_ref, n)
-    qkd = scale * dots.fast(q, k, tb=True) * d
-    eq = (scale * e)[:, None] * q
+    qkd = (scale * dots.fast(q, k, tb=True) * d).astype(dots.fast_dtype)
+    eq = ((scale * e)[:, None] * q).astype(dots.fast_dtype)
 
     def block(i, carry):
         v0 = i * bv
-        s = p.chunk_state(states_ref, n, v0)
-        o = dots.fast(eq, s) + dots.fast(qkd, p.tile(u_ref, n, v0, bv) - dots.fast(w, s))
+        o = dots.fast(eq, p.chunk_state(states_ref, n, v0)) + dots.fast(qkd, p.tile(vnew_ref, n, v0, bv))
         p.store_values(o_ref, n, v0, o)
         return carry
 
@@ -325,22 +329,21 @@ def _gate_grads(dd, de, d, e, strict, dd_last=None, d_last=None, de_last_e_last=
 # as float32 partial sums (the backward is linear in the cotangents).
 
 
-def _grads_output_kernel(q_ref, k_ref, g_ref, st_ref, w_ref, u_ref, s_ref, do_ref, ds_ref, dq_ref, dk_ref, dg_ref,
-                         *, heads, T, dk, dv, dkp, bv, n_blocks, scale, l2norm, dots):
+def _grads_output_kernel(q_ref, k_ref, g_ref, st_ref, vnew_ref, s_ref, do_ref, ds_ref, dq_ref, dk_ref, dg_ref, *,
+                         heads, T, dk, dv, dkp, bv, n_blocks, scale, l2norm, dots):
     """dq (final), and the parts of dk and dg through O = scale (diag(e) Q S + (QK^T * D) V_new) and through
     V_new in the state update (S' = e_C S + KD^T V_new): sums over value columns of dO S^T, dO V_new^T and
     V_new dS^T."""
     n = pl.program_id(1)
     p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     fast = dots.fast
-    w = p.tile(w_ref, n)
 
     def block(i, acc):
         dos, dp, dkd, de_last = acc
         v0 = i * bv
         s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
         do = p.values(do_ref, n, v0)
-        v_new = p.tile(u_ref, n, v0, bv) - fast(w, s)
+        v_new = p.tile(vnew_ref, n, v0, bv)
         return (dos + fast(do, s, tb=True), dp + fast(do, v_new, tb=True), dkd + fast(v_new, ds, tb=True),
                 de_last + jnp.sum(s.astype(_F32) * ds.astype(_F32)))
 
@@ -364,7 +367,7 @@ def _grads_output_kernel(q_ref, k_ref, g_ref, st_ref, w_ref, u_ref, s_ref, do_re
     plt.store(dg_ref.at[p.bh, pl.ds(n * CHUNK, CHUNK)], dg)
 
 
-def _grads_state_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, w_ref, dvl_ref, s_ref, ds_ref, dk0_ref, dg0_ref,
+def _grads_state_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, dvl_ref, s_ref, ds_ref, dk0_ref, dg0_ref,
                         dk_ref, dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, n_blocks, l2norm, dots):
     """dk, dg (adding the first kernel's parts), dv and dbeta through dV_new = DVL + KD dS, W = T diag(beta e) K,
     U = T diag(beta) V and T = (I + A)^-1: sums over value columns of dV_new S^T and dV_new (beta V)^T."""
@@ -464,44 +467,40 @@ def prepare(k, v, g, beta, starts, *, l2norm, fast_dtype, block_v=64, interpret=
     m = _dims(B, T, H, dk, v.shape[-1], block_v)
     out_shape = [_tiles(m, CHUNK, fast_dtype), _tiles(m, m["dkp"], fast_dtype), _tiles(m, m["dvp"], fast_dtype),
                  _tiles(m, m["dkp"], fast_dtype), jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK), _F32)]
-    kernel = functools.partial(_prepare_kernel, backward=False, n_blocks=m["nv"], scale=None, l2norm=l2norm)
+    kernel = functools.partial(_prepare_kernel, n_blocks=m["nv"], l2norm=l2norm)
     return tuple(_call(kernel, m, "chunks", out_shape, interpret, num_warps, fast_dtype, k, v, g, beta, starts))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "l2norm", *_STATIC))
-def prepare_backward(q, k, v, g, beta, starts, tinv, do, *, scale, l2norm, block_v=64, interpret=False,
+@functools.partial(jax.jit, static_argnames=("scale", "l2norm", "fast_dtype", *_STATIC))
+def prepare_backward(q, k, g, starts, do, *, scale, l2norm, fast_dtype, block_v=64, interpret=False,
                      num_warps=NUM_WARPS):
-    """The backward's parallel first kernel, from the forward's T: (W, U, KD, e as `prepare`; EQ [B*H, N*C,
-    dkp], DVL [B*H, N*C, dvp])."""
+    """The backward's parallel first kernel: (EQ [B*H, N*C, dkp], DVL [B*H, N*C, dvp]) in `fast_dtype`."""
     B, T, H, dk = q.shape
-    m = _dims(B, T, H, dk, v.shape[-1], block_v)
-    fd = tinv.dtype
-    out_shape = [_tiles(m, m["dkp"], fd), _tiles(m, m["dvp"], fd), _tiles(m, m["dkp"], fd),
-                 jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK), _F32), _tiles(m, m["dkp"], fd),
-                 _tiles(m, m["dvp"], fd)]
-    kernel = functools.partial(_prepare_kernel, backward=True, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
-    return tuple(_call(kernel, m, "chunks", out_shape, interpret, num_warps, fd, q, k, v, g, beta, starts, tinv,
-                       do))
+    m = _dims(B, T, H, dk, do.shape[-1], block_v)
+    out_shape = [_tiles(m, m["dkp"], fast_dtype), _tiles(m, m["dvp"], fast_dtype)]
+    kernel = functools.partial(_prepare_backward_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
+    return tuple(_call(kernel, m, "chunks", out_shape, interpret, num_warps, fast_dtype, q, k, g, starts, do))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def chunk_states(w, u, kd, e, h0, *, block_v=64, interpret=False, num_warps=NUM_WARPS):
-    """(the state entering every chunk [B*H, N*dkp, dvp] in W's dtype (what the fast dots round it to
-    anyway); the final state [B, H, dk, dv] float32) from `prepare` and h0."""
+    """(the state entering every chunk [B*H, N*dkp, dvp] and V_new [B*H, N*C, dvp], both in W's dtype (what
+    the fast dots round them to anyway); the final state [B, H, dk, dv] float32) from `prepare` and h0."""
     m = _serial_dims(w, h0, block_v)
     kernel = functools.partial(_states_kernel, n_chunks=m["N"])
-    out_shape = [_states_shape(m, w.dtype), jax.ShapeDtypeStruct(h0.shape, _F32)]
+    out_shape = [_states_shape(m, w.dtype), _tiles(m, m["dvp"], w.dtype), jax.ShapeDtypeStruct(h0.shape, _F32)]
     return tuple(_call(kernel, m, "serial", out_shape, interpret, num_warps, w.dtype, w, u, kd, e, h0))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2norm", *_STATIC))
-def output(q, k, v, g, starts, w, u, states, *, scale, l2norm, block_v=64, interpret=False, num_warps=NUM_WARPS):
-    """o [B, T, H, dv] in v's dtype (v itself is not read) from `prepare` and `chunk_states`."""
+def output(q, k, v, g, starts, v_new, states, *, scale, l2norm, block_v=64, interpret=False,
+           num_warps=NUM_WARPS):
+    """o [B, T, H, dv] in v's dtype (v itself is not read) from `chunk_states`."""
     B, T, H, dk = q.shape
     m = _dims(B, T, H, dk, v.shape[-1], block_v)
     kernel = functools.partial(_output_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
-    return _call(kernel, m, "chunks", jax.ShapeDtypeStruct(v.shape, v.dtype), interpret, num_warps, w.dtype,
-                 q, k, g, starts, w, u, states)
+    return _call(kernel, m, "chunks", jax.ShapeDtypeStruct(v.shape, v.dtype), interpret, num_warps, v_new.dtype,
+                 q, k, g, starts, v_new, states)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -517,20 +516,20 @@ def state_grads(w, kd, e, eq, dvl, do, d_final, *, block_v=64, interpret=False, 
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2norm", *_STATIC))
-def input_grads(q, k, v, g, beta, starts, tinv, w, u, dvl, states, do, dstates, *, scale, l2norm, block_v=64,
+def input_grads(q, k, v, g, beta, starts, tinv, v_new, dvl, states, do, dstates, *, scale, l2norm, block_v=64,
                 interpret=False, num_warps=WIDE_WARPS):
-    """(dq, dk, dv, dg, dbeta), each in its input's dtype, from `prepare_backward`, `chunk_states` and
-    `state_grads`: two kernels, the second adding to the first's float32 dk and dg."""
+    """(dq, dk, dv, dg, dbeta), each in its input's dtype, from `prepare`, `chunk_states`, `prepare_backward`
+    and `state_grads`: two kernels, the second adding to the first's float32 dk and dg."""
     B, T, H, dk = q.shape
     m = _dims(B, T, H, dk, v.shape[-1], block_v)
-    fd = w.dtype
+    fd = v_new.dtype
     kernel = functools.partial(_grads_output_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), _tiles(m, m["dkp"], _F32),
                  jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK), _F32)]
     dq, dk0, dg0 = _call(kernel, m, "chunks", out_shape, interpret, num_warps, fd,
-                         q, k, g, starts, w, u, states, do, dstates)
+                         q, k, g, starts, v_new, states, do, dstates)
     kernel = functools.partial(_grads_state_kernel, n_blocks=m["nv"], l2norm=l2norm)
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, g, beta)]
     dk, dv, dg, dbeta = _call(kernel, m, "chunks", out_shape, interpret, num_warps, fd,
-                              k, v, g, beta, starts, tinv, w, dvl, states, dstates, dk0, dg0)
+                              k, v, g, beta, starts, tinv, dvl, states, dstates, dk0, dg0)
     return dq, dk, dv, dg, dbeta
