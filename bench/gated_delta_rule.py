@@ -144,7 +144,7 @@ def profile_kernels(name, reps, warps, block_vs):
     t, w, u, kd, e = kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, block_v=bv0)
     st, vn, fin = kern.chunk_states(w, u, kd, e, h0, block_v=bv0)
     eq, dvl = kern.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True, fast_dtype=fd, block_v=bv0)
-    dst, _ = kern.state_grads(w, kd, e, eq, dvl, do, fin, block_v=bv0)
+    dst, dvn, _ = kern.state_grads(w, kd, e, eq, dvl, do, fin, block_v=bv0)
 
     def runs(nw, bv):
         flags = dict(block_v=bv, num_warps=nw)
@@ -155,7 +155,7 @@ def profile_kernels(name, reps, warps, block_vs):
             "chunk_states": lambda: kern.chunk_states(w, u, kd, e, h0, **flags),
             "output": lambda: kern.output(q, k, v, g, starts, vn, st, scale=scale, l2norm=True, **flags),
             "state_grads": lambda: kern.state_grads(w, kd, e, eq, dvl, do, fin, **flags),
-            "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, vn, dvl, st, do, dst,
+            "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, vn, dvn, st, do, dst,
                                                     scale=scale, l2norm=True, **flags),
         }
 

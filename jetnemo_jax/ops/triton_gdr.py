@@ -65,9 +65,9 @@ def _core_bwd(scale, l2norm, block_v, interpret, res, cts):
     flags = dict(block_v=block_v, interpret=interpret)
     eq, dvl = kernels.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=l2norm, fast_dtype=w.dtype,
                                        **flags)
-    dstates, dh0 = kernels.state_grads(w, kd, e, eq, dvl, do, d_final, **flags)
-    dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, v_new, dvl, states, do, dstates,
-                                                scale=scale, l2norm=l2norm, **flags)
+    dstates, dv_new, dh0 = kernels.state_grads(w, kd, e, eq, dvl, do, d_final, **flags)
+    dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, v_new, dv_new, states, do,
+                                                dstates, scale=scale, l2norm=l2norm, **flags)
     return dq, dk, dv, dg, dbeta, None, dh0.astype(h0.dtype)
 
 

@@ -18,10 +18,11 @@ stored chunk-major so that a serial step is two dots); `chunk_states` (the state
 and the final state: the serial pass, one program per (batch*head, dv block) looping over chunks with the
 fp32 state in registers); `output` (parallel over chunks). Backward, from the forward's T, W, KD, e, states
 and V_new: `prepare_backward` (EQ = scale diag(e) Q and DVL = scale (Q K^T * D)^T dO), `state_grads` (the
-serial reverse pass carrying dS, three dots a step) and `input_grads` (two kernels parallel over chunks). The delta rule is separable over value
-columns: the serial passes take one dv block per program (parallelism when B*H is small); the parallel
-kernels take a whole chunk per program and loop over its dv blocks, so the key- and chunk-space work is
-done once per chunk and every gradient is written once.
+serial reverse pass carrying dS, three dots a step, storing dS and dV_new) and `input_grads` (two kernels
+parallel over chunks). The delta rule is separable over value columns: the serial passes take one dv block
+per program (parallelism when B*H is small); the parallel kernels take a whole chunk per program and loop
+over its dv blocks, so the key- and chunk-space work is done once per chunk and every gradient is written
+once.
 
 Precision: `fast` dots take bf16 operands with fp32 accumulation when the inputs are bf16 (fla's choice:
 q, k, v, T, W, U, V_new, the states and their gradients rounded to bf16, and stored so), else `precise`
@@ -185,11 +186,20 @@ class _Program:
 
     # Chunk-major loads keep the stored dtype (bf16 for bf16 inputs): they feed dots, and a bf16 tile takes
     # half the registers of its fp32 copy; the few elementwise uses cast.
-    def chunk_state(self, ref, n, v0):  # [dkp, bv] of chunk n in a [BH, N*dkp, dvp] ref
-        return plt.load(ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(v0, self.bv)])
+    # Chunk n's state starts at row n*dk of a [BH, N*dk + dkp - dk, dvp] ref: rows past dk are not stored
+    # (a quarter of the states' traffic at dk = 96), so loads and stores of [dkp, bv] mask them.
+    def _chunk_state_at(self, ref, n, v0):
+        rows = jnp.arange(self.dkp, dtype=jnp.int32)[:, None] < self.dk
+        mask = None if self.dk == self.dkp else jnp.broadcast_to(rows, (self.dkp, self.bv))
+        return ref.at[self.bh, pl.ds(n * self.dk, self.dkp), pl.ds(v0, self.bv)], mask
+
+    def chunk_state(self, ref, n, v0):  # [dkp, bv] of chunk n
+        ref, mask = self._chunk_state_at(ref, n, v0)
+        return plt.load(ref, mask=mask, other=None if mask is None else 0.0)
 
     def store_chunk_state(self, ref, n, v0, x):
-        plt.store(ref.at[self.bh, pl.ds(n * self.dkp, self.dkp), pl.ds(v0, self.bv)], x.astype(ref.dtype))
+        ref, mask = self._chunk_state_at(ref, n, v0)
+        plt.store(ref, x.astype(ref.dtype), mask=mask)
 
     def values(self, ref, n, v0):  # [C, bv] of a [B, T, H, dv] ref, zero outside T and dv
         return self.ld.tokens(ref, n, self.bv, v0, self.dv)[0]
@@ -292,16 +302,17 @@ def _output_kernel(q_ref, k_ref, g_ref, st_ref, vnew_ref, states_ref, o_ref, *, 
     jax.lax.fori_loop(0, n_blocks, block, 0)
 
 
-def _dstates_kernel(w_ref, kd_ref, e_ref, eq_ref, dvl_ref, do_ref, dfin_ref, dstates_ref, dh0_ref, *, heads, T,
-                    dk, dv, dkp, bv, n_chunks, dots):
-    """Serial reverse pass: the gradient of the state leaving every chunk (stored) and of h0:
-    dV_new = DVL + KD dS, dS <- e_C dS + EQ^T dO - W^T dV_new."""
+def _dstates_kernel(w_ref, kd_ref, e_ref, eq_ref, dvl_ref, do_ref, dfin_ref, dstates_ref, dvnew_ref, dh0_ref, *,
+                    heads, T, dk, dv, dkp, bv, n_chunks, dots):
+    """Serial reverse pass: the gradient of the state leaving every chunk and dV_new = DVL + KD dS (both
+    stored), and of h0: dS <- e_C dS + EQ^T dO - W^T dV_new."""
     p, v0 = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv), pl.program_id(1) * bv
 
     def body(i, ds):
         n = n_chunks - 1 - i
         p.store_chunk_state(dstates_ref, n, v0, ds)
         dv_new = p.tile(dvl_ref, n, v0, bv) + dots.fast(p.tile(kd_ref, n), ds)
+        p.store_tile(dvnew_ref, n, dv_new, v0)
         do = p.values(do_ref, n, v0)
         return (p.e_last(e_ref, n) * ds + dots.fast(p.tile(eq_ref, n), do, ta=True)
                 - dots.fast(p.tile(w_ref, n), dv_new, ta=True))
@@ -367,25 +378,22 @@ def _grads_output_kernel(q_ref, k_ref, g_ref, st_ref, vnew_ref, s_ref, do_ref, d
     plt.store(dg_ref.at[p.bh, pl.ds(n * CHUNK, CHUNK)], dg)
 
 
-def _grads_state_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, dvl_ref, s_ref, ds_ref, dk0_ref, dg0_ref,
-                        dk_ref, dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, n_blocks, l2norm, dots):
-    """dk, dg (adding the first kernel's parts), dv and dbeta through dV_new = DVL + KD dS, W = T diag(beta e) K,
+def _grads_state_kernel(k_ref, v_ref, g_ref, b_ref, st_ref, t_ref, dvnew_ref, s_ref, dk0_ref, dg0_ref, dk_ref,
+                        dv_ref, dg_ref, db_ref, *, heads, T, dk, dv, dkp, bv, n_blocks, l2norm, dots):
+    """dk, dg (adding the first kernel's parts), dv and dbeta from dV_new through W = T diag(beta e) K,
     U = T diag(beta) V and T = (I + A)^-1: sums over value columns of dV_new S^T and dV_new (beta V)^T."""
     n = pl.program_id(1)
     p = _Program(pl.program_id(0), heads, T, dk, dv, dkp, bv)
     fast = dots.fast
     k, rk_norm, kmask = p.ld.key(k_ref, n, l2norm)
     beta = p.ld.scalars(b_ref, n)
-    d, e, d_last, _, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
+    d, e, _, _, strict = _gates(p.ld.scalars(g_ref, n), p.ld.starts(st_ref, n))
     t = p.tile(t_ref, n)
-    kd = (d_last[:, None] * k).astype(dots.fast_dtype)
 
     def block(i, acc):
         dws, dtv, dbeta_v = acc
         v0 = i * bv
-        s, ds = p.chunk_state(s_ref, n, v0), p.chunk_state(ds_ref, n, v0)
-        v = p.values(v_ref, n, v0)
-        dv_new = p.tile(dvl_ref, n, v0, bv) + fast(kd, ds)
+        s, v, dv_new = p.chunk_state(s_ref, n, v0), p.values(v_ref, n, v0), p.tile(dvnew_ref, n, v0, bv)
         drv = fast(t, dv_new, ta=True)
         p.store_values(dv_ref, n, v0, beta[:, None] * drv)
         return (dws + fast(dv_new, s, tb=True), dtv + fast(dv_new, beta[:, None] * v, tb=True),
@@ -447,8 +455,8 @@ def _tiles(m, width, dtype):  # a chunk-major [B*H, N*C, width] buffer
     return jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK, width), dtype)
 
 
-def _states_shape(m, dtype):  # a state per chunk, [B*H, N*dkp, dvp] (chunk n in rows n*dkp..)
-    return jax.ShapeDtypeStruct((m["BH"], m["N"] * m["dkp"], m["dvp"]), dtype)
+def _states_shape(m, dtype):  # a state per chunk, [B*H, N*dk + dkp - dk, dvp] (chunk n in rows n*dk..)
+    return jax.ShapeDtypeStruct((m["BH"], m["N"] * m["dk"] + m["dkp"] - m["dk"], m["dvp"]), dtype)
 
 
 def _serial_dims(w, h0, block_v):  # the dims of a serial pass, from a chunk-major input and a state
@@ -484,8 +492,9 @@ def prepare_backward(q, k, g, starts, do, *, scale, l2norm, fast_dtype, block_v=
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def chunk_states(w, u, kd, e, h0, *, block_v=64, interpret=False, num_warps=NUM_WARPS):
-    """(the state entering every chunk [B*H, N*dkp, dvp] and V_new [B*H, N*C, dvp], both in W's dtype (what
-    the fast dots round them to anyway); the final state [B, H, dk, dv] float32) from `prepare` and h0."""
+    """(the state entering every chunk [B*H, N*dk + dkp - dk, dvp] and V_new [B*H, N*C, dvp], both in W's
+    dtype (what the fast dots round them to anyway); the final state [B, H, dk, dv] float32) from `prepare`
+    and h0."""
     m = _serial_dims(w, h0, block_v)
     kernel = functools.partial(_states_kernel, n_chunks=m["N"])
     out_shape = [_states_shape(m, w.dtype), _tiles(m, m["dvp"], w.dtype), jax.ShapeDtypeStruct(h0.shape, _F32)]
@@ -505,18 +514,20 @@ def output(q, k, v, g, starts, v_new, states, *, scale, l2norm, block_v=64, inte
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def state_grads(w, kd, e, eq, dvl, do, d_final, *, block_v=64, interpret=False, num_warps=NUM_WARPS):
-    """(the gradient of the state leaving every chunk, laid out as `chunk_states`; dh0 [B, H, dk, dv]
-    float32) from `prepare_backward`, do [B, T, H, dv] and the final-state cotangent d_final."""
+    """(the gradient of the state leaving every chunk, laid out as `chunk_states`; dV_new [B*H, N*C, dvp] in
+    W's dtype; dh0 [B, H, dk, dv] float32) from `prepare_backward`, do [B, T, H, dv] and the final-state
+    cotangent d_final."""
     m = _serial_dims(w, d_final, block_v)
     m["T"] = do.shape[1]
     kernel = functools.partial(_dstates_kernel, n_chunks=m["N"])
-    out_shape = [_states_shape(m, w.dtype), jax.ShapeDtypeStruct(d_final.shape, _F32)]
+    out_shape = [_states_shape(m, w.dtype), _tiles(m, m["dvp"], w.dtype),
+                 jax.ShapeDtypeStruct(d_final.shape, _F32)]
     return tuple(_call(kernel, m, "serial", out_shape, interpret, num_warps, w.dtype, w, kd, e, eq, dvl, do,
                        d_final))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2norm", *_STATIC))
-def input_grads(q, k, v, g, beta, starts, tinv, v_new, dvl, states, do, dstates, *, scale, l2norm, block_v=64,
+def input_grads(q, k, v, g, beta, starts, tinv, v_new, dv_new, states, do, dstates, *, scale, l2norm, block_v=64,
                 interpret=False, num_warps=WIDE_WARPS):
     """(dq, dk, dv, dg, dbeta), each in its input's dtype, from `prepare`, `chunk_states`, `prepare_backward`
     and `state_grads`: two kernels, the second adding to the first's float32 dk and dg."""
@@ -531,5 +542,5 @@ def input_grads(q, k, v, g, beta, starts, tinv, v_new, dvl, states, do, dstates,
     kernel = functools.partial(_grads_state_kernel, n_blocks=m["nv"], l2norm=l2norm)
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, g, beta)]
     dk, dv, dg, dbeta = _call(kernel, m, "chunks", out_shape, interpret, num_warps, fd,
-                              k, v, g, beta, starts, tinv, dvl, states, dstates, dk0, dg0)
+                              k, v, g, beta, starts, tinv, dv_new, states, dk0, dg0)
     return dq, dk, dv, dg, dbeta
