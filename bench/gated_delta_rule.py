@@ -130,8 +130,8 @@ def fla_runners(B, T, H, dk, dv, reps):
 
 
 def profile_kernels(name, reps, warps, block_vs):
-    """Each kernel of the op alone (bf16) at num_warps in `warps` and the default dv block, then the
-    dv-looping ones at the other dv blocks in `block_vs`: where time goes."""
+    """Each kernel of the op alone (bf16) at num_warps in `warps` and the default dv block, then all
+    of them at the other dv blocks in `block_vs`: where time goes."""
     from pallas_kernels.gated_delta_rule import gpu as kern
 
     B, T, H, dk, dv = SHAPES[name]
@@ -139,7 +139,7 @@ def profile_kernels(name, reps, warps, block_vs):
     q, k, v, g, beta = x.values()
     starts = jnp.zeros((B, T), jnp.float32)
     h0 = jnp.zeros((B, H, dk, dv), jnp.float32)
-    bv0 = triton_gdr.default_block_v(B * H, dv)
+    bv0 = triton_gdr.default_blocks(B * H, dv)["chunk_states"]
     scale, fd = dk ** -0.5, jnp.bfloat16
     t, w, u, kd, e = kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, block_v=bv0)
     st, vn, fin = kern.chunk_states(w, u, kd, e, h0, block_v=bv0)
@@ -160,8 +160,7 @@ def profile_kernels(name, reps, warps, block_vs):
         }
 
     plan = [(nw, bv0, None) for nw in warps]
-    plan += [(nw, bv, ("prepare", "prepare_backward", "output", "input_grads")) for bv in block_vs if bv != bv0
-             for nw in warps]
+    plan += [(nw, bv, None) for bv in block_vs if bv != bv0 for nw in warps]
     out = {}
     for nw, bv, only in plan:
         for kname, fn in runs(nw, bv).items():
@@ -251,7 +250,7 @@ def main():
     p.add_argument("--block-v", default="32,128", help="other dv-block sizes of the kernels to time")
     p.add_argument("--check", action="store_true", help="run the GPU correctness tests first")
     p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
-                   "(on the first shape; the dv-looping kernels also at each --block-v)")
+                   "(on the first shape; and at each --block-v)")
     p.add_argument("--out", default="gdr_bench.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)  # dispatch logs the implementation impl="auto" picked
