@@ -129,9 +129,9 @@ def fla_runners(B, T, H, dk, dv, reps):
     return median_ms(fwd, sync, reps), median_ms(fwdbwd, sync, reps)
 
 
-def profile_kernels(name, reps, warps, block_vs):
-    """Each kernel of the op alone (bf16) at num_warps in `warps` and the default dv block, then all
-    of them at the other dv blocks in `block_vs`: where time goes."""
+def profile_kernels(name, reps, warps, block_vs, only):
+    """Each kernel of the op alone (bf16; those named in `only`, or all) at num_warps in `warps` and the
+    serial passes' default dv block, then at the other dv blocks in `block_vs`: where time goes."""
     from pallas_kernels.gated_delta_rule import gpu as kern
 
     B, T, H, dk, dv = SHAPES[name]
@@ -159,19 +159,18 @@ def profile_kernels(name, reps, warps, block_vs):
                                                     scale=scale, l2norm=True, **flags),
         }
 
-    plan = [(nw, bv0, None) for nw in warps]
-    plan += [(nw, bv, None) for bv in block_vs if bv != bv0 for nw in warps]
     out = {}
-    for nw, bv, only in plan:
-        for kname, fn in runs(nw, bv).items():
-            if only and kname not in only:
-                continue
-            key = f"{kname}_w{nw}_bv{bv}"
-            try:
-                out[key] = median_ms(fn, jax.block_until_ready, reps)
-            except Exception as e:  # noqa: BLE001
-                out[key] = f"{type(e).__name__}: {e}"[:200]
-            print(name, key, out[key], flush=True)
+    for bv in [bv0, *(b for b in block_vs if b != bv0)]:
+        for nw in warps:
+            for kname, fn in runs(nw, bv).items():
+                if only and kname not in only:
+                    continue
+                key = f"{kname}_w{nw}_bv{bv}"
+                try:
+                    out[key] = median_ms(fn, jax.block_until_ready, reps)
+                except Exception as e:  # noqa: BLE001
+                    out[key] = f"{type(e).__name__}: {e}"[:200]
+                print(name, key, out[key], flush=True)
     return out
 
 
@@ -251,6 +250,7 @@ def main():
     p.add_argument("--check", action="store_true", help="run the GPU correctness tests first")
     p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
                    "(on the first shape; and at each --block-v)")
+    p.add_argument("--profile-kernels", default="", help="profile only these kernels (comma-separated names)")
     p.add_argument("--out", default="gdr_bench.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)  # dispatch logs the implementation impl="auto" picked
@@ -266,7 +266,8 @@ def main():
     if args.profile_warps:
         warps = [int(w) for w in args.profile_warps.split(",")]
         first = args.shapes.split(",")[0]
-        rows["kernels"] = {first: profile_kernels(first, args.reps, warps, block_vs)}
+        only = [k for k in args.profile_kernels.split(",") if k]
+        rows["kernels"] = {first: profile_kernels(first, args.reps, warps, block_vs, only)}
     for name in args.shapes.split(","):
         rows[name] = bench_shape(name, args.reps, block_vs, args.impls.split(","))
         with open(args.out, "w") as f:
