@@ -37,47 +37,41 @@ def check_supported(dk, dv, dtypes, interpret=False):
                          f"{MAX_FP32_KEY_DIM}, got dk={dk}")
 
 
-def default_blocks(batch_heads: int, dv: int, fast_dtype=jnp.bfloat16) -> dict[str, int]:
-    """dv columns per block, per kernel. The serial passes (and the output kernel, whose dv loop carries
-    nothing) take 64, or 32 when B*H (the serial passes' other grid axis) is too small to fill a GPU; the
-    parallel kernels whose dv loops accumulate take 128 (H100, 2B shape, each kernel alone: input gradients
-    2.80 ms at 128 vs 3.00 at 64, prepare_backward 0.52 vs 0.60). fp32 inputs take 32 everywhere (twice the
-    bytes per tile: 64 asked for 256 KiB of shared memory)."""
-    fp32 = jnp.dtype(fast_dtype) == jnp.float32
-    serial = 32 if fp32 or batch_heads * kernels.padded(dv) // 64 < 132 else 64
-    wide = 32 if fp32 else 128
-    return dict(prepare=wide, chunk_states=serial, output=serial, prepare_backward=wide, state_grads=serial,
-                input_grads=wide)
+def default_block_v(batch_heads: int, dv: int, fast_dtype=jnp.bfloat16) -> int:
+    """dv columns per block: 128, or the widest of 64 and 32 that still gives the serial passes (grid
+    B*H x dv blocks) a program per SM of an H100 (132). H100, 2B shape, the whole op forward+backward:
+    5.08-5.17 ms with 128 against 5.30-5.39 with 64 for the serial passes and the output and 128 for the
+    other kernels (each kernel alone favoured 64 there, by less than its noise). fp32 inputs take 32
+    (twice the bytes per tile: 64 asked for 256 KiB of shared memory)."""
+    if jnp.dtype(fast_dtype) == jnp.float32:
+        return 32
+    return next((b for b in (128, 64) if batch_heads * kernels.padded(dv) // b >= 132), 32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _core(q, k, v, g, beta, starts, h0, scale, l2norm, blocks, interpret):
-    return _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, blocks, interpret)[0]
+def _core(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
+    return _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret)[0]
 
 
-def _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, blocks, interpret):
+def _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
     fast_dtype = kernels.dot_dtype(q, k, v)
-    bv = dict(blocks)
-    tinv, w, u, kd, e = kernels.prepare(k, v, g, beta, starts, l2norm=l2norm, fast_dtype=fast_dtype,
-                                        block_v=bv["prepare"], interpret=interpret)
-    states, v_new, final = kernels.chunk_states(w, u, kd, e, h0, block_v=bv["chunk_states"], interpret=interpret)
-    o = kernels.output(q, k, v, g, starts, v_new, states, scale=scale, l2norm=l2norm, block_v=bv["output"],
-                       interpret=interpret)
+    flags = dict(block_v=block_v, interpret=interpret)
+    tinv, w, u, kd, e = kernels.prepare(k, v, g, beta, starts, l2norm=l2norm, fast_dtype=fast_dtype, **flags)
+    states, v_new, final = kernels.chunk_states(w, u, kd, e, h0, **flags)
+    o = kernels.output(q, k, v, g, starts, v_new, states, scale=scale, l2norm=l2norm, **flags)
     return (o, final), (q, k, v, g, beta, starts, h0, tinv, w, kd, e, states, v_new)
 
 
-def _core_bwd(scale, l2norm, blocks, interpret, res, cts):
+def _core_bwd(scale, l2norm, block_v, interpret, res, cts):
     q, k, v, g, beta, starts, h0, tinv, w, kd, e, states, v_new = res
     do, d_final = cts
     do = do.astype(v.dtype)
-    bv = dict(blocks)
+    flags = dict(block_v=block_v, interpret=interpret)
     eq, dvl = kernels.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=l2norm, fast_dtype=w.dtype,
-                                       block_v=bv["prepare_backward"], interpret=interpret)
-    dstates, dv_new, dh0 = kernels.state_grads(w, kd, e, eq, dvl, do, d_final, block_v=bv["state_grads"],
-                                               interpret=interpret)
+                                       **flags)
+    dstates, dv_new, dh0 = kernels.state_grads(w, kd, e, eq, dvl, do, d_final, **flags)
     dq, dk, dv, dg, dbeta = kernels.input_grads(q, k, v, g, beta, starts, tinv, v_new, dv_new, states, do,
-                                                dstates, scale=scale, l2norm=l2norm, block_v=bv["input_grads"],
-                                                interpret=interpret)
+                                                dstates, scale=scale, l2norm=l2norm, **flags)
     return dq, dk, dv, dg, dbeta, None, dh0.astype(h0.dtype)
 
 
@@ -87,20 +81,17 @@ _core.defvjp(_core_fwd, _core_bwd)
 def _local(q, k, v, g, beta, initial_state, doc_ids, *, scale, l2norm, block_v, interpret):
     B, _, H, dk = q.shape
     check_supported(dk, v.shape[-1], (q.dtype, k.dtype, v.dtype), interpret)
-    blocks = default_blocks(B * H, v.shape[-1], kernels.dot_dtype(q, k, v))
-    if block_v:
-        blocks = dict.fromkeys(blocks, block_v)
+    block_v = block_v or default_block_v(B * H, v.shape[-1], kernels.dot_dtype(q, k, v))
     starts = jnp.concatenate([jnp.zeros((B, 1), bool), doc_ids[:, 1:] != doc_ids[:, :-1]], axis=1)
-    return _core(q, k, v, g, beta, starts.astype(jnp.float32), initial_state, scale, l2norm,
-                 tuple(sorted(blocks.items())), interpret)
+    return _core(q, k, v, g, beta, starts.astype(jnp.float32), initial_state, scale, l2norm, block_v,
+                 interpret)
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, doc_ids, *, l2norm, interpret, block_v=None,
                      mesh=None):
     """q, k [B,T,H,dk] raw (normalised inside when `l2norm`); v [B,T,H,dv]; g, beta [B,T,H]; any float
     dtypes; initial_state [B,H,dk,dv] float32; doc_ids [B,T] monotone. Returns (o [B,T,H,dv] in v's
-    dtype, final state float32); gradients come back in each input's dtype. `block_v` sets one dv block
-    for every kernel (benchmarks); None takes `default_blocks`."""
+    dtype, final state float32); gradients come back in each input's dtype."""
     fn = functools.partial(_local, scale=scale, l2norm=l2norm, block_v=block_v, interpret=interpret)
     mesh = mesh if mesh is not None else _context_mesh()
     if mesh is not None:

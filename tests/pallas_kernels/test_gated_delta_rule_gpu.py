@@ -66,6 +66,15 @@ def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
     check_gradients(rng, "pallas_triton", dtype, B, T, H, dk, dv, gates, kernel_segments(rng, B, T), tol=tol)
 
 
+@pytest.mark.parametrize("block_v", [64, 128])
+def test_wide_dv_blocks_match_float64(rng, monkeypatch, block_v):
+    """The dv blocks that large batches get (default_block_v: 128 at the 2B shape), here with two and four
+    blocks per row; the tests above run small B*H, hence 32-wide blocks."""
+    monkeypatch.setattr(triton_gdr, "default_block_v", lambda *_: block_v)
+    check_gradients(rng, "pallas_triton", "bfloat16", 1, 100, 2, 96, 256, "normal", kernel_segments(rng, 1, 100),
+                    tol={"g": 4e-2, "beta": 4e-2})
+
+
 @pytest.mark.parametrize("dtype,T,dk,dv", [("bfloat16", 333, 96, 256), ("float32", 200, 64, 128),
                                            ("bfloat16", 64, 32, 48)])
 def test_lowers_to_triton_for_cuda(dtype, T, dk, dv):
