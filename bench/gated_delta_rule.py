@@ -139,7 +139,7 @@ def profile_kernels(name, reps, warps, block_vs, only):
     q, k, v, g, beta = x.values()
     starts = jnp.zeros((B, T), jnp.float32)
     h0 = jnp.zeros((B, H, dk, dv), jnp.float32)
-    bv0 = triton_gdr.default_block_v(B * H, dv)
+    bv0 = triton_gdr.default_block_v(B * H, dk, dv)
     scale, fd = dk ** -0.5, jnp.bfloat16
     t, w, u, kd, e = kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, block_v=bv0)
     st, vn, fin = kern.chunk_states(w, u, kd, e, h0, block_v=bv0)

@@ -37,13 +37,14 @@ def check_supported(dk, dv, dtypes, interpret=False):
                          f"{MAX_FP32_KEY_DIM}, got dk={dk}")
 
 
-def default_block_v(batch_heads: int, dv: int, fast_dtype=jnp.bfloat16) -> int:
+def default_block_v(batch_heads: int, dk: int, dv: int, fast_dtype=jnp.bfloat16) -> int:
     """dv columns per block: 128, or the widest of 64 and 32 that still gives the serial passes (grid
     B*H x dv blocks) a program per SM of an H100 (132). H100, 2B shape, the whole op forward+backward:
     5.08-5.17 ms with 128 against 5.30-5.39 with 64 for the serial passes and the output and 128 for the
-    other kernels (each kernel alone favoured 64 there, by less than its noise). fp32 inputs take 32
-    (twice the bytes per tile: 64 asked for 256 KiB of shared memory)."""
-    if jnp.dtype(fast_dtype) == jnp.float32:
+    other kernels (each kernel alone favoured 64 there, by less than its noise). 32 where shared memory
+    asks for it (tests/pallas_kernels/shared_memory.py, sm_90): fp32 inputs (twice the bytes per tile) and
+    dk > 128 (the reverse serial pass at dk = 256: 224 KiB at 32, 256 at 64, 336 at 128; 227 fit)."""
+    if jnp.dtype(fast_dtype) == jnp.float32 or kernels.padded(dk) > 128:
         return 32
     return next((b for b in (128, 64) if batch_heads * kernels.padded(dv) // b >= 132), 32)
 
@@ -81,7 +82,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 def _local(q, k, v, g, beta, initial_state, doc_ids, *, scale, l2norm, block_v, interpret):
     B, _, H, dk = q.shape
     check_supported(dk, v.shape[-1], (q.dtype, k.dtype, v.dtype), interpret)
-    block_v = block_v or default_block_v(B * H, v.shape[-1], kernels.dot_dtype(q, k, v))
+    block_v = block_v or default_block_v(B * H, dk, v.shape[-1], kernels.dot_dtype(q, k, v))
     starts = jnp.concatenate([jnp.zeros((B, 1), bool), doc_ids[:, 1:] != doc_ids[:, :-1]], axis=1)
     return _core(q, k, v, g, beta, starts.astype(jnp.float32), initial_state, scale, l2norm, block_v,
                  interpret)

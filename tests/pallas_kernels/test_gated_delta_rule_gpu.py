@@ -4,7 +4,8 @@ On CPU the kernels run in interpret mode: float32 inputs must match the float64 
 ~2e-7), 16-bit inputs use fla's tolerances (the bf16 dots round their operands as on the GPU). On a GPU the
 same tests compile the kernels (float32 dots there are 3xTF32; float32 cases with dk > 64 are skipped there,
 the compiled kernels refuse them). The lowering test emits the Triton IR for
-CUDA on any host, which catches unsupported ops, shapes and dot precisions without a GPU.
+CUDA on any host, which catches unsupported ops, shapes and dot precisions without a GPU; the shared-memory
+test compiles that IR for sm_90 (`shared_memory.py`).
 """
 
 import jax
@@ -16,6 +17,7 @@ from jetnemo_jax.ops import dispatch, pallas_gdr, triton_gdr
 from tests.ops.test_gated_delta_rule import (check_forward, check_gradients, kernel_segments,
                                              make_inputs)
 from tests.oracles import gdr_numpy, rel_err
+from tests.pallas_kernels import shared_memory
 from tests.pallas_kernels.test_gated_delta_rule_tpu import run_sharded_check
 
 
@@ -73,6 +75,19 @@ def test_wide_dv_blocks_match_float64(rng, monkeypatch, block_v):
     monkeypatch.setattr(triton_gdr, "default_block_v", lambda *_: block_v)
     check_gradients(rng, "pallas_triton", "bfloat16", 1, 100, 2, 96, 256, "normal", kernel_segments(rng, 1, 100),
                     tol={"g": 4e-2, "beta": 4e-2})
+
+
+@pytest.mark.parametrize("dtype,dk", [("bfloat16", 64), ("bfloat16", 96), ("bfloat16", 128), ("bfloat16", 256),
+                                      ("float32", 64)])
+def test_default_blocks_fit_h100_shared_memory(dtype, dk):
+    """Compiled for sm_90 (by the triton package: a proxy of XLA's Triton), every kernel fits in an H100's
+    shared memory at the dv block that a large batch gets; at dk = 256 that block must be 32 (the reverse
+    serial pass needs 336 KiB at 128, which the proxy must see)."""
+    block_v = triton_gdr.default_block_v(4096, dk, 256, jnp.dtype(dtype))
+    kib = shared_memory.shared_memory_kib(dtype, dk, 256, block_v)
+    assert max(kib.values()) <= shared_memory.H100_SHARED_KIB, (block_v, kib)
+    if dk == 256:
+        assert shared_memory.shared_memory_kib(dtype, dk, 256, 128)["_dstates_kernel"] > 300
 
 
 @pytest.mark.parametrize("dtype,T,dk,dv", [("bfloat16", 333, 96, 256), ("float32", 200, 64, 128),
