@@ -129,9 +129,10 @@ def fla_runners(B, T, H, dk, dv, reps):
     return median_ms(fwd, sync, reps), median_ms(fwdbwd, sync, reps)
 
 
-def profile_kernels(name, reps, warps, block_vs, only):
-    """Each kernel of the op alone (bf16; those named in `only`, or all) at num_warps in `warps` and the
-    serial passes' default dv block, then at the other dv blocks in `block_vs`: where time goes."""
+def profile_kernels(name, reps, warps, block_vs, only, stages=(None,)):
+    """Each kernel of the op alone (bf16; those named in `only`, or all) at num_warps in `warps`, pipeline
+    stages in `stages` (None: the kernels' default) and the default dv block, then at the other dv blocks in
+    `block_vs`: where time goes."""
     from pallas_kernels.gated_delta_rule import gpu as kern
 
     B, T, H, dk, dv = SHAPES[name]
@@ -146,8 +147,8 @@ def profile_kernels(name, reps, warps, block_vs, only):
     eq, dvl = kern.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True, fast_dtype=fd, block_v=bv0)
     dst, dvn, _ = kern.state_grads(w, kd, e, eq, dvl, do, fin, block_v=bv0)
 
-    def runs(nw, bv):
-        flags = dict(block_v=bv, num_warps=nw)
+    def runs(nw, bv, ns):
+        flags = dict(block_v=bv, num_warps=nw, num_stages=ns)
         return {
             "prepare": lambda: kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, **flags),
             "prepare_backward": lambda: kern.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True,
@@ -160,17 +161,17 @@ def profile_kernels(name, reps, warps, block_vs, only):
         }
 
     out = {}
-    for bv in [bv0, *(b for b in block_vs if b != bv0)]:
-        for nw in warps:
-            for kname, fn in runs(nw, bv).items():
-                if only and kname not in only:
-                    continue
-                key = f"{kname}_w{nw}_bv{bv}"
-                try:
-                    out[key] = median_ms(fn, jax.block_until_ready, reps)
-                except Exception as e:  # noqa: BLE001
-                    out[key] = f"{type(e).__name__}: {e}"[:200]
-                print(name, key, out[key], flush=True)
+    plan = [(bv, nw, ns) for bv in [bv0, *(b for b in block_vs if b != bv0)] for nw in warps for ns in stages]
+    for bv, nw, ns in plan:
+        for kname, fn in runs(nw, bv, ns).items():
+            if only and kname not in only:
+                continue
+            key = f"{kname}_w{nw}_bv{bv}" + (f"_s{ns}" if ns else "")
+            try:
+                out[key] = median_ms(fn, jax.block_until_ready, reps)
+            except Exception as e:  # noqa: BLE001
+                out[key] = f"{type(e).__name__}: {e}"[:200]
+            print(name, key, out[key], flush=True)
     return out
 
 
@@ -251,6 +252,7 @@ def main():
     p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
                    "(on the first shape; and at each --block-v)")
     p.add_argument("--profile-kernels", default="", help="profile only these kernels (comma-separated names)")
+    p.add_argument("--profile-stages", default="", help="profile at these num_stages (default: the kernels')")
     p.add_argument("--out", default="gdr_bench.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)  # dispatch logs the implementation impl="auto" picked
@@ -267,7 +269,8 @@ def main():
         warps = [int(w) for w in args.profile_warps.split(",")]
         first = args.shapes.split(",")[0]
         only = [k for k in args.profile_kernels.split(",") if k]
-        rows["kernels"] = {first: profile_kernels(first, args.reps, warps, block_vs, only)}
+        stages = [int(n) for n in args.profile_stages.split(",") if n] or [None]
+        rows["kernels"] = {first: profile_kernels(first, args.reps, warps, block_vs, only, stages)}
     for name in args.shapes.split(","):
         rows[name] = bench_shape(name, args.reps, block_vs, args.impls.split(","))
         with open(args.out, "w") as f:

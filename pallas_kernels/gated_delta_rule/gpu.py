@@ -441,14 +441,14 @@ def dot_dtype(*xs):
     return jnp.bfloat16 if all(jnp.dtype(getattr(x, "dtype", x)) == jnp.bfloat16 for x in xs) else _F32
 
 
-def _call(kernel, m, grid, out_shape, interpret, num_warps, fast_dtype, *args):
-    # fp32 tiles are twice the size: one pipeline stage keeps the serial passes in shared memory.
-    stages = NUM_STAGES if fast_dtype == jnp.bfloat16 else 1
+def _call(kernel, m, grid, out_shape, fast_dtype, args, *, interpret, num_warps, num_stages):
+    if num_stages is None:  # fp32 tiles are twice the size: one pipeline stage keeps them in shared memory
+        num_stages = NUM_STAGES if fast_dtype == jnp.bfloat16 else 1
     kernel = functools.partial(kernel, heads=m["H"], T=m["T"], dk=m["dk"], dv=m["dv"], dkp=m["dkp"], bv=m["bv"],
                                dots=_Dots(fast_dtype, interpret))
     grid = {"serial": (m["BH"], m["nv"]), "chunks": (m["BH"], m["N"])}[grid]
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret,
-                          compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=stages))(*args)
+                          compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))(*args)
 
 
 def _tiles(m, width, dtype):  # a chunk-major [B*H, N*C, width] buffer
@@ -464,11 +464,13 @@ def _serial_dims(w, h0, block_v):  # the dims of a serial pass, from a chunk-maj
     return _dims(B, w.shape[1], H, dk, dv, block_v)
 
 
-_STATIC = ("block_v", "interpret", "num_warps")
+# Launch options of every kernel: `num_stages` None takes NUM_STAGES (1 for fp32 inputs).
+_STATIC = ("block_v", "interpret", "num_warps", "num_stages")
 
 
 @functools.partial(jax.jit, static_argnames=("l2norm", "fast_dtype", *_STATIC))
-def prepare(k, v, g, beta, starts, *, l2norm, fast_dtype, block_v=64, interpret=False, num_warps=NUM_WARPS):
+def prepare(k, v, g, beta, starts, *, l2norm, fast_dtype, block_v=64, interpret=False, num_warps=NUM_WARPS,
+            num_stages=None):
     """The forward's parallel first kernel: (T [B*H, N*C, C], W [.., dkp], U [.., dvp], KD [.., dkp]) in
     `fast_dtype` (what the fast dots round them to), e [B*H, N*C] float32."""
     B, T, H, dk = k.shape
@@ -476,44 +478,48 @@ def prepare(k, v, g, beta, starts, *, l2norm, fast_dtype, block_v=64, interpret=
     out_shape = [_tiles(m, CHUNK, fast_dtype), _tiles(m, m["dkp"], fast_dtype), _tiles(m, m["dvp"], fast_dtype),
                  _tiles(m, m["dkp"], fast_dtype), jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK), _F32)]
     kernel = functools.partial(_prepare_kernel, n_blocks=m["nv"], l2norm=l2norm)
-    return tuple(_call(kernel, m, "chunks", out_shape, interpret, num_warps, fast_dtype, k, v, g, beta, starts))
+    return tuple(_call(kernel, m, "chunks", out_shape, fast_dtype, (k, v, g, beta, starts), interpret=interpret,
+                       num_warps=num_warps, num_stages=num_stages))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2norm", "fast_dtype", *_STATIC))
 def prepare_backward(q, k, g, starts, do, *, scale, l2norm, fast_dtype, block_v=64, interpret=False,
-                     num_warps=NUM_WARPS):
+                     num_warps=NUM_WARPS, num_stages=None):
     """The backward's parallel first kernel: (EQ [B*H, N*C, dkp], DVL [B*H, N*C, dvp]) in `fast_dtype`."""
     B, T, H, dk = q.shape
     m = _dims(B, T, H, dk, do.shape[-1], block_v)
     out_shape = [_tiles(m, m["dkp"], fast_dtype), _tiles(m, m["dvp"], fast_dtype)]
     kernel = functools.partial(_prepare_backward_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
-    return tuple(_call(kernel, m, "chunks", out_shape, interpret, num_warps, fast_dtype, q, k, g, starts, do))
+    return tuple(_call(kernel, m, "chunks", out_shape, fast_dtype, (q, k, g, starts, do), interpret=interpret,
+                       num_warps=num_warps, num_stages=num_stages))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def chunk_states(w, u, kd, e, h0, *, block_v=64, interpret=False, num_warps=NUM_WARPS):
+def chunk_states(w, u, kd, e, h0, *, block_v=64, interpret=False, num_warps=NUM_WARPS, num_stages=None):
     """(the state entering every chunk [B*H, N*dk + dkp - dk, dvp] and V_new [B*H, N*C, dvp], both in W's
     dtype (what the fast dots round them to anyway); the final state [B, H, dk, dv] float32) from `prepare`
     and h0."""
     m = _serial_dims(w, h0, block_v)
     kernel = functools.partial(_states_kernel, n_chunks=m["N"])
     out_shape = [_states_shape(m, w.dtype), _tiles(m, m["dvp"], w.dtype), jax.ShapeDtypeStruct(h0.shape, _F32)]
-    return tuple(_call(kernel, m, "serial", out_shape, interpret, num_warps, w.dtype, w, u, kd, e, h0))
+    return tuple(_call(kernel, m, "serial", out_shape, w.dtype, (w, u, kd, e, h0), interpret=interpret,
+                       num_warps=num_warps, num_stages=num_stages))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2norm", *_STATIC))
 def output(q, k, v, g, starts, v_new, states, *, scale, l2norm, block_v=64, interpret=False,
-           num_warps=NUM_WARPS):
+           num_warps=NUM_WARPS, num_stages=None):
     """o [B, T, H, dv] in v's dtype (v itself is not read) from `chunk_states`."""
     B, T, H, dk = q.shape
     m = _dims(B, T, H, dk, v.shape[-1], block_v)
     kernel = functools.partial(_output_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
-    return _call(kernel, m, "chunks", jax.ShapeDtypeStruct(v.shape, v.dtype), interpret, num_warps, v_new.dtype,
-                 q, k, g, starts, v_new, states)
+    return _call(kernel, m, "chunks", jax.ShapeDtypeStruct(v.shape, v.dtype), v_new.dtype,
+                 (q, k, g, starts, v_new, states), interpret=interpret, num_warps=num_warps, num_stages=num_stages)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def state_grads(w, kd, e, eq, dvl, do, d_final, *, block_v=64, interpret=False, num_warps=NUM_WARPS):
+def state_grads(w, kd, e, eq, dvl, do, d_final, *, block_v=64, interpret=False, num_warps=NUM_WARPS,
+                num_stages=None):
     """(the gradient of the state leaving every chunk, laid out as `chunk_states`; dV_new [B*H, N*C, dvp] in
     W's dtype; dh0 [B, H, dk, dv] float32) from `prepare_backward`, do [B, T, H, dv] and the final-state
     cotangent d_final."""
@@ -522,25 +528,24 @@ def state_grads(w, kd, e, eq, dvl, do, d_final, *, block_v=64, interpret=False, 
     kernel = functools.partial(_dstates_kernel, n_chunks=m["N"])
     out_shape = [_states_shape(m, w.dtype), _tiles(m, m["dvp"], w.dtype),
                  jax.ShapeDtypeStruct(d_final.shape, _F32)]
-    return tuple(_call(kernel, m, "serial", out_shape, interpret, num_warps, w.dtype, w, kd, e, eq, dvl, do,
-                       d_final))
+    return tuple(_call(kernel, m, "serial", out_shape, w.dtype, (w, kd, e, eq, dvl, do, d_final), interpret=interpret,
+                       num_warps=num_warps, num_stages=num_stages))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2norm", *_STATIC))
 def input_grads(q, k, v, g, beta, starts, tinv, v_new, dv_new, states, do, dstates, *, scale, l2norm, block_v=64,
-                interpret=False, num_warps=WIDE_WARPS):
+                interpret=False, num_warps=WIDE_WARPS, num_stages=None):
     """(dq, dk, dv, dg, dbeta), each in its input's dtype, from `prepare`, `chunk_states`, `prepare_backward`
     and `state_grads`: two kernels, the second adding to the first's float32 dk and dg."""
     B, T, H, dk = q.shape
     m = _dims(B, T, H, dk, v.shape[-1], block_v)
-    fd = v_new.dtype
+    fd, launch = v_new.dtype, dict(interpret=interpret, num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(_grads_output_kernel, n_blocks=m["nv"], scale=scale, l2norm=l2norm)
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), _tiles(m, m["dkp"], _F32),
                  jax.ShapeDtypeStruct((m["BH"], m["N"] * CHUNK), _F32)]
-    dq, dk0, dg0 = _call(kernel, m, "chunks", out_shape, interpret, num_warps, fd,
-                         q, k, g, starts, v_new, states, do, dstates)
+    dq, dk0, dg0 = _call(kernel, m, "chunks", out_shape, fd, (q, k, g, starts, v_new, states, do, dstates), **launch)
     kernel = functools.partial(_grads_state_kernel, n_blocks=m["nv"], l2norm=l2norm)
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, g, beta)]
-    dk, dv, dg, dbeta = _call(kernel, m, "chunks", out_shape, interpret, num_warps, fd,
-                              k, v, g, beta, starts, tinv, dv_new, states, dk0, dg0)
+    dk, dv, dg, dbeta = _call(kernel, m, "chunks", out_shape, fd,
+                              (k, v, g, beta, starts, tinv, dv_new, states, dk0, dg0), **launch)
     return dq, dk, dv, dg, dbeta
