@@ -42,7 +42,7 @@ def default_block_v(batch_heads: int, dk: int, dv: int, fast_dtype=jnp.bfloat16)
     B*H x dv blocks) a program per SM of an H100 (132). H100, 2B shape, the whole op forward+backward:
     5.08-5.17 ms with 128 against 5.30-5.39 with 64 for the serial passes and the output and 128 for the
     other kernels (each kernel alone favoured 64 there, by less than its noise). 32 where shared memory
-    asks for it (tests/pallas_kernels/shared_memory.py, sm_90): fp32 inputs (twice the bytes per tile) and
+    asks for it (tests/pallas_kernels/triton_resources.py, sm_90): fp32 inputs (twice the bytes per tile) and
     dk > 128 (the reverse serial pass at dk = 256: 224 KiB at 32, 256 at 64, 336 at 128; 227 fit)."""
     if jnp.dtype(fast_dtype) == jnp.float32 or kernels.padded(dk) > 128:
         return 32

@@ -5,7 +5,7 @@ On CPU the kernels run in interpret mode: float32 inputs must match the float64 
 same tests compile the kernels (float32 dots there are 3xTF32; float32 cases with dk > 64 are skipped there,
 the compiled kernels refuse them). The lowering test emits the Triton IR for
 CUDA on any host, which catches unsupported ops, shapes and dot precisions without a GPU; the shared-memory
-test compiles that IR for sm_90 (`shared_memory.py`).
+test compiles that IR for sm_90 (`triton_resources.py`).
 """
 
 import jax
@@ -17,7 +17,7 @@ from jetnemo_jax.ops import dispatch, pallas_gdr, triton_gdr
 from tests.ops.test_gated_delta_rule import (check_forward, check_gradients, kernel_segments,
                                              make_inputs)
 from tests.oracles import gdr_numpy, rel_err
-from tests.pallas_kernels import shared_memory
+from tests.pallas_kernels import triton_resources
 from tests.pallas_kernels.test_gated_delta_rule_tpu import run_sharded_check
 
 
@@ -84,10 +84,10 @@ def test_default_blocks_fit_h100_shared_memory(dtype, dk):
     shared memory at the dv block that a large batch gets; at dk = 256 that block must be 32 (the reverse
     serial pass needs 336 KiB at 128, which the proxy must see)."""
     block_v = triton_gdr.default_block_v(4096, dk, 256, jnp.dtype(dtype))
-    kib = shared_memory.shared_memory_kib(dtype, dk, 256, block_v)
-    assert max(kib.values()) <= shared_memory.H100_SHARED_KIB, (block_v, kib)
+    kib = triton_resources.shared_memory_kib(dtype, dk, 256, block_v)
+    assert max(kib.values()) <= triton_resources.H100_SHARED_KIB, (block_v, kib)
     if dk == 256:
-        assert shared_memory.shared_memory_kib(dtype, dk, 256, 128)["_dstates_kernel"] > 300
+        assert triton_resources.shared_memory_kib(dtype, dk, 256, 128)["_dstates_kernel"] > 300
 
 
 @pytest.mark.parametrize("dtype,T,dk,dv", [("bfloat16", 333, 96, 256), ("float32", 200, 64, 128),
