@@ -55,27 +55,14 @@ def _core(h, w2t, b2t, u, pos, backend, interpret):
 
 
 def _core_fwd(h, w2t, b2t, u, pos, backend, interpret):
-    kern = kernel_module(backend)
-    if kern is gpu:
-        y, c = gpu.forward(h, w2t, b2t, u, pos, save_c=True, interpret=interpret)
-        return y, (h, w2t, b2t, u, pos, c)
-    return kern.forward(h, w2t, b2t, u, pos, interpret=interpret), (h, w2t, b2t, u, pos, None)
+    y, residual = kernel_module(backend).forward_with_residual(h, w2t, b2t, u, pos, interpret=interpret)
+    return y, (h, w2t, b2t, u, pos, residual)
 
 
 def _core_bwd(backend, interpret, res, dy):
-    h, w2t, b2t, u, pos, c = res
     kern = kernel_module(backend)
-    pad = [(kern.PAD, kern.PAD), (0, 0)]
-    if kern is gpu:
-        dh, dw2t, db2t, du = gpu.backward(h, w2t, b2t, u, pos, c, dy, interpret=interpret)
-        return dh, dw2t.astype(w2t.dtype), db2t, jnp.pad(du, pad), None
-    k = jnp.einsum("ng,wgd->wnd", jnp.pad(h, pad), w2t, preferred_element_type=jnp.float32)
-    k = (k + b2t[:, None, :]).astype(h.dtype)  # the regenerated taps, in the matmul dtype
-    du, dk = kern.backward(k, u, jnp.pad(dy, pad), pos, interpret=interpret)
-    dh = jnp.einsum("wnd,wgd->ng", dk, w2t, preferred_element_type=jnp.float32)
-    dw2t = jnp.einsum("ng,wnd->wgd", h, dk, preferred_element_type=jnp.float32)
-    db2t = jnp.sum(dk.astype(jnp.float32), axis=1)
-    return (dh.astype(h.dtype), dw2t.astype(w2t.dtype), db2t, jnp.pad(du, pad), None)
+    dh, dw2t, db2t, du = kern.backward(*res, dy, interpret=interpret)
+    return dh, dw2t.astype(res[1].dtype), db2t, jnp.pad(du, [(kern.PAD, kern.PAD), (0, 0)]), None
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -102,6 +102,11 @@ def forward(h, w2t, b2t, u, pos, *, save_c=False, interpret=False, **blocks):
     return tuple(out) if save_c else out[0]
 
 
+def forward_with_residual(h, w2t, b2t, u, pos, *, interpret=False):
+    """`forward` and what `backward` needs besides the inputs: the pre-activation c."""
+    return forward(h, w2t, b2t, u, pos, save_c=True, interpret=interpret)
+
+
 def _grad_u_kernel(h_ref, w2_ref, b2_ref, dc_ref, pos_ref, du_ref, *, bt, bd, bg, width, precision):
     i, j = pl.program_id(0), pl.program_id(1)
     base, cols = PAD + i * bt, pl.ds(j * bd, bd)

@@ -1,7 +1,8 @@
 """Mosaic TPU kernels of the generated causal convolution; layout in `common`.
 
-Same contract as `gpu`: `forward` generates the taps per (channel tile, token tile) with h @ w2t[w] + b2t[w]
-in VMEM, convolves and applies SiLU; `backward` is the conv-only backward over regenerated taps. Blocks
+Same contract as `gpu` (`forward`, `forward_with_residual`, `backward`): `forward` generates the taps per
+(channel tile, token tile) with h @ w2t[w] + b2t[w] in VMEM, convolves and applies SiLU; `backward`
+regenerates the taps with one XLA matmul and runs `conv_backward`, the conv-only backward kernel. Blocks
 cannot overlap, so the rows a tile reads before (W-1) and after (W-1, backward) come from HALO-row blocks
 of the neighbouring tiles; a row shift is a sublane roll of [halo; tile; halo] and an aligned slice. The
 channel axis is outermost so a w2t block stays in VMEM while the token tiles stream past it.
@@ -90,7 +91,7 @@ def _bwd_kernel(k_ref, knext_ref, u_ref, uprev_ref, unext_ref, dy_ref, dynext_re
         dk_ref[w] = dks[w].astype(dk_ref.dtype)
 
 
-def backward(k, u, dy, pos, *, interpret=False):
+def conv_backward(k, u, dy, pos, *, interpret=False):
     """k [W, PAD + N + PAD, D] regenerated taps; u, dy [PAD + N + PAD, D]; pos as in `forward`.
     Returns (du [N, D] in u's dtype, dk [W, N, D] in k's dtype)."""
     width, rows, D = k.shape
@@ -107,3 +108,22 @@ def backward(k, u, dy, pos, *, interpret=False):
         out_shape=(jax.ShapeDtypeStruct((N, D), u.dtype), jax.ShapeDtypeStruct((width, N, D), k.dtype)),
         compiler_params=_params(), interpret=interpret, name="dynamic_conv_bwd",
     )(k, k, u, u, u, dy, dy, pos[:, None], pos[:, None])
+
+
+def forward_with_residual(h, w2t, b2t, u, pos, *, interpret=False):
+    """`forward` and what `backward` needs besides the inputs: nothing (it regenerates the taps)."""
+    return forward(h, w2t, b2t, u, pos, interpret=interpret), None
+
+
+def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False):
+    """Gradients of `forward`: one XLA matmul regenerates the taps, `conv_backward` forms du and the tap
+    gradient dk, XLA's matmuls dh = dk w2t^T and dw2t = h^T dk. Inputs as in `forward`, dy [N, D]. Returns
+    (dh [N, G] in h's dtype, dw2t [W, G, D] and db2t [W, D] float32, du [N, D] in u's dtype)."""
+    del residual
+    pad = [(PAD, PAD), (0, 0)]
+    k = jnp.einsum("ng,wgd->wnd", jnp.pad(h, pad), w2t, preferred_element_type=jnp.float32)
+    k = (k + b2t[:, None, :]).astype(h.dtype)  # the regenerated taps, in the matmul dtype
+    du, dk = conv_backward(k, u, jnp.pad(dy, pad), pos, interpret=interpret)
+    dh = jnp.einsum("wnd,wgd->ng", dk, w2t, preferred_element_type=jnp.float32)
+    dw2t = jnp.einsum("ng,wnd->wgd", h, dk, preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dw2t, jnp.sum(dk.astype(jnp.float32), axis=1), du
