@@ -2,10 +2,10 @@
 
 On CPU the kernels run in interpret mode: float32 inputs must match the float64 oracle to 1e-5 (measured
 ~2e-7), 16-bit inputs use fla's tolerances (the bf16 dots round their operands as on the GPU). On a GPU the
-same tests compile the kernels (float32 dots there are 3xTF32; float32 cases with dk > 64 are skipped there,
-the compiled kernels refuse them). The lowering test emits the Triton IR for
-CUDA on any host, which catches unsupported ops, shapes and dot precisions without a GPU; the shared-memory
-test compiles that IR for sm_90 (`triton_resources.py`).
+same tests compile the kernels (float32 dots there are 3xTF32; the compiled kernels refuse float32 at
+dk = 256, which no test asks for). The lowering test emits the Triton IR for CUDA on any host, which
+catches unsupported ops, shapes and dot precisions without a GPU; the shared-memory test compiles that IR
+for sm_90 (`triton_resources.py`).
 """
 
 import sys
@@ -58,6 +58,7 @@ def test_without_l2norm(rng):
     ("bfloat16", 2, 100, 1, 96, 256, "strong"),
     ("bfloat16", 1, 37, 2, 256, 64, "zero"),
     ("bfloat16", 1, 70, 2, 128, 128, "normal"),
+    ("float32", 1, 90, 1, 128, 64, "normal"),
 ])
 def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
     _skip_unsupported_on_gpu(dtype, dk)
@@ -80,7 +81,7 @@ def test_wide_dv_blocks_match_float64(rng, monkeypatch, block_v):
 
 
 @pytest.mark.parametrize("dtype,dk", [("bfloat16", 64), ("bfloat16", 96), ("bfloat16", 128), ("bfloat16", 256),
-                                      ("float32", 64)])
+                                      ("float32", 64), ("float32", 128)])
 def test_default_blocks_fit_h100_shared_memory(dtype, dk):
     """Compiled for sm_90 (by the triton package: a proxy of XLA's Triton), every kernel fits in an H100's
     shared memory at the dv block that a large batch gets; at dk = 256 that block must be 32 (the reverse
@@ -117,8 +118,7 @@ def test_lowers_to_triton_for_cuda(dtype, T, dk, dv):
 
 
 def test_auto_takes_the_gpu_kernels_and_impls_check_their_platform(rng, monkeypatch):
-    """On a GPU "auto" runs the kernels; each kernel impl refuses the other platform; float32 at dk = 96 is
-    refused when compiled (shared memory)."""
+    """On a GPU "auto" runs the kernels; each kernel impl refuses the other platform."""
     x = make_inputs(rng, 1, 20, 1, 96, 64, dtype="bfloat16")
     monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "gpu")
     assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x))(x))
@@ -136,11 +136,12 @@ def test_unsupported_shapes_raise(rng):
     x = make_inputs(rng, 1, 20, 1, 64, 64)
     with pytest.raises(ValueError, match="chunk_size=64"):
         ops.gated_delta_rule(**x, impl="pallas_triton", chunk_size=32)
-    # Compiled, float32 inputs are limited to dk <= 64 (shared memory); interpreted they are not.
-    with pytest.raises(ValueError, match="dk up to 64"):
-        triton_gdr.check_supported(128, 64, (jnp.float32,))
-    triton_gdr.check_supported(128, 64, (jnp.bfloat16,))
-    triton_gdr.check_supported(128, 64, (jnp.float32,), interpret=True)
+    # Compiled, float32 inputs are limited to dk <= 128 (shared memory); interpreted they are not.
+    with pytest.raises(ValueError, match="dk up to 128"):
+        triton_gdr.check_supported(256, 64, (jnp.float32,))
+    triton_gdr.check_supported(128, 64, (jnp.float32,))
+    triton_gdr.check_supported(256, 64, (jnp.bfloat16,))
+    triton_gdr.check_supported(256, 64, (jnp.float32,), interpret=True)
 
 
 def test_runs_under_shard_map_on_a_mesh(rng):
@@ -149,12 +150,13 @@ def test_runs_under_shard_map_on_a_mesh(rng):
 
 def test_auto_picks_the_gpu_kernels_where_they_apply(monkeypatch):
     """On a GPU, impl="auto" takes the kernels for what they compile (bf16 at any head size up to 256,
-    fp32 only up to dk = 64) and the XLA chunked op otherwise (fp32 dk = 128, chunk 32, dk = 512)."""
+    fp32 up to dk = 128) and the XLA chunked op otherwise (fp32 dk = 256, chunk 32, dk = 512)."""
     monkeypatch.setattr(pallas_gdr, "platform", lambda mesh: "gpu")
     monkeypatch.setattr(pallas_gdr, "layout_known", lambda mesh: True)
     bf16, f32 = (jnp.bfloat16,) * 3, (jnp.float32,) * 3
     assert dispatch._auto_impl(96, 256, bf16, 64, None) == "pallas_triton"
     assert dispatch._auto_impl(64, 128, f32, 64, None) == "pallas_triton"
-    assert dispatch._auto_impl(128, 128, f32, 64, None) == "chunked"
+    assert dispatch._auto_impl(128, 128, f32, 64, None) == "pallas_triton"
+    assert dispatch._auto_impl(256, 128, f32, 64, None) == "chunked"
     assert dispatch._auto_impl(96, 256, bf16, 32, None) == "chunked"
     assert dispatch._auto_impl(512, 256, bf16, 64, None) == "chunked"
