@@ -14,6 +14,7 @@ import pytest
 from jax import export
 
 from jetnemo_jax.ops import pallas_conv
+from tests.pallas_kernels import triton_resources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,6 +37,15 @@ def test_triton_lowering_for_cuda(dtype, G, D):
         export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*_args(2, 100, G, D, dtype))
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") >= 4, "expected the forward and the three backward Triton kernels"
+
+
+def test_default_blocks_fit_h100_shared_memory():
+    """Compiled for sm_90 (the triton package, a proxy of XLA's Triton; see triton_resources.py), each kernel
+    at its default blocks and launch options fits an H100's shared memory and runs its dots on HGMMA."""
+    if sys.platform != "linux":
+        pytest.skip("the triton package (the test extra's sm_90 compiler) ships for Linux only")
+    report = triton_resources.conv_resources()
+    assert all(r["shared_kib"] <= triton_resources.H100_SHARED_KIB and r["wgmma"] for r in report.values()), report
 
 
 _TPU = textwrap.dedent("""
