@@ -1,6 +1,6 @@
 """JetBlock's value path (generator + generated causal conv + SiLU): the fused Pallas kernels vs pure XLA.
 
-    python bench/dynamic_conv.py [--out results.json] [--check-only] [--profile] [--tokens 32768]
+    python bench/dynamic_conv.py [--out results.json] [--check-only] [--profile] [--trace] [--tokens 32768]
 
 For the 2B and 4B shapes (B*T tokens, bf16, packed documents) times the forward and the forward+backward
 of  v = dynamic_conv(u, kernels = silu(x W1) W2 + b2)  with impl="pallas" and impl="reference", checks
@@ -9,7 +9,10 @@ and each time as a fraction of the HBM and bf16 matmul rooflines. Bytes that mus
 materialised): forward reads x, u, writes and reads h, writes v; forward+backward adds reading x, h, u, dv,
 writing dx, du, and dh (written and read). Matmul FLOPs: forward 2N(H G + G Dv W), backward twice that
 (the Pallas backward regenerates the kernels: one more G Dv W matmul, counted in its own column).
---profile times each piece at the 2B shape and sweeps the Triton kernels' block sizes (see `profile`).
+Times: the median of single calls, each synced (what one step sees, host latency included), and the mean
+of calls queued back to back (the device's time per call; the profile's sweeps rank by it).
+--profile times each piece at the 2B shape and sweeps the Triton kernels' block sizes (see `profile`);
+--trace lists the GPU kernels of one 2B forward+backward step with their times (see `kernel_times`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,17 @@ def timeit(fn, *args, iters=10):
     return statistics.median(ts), (max(ts) - min(ts))
 
 
+def throughput(fn, *args, iters=20):
+    """Seconds per call with `iters` calls queued back to back (one sync at the end): the device's time per
+    call, without the host's dispatch and sync latency that a single synced call carries."""
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / iters
+
+
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -109,9 +123,11 @@ def bench(rng, name, tokens):
         step = jax.jit(fwd_bwd(impl, seg))
         tf, sf = timeit(fwd, *a)
         tb, sb = timeit(step, a, dy)
-        res[impl] = {"fwd_ms": tf * 1e3, "fwd_spread_ms": sf * 1e3, "fwd_bwd_ms": tb * 1e3, "fwd_bwd_spread_ms": sb * 1e3,
-                         "residual_bytes": residual_bytes(impl, seg, a),
-                         "temp_bytes": step.lower(a, dy).compile().memory_analysis().temp_size_in_bytes}
+        res[impl] = {"fwd_ms": tf * 1e3, "fwd_spread_ms": sf * 1e3, "fwd_bwd_ms": tb * 1e3,
+                     "fwd_bwd_spread_ms": sb * 1e3, "fwd_queued_ms": throughput(fwd, *a) * 1e3,
+                     "fwd_bwd_queued_ms": throughput(step, a, dy) * 1e3,
+                     "residual_bytes": residual_bytes(impl, seg, a),
+                     "temp_bytes": step.lower(a, dy).compile().memory_analysis().temp_size_in_bytes}
         flops_b = 3 * mm + (2 * N * G * Dv * W if impl == "pallas" else 0)
         r = res[impl]
         r["fwd_hbm_frac"] = fwd_bytes / HBM_BYTES_S / tf
@@ -124,6 +140,7 @@ def bench(rng, name, tokens):
     row.update(res)
     row["speedup_fwd"] = res["reference"]["fwd_ms"] / res["pallas"]["fwd_ms"]
     row["speedup_fwd_bwd"] = res["reference"]["fwd_bwd_ms"] / res["pallas"]["fwd_bwd_ms"]
+    row["speedup_fwd_bwd_queued"] = res["reference"]["fwd_bwd_queued_ms"] / res["pallas"]["fwd_bwd_queued_ms"]
     return row
 
 
@@ -147,35 +164,35 @@ def _best(out, kind, time_one, configs, iters=5):
     return best
 
 
-FWD_CONFIGS = [dict(bt=bt, bd=bd, bg=bg, num_warps=nw, num_stages=2) for bt, bd, bg, nw in (
-    (64, 64, 128, 4), (128, 64, 128, 8), (128, 64, 64, 8), (64, 64, 128, 8), (128, 128, 128, 8), (128, 128, 64, 8))]
+_TAP_CONFIG = ("bt", "bd", "bg", "num_warps", "num_stages")
+FWD_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in (
+    (128, 32, 64, 8, 3), (64, 32, 64, 4, 3), (128, 64, 64, 8, 3), (128, 32, 128, 8, 2), (64, 32, 128, 4, 2))]
+GRAD_U_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in (
+    (128, 64, 64, 8, 3), (64, 32, 64, 4, 3), (128, 32, 64, 8, 3), (64, 32, 128, 4, 2))]
 GRAD_H_CONFIGS = [dict(bt=bt, bg=bg, bk=bk, gtiles=gt, num_warps=nw, num_stages=ns) for bt, bg, bk, gt, nw, ns in (
-    (64, 128, 64, 1, 4, 3), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 1, 4, 3),
-    (128, 128, 64, 1, 4, 3), (64, 128, 64, 3, 4, 3), (64, 128, 64, 3, 8, 3), (128, 128, 64, 3, 8, 3),
-    (128, 128, 32, 3, 8, 3), (64, 128, 32, 3, 4, 4))]
+    (64, 128, 64, 3, 4, 3), (64, 128, 32, 3, 4, 4), (64, 128, 64, 3, 4, 2), (64, 128, 64, 1, 4, 3))]
 GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw, num_stages=ns)
                    for bn, bg, bd, gt, sp, nw, ns in (
-    (64, 128, 128, 3, 16, 8, 3), (64, 128, 128, 3, 8, 8, 3), (64, 128, 128, 3, 32, 8, 3), (32, 128, 128, 3, 16, 8, 3),
-    (64, 128, 128, 3, 16, 8, 4), (64, 128, 128, 3, 16, 8, 2), (64, 128, 64, 3, 8, 8, 3), (128, 128, 64, 3, 16, 8, 3))]
+    (64, 128, 64, 3, 4, 8, 3), (64, 128, 64, 3, 8, 8, 3), (64, 128, 64, 3, 16, 8, 3), (64, 128, 64, 1, 8, 4, 3))]
 
 
 def profile(rng, tokens):
     """Each piece of the value path at the 2B shape, with a block-size sweep of every Triton kernel: XLA's
     h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
-    the kernels replace), the forward kernel (with and without saving c), XLA's dc = dy silu'(c), and the
-    three backward kernels. Leaves the fastest blocks of each kernel in `gpu`'s tables for the runs that
+    the kernels replace), the forward kernel (with and without saving sigmoid(c)), and the three backward
+    kernels. Leaves the fastest blocks of each kernel in `gpu`'s tables for the runs that
     follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the Pallas
     backward three."""
-    from pallas_kernels.dynamic_conv import common, gpu
+    from pallas_kernels.dynamic_conv import gpu
     s = SHAPES["2b"]
     N, G, D, P = tokens, s["gen"], s["dv"], gpu.PAD
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.bfloat16)
-    h, w2t, u, c, dy, dc = f(N, G), f(W, G, D), f(N + 2 * P, D), f(N, D), f(N, D), f(N + 2 * P, D)
+    h, w2t, u, y, sig, dy, dc = f(N, G), f(W, G, D), f(N + 2 * P, D), f(N, D), f(N, D), f(N, D), f(N, D)
     b2t = jnp.zeros((W, D), jnp.float32)
     pos = jnp.asarray(np.arange(N + 2 * P) % 700, jnp.int32)
     unit = 2 * N * G * D * W
     out = {"unit_gflop": unit / 1e9}
-    jt = lambda fn, *a, iters=10: timeit(jax.jit(fn), *a, iters=iters)[0] * 1e3
+    jt = lambda fn, *a: throughput(jax.jit(fn), *a) * 1e3
     out["xla_h_at_w2_ms"] = jt(lambda h, w: jnp.einsum("ng,wgd->wnd", h, w), h, w2t)
     dk = jnp.einsum("ng,wgd->wnd", h, w2t)
     out["xla_dh_from_dk_ms"] = jt(lambda dk, w: jnp.einsum("wnd,wgd->ng", dk, w, preferred_element_type=jnp.float32)
@@ -183,12 +200,11 @@ def profile(rng, tokens):
     out["xla_dw2_from_dk_ms"] = jt(lambda h, dk: jnp.einsum("ng,wnd->wgd", h, dk, preferred_element_type=jnp.float32),
                                    h, dk)
     del dk
-    out["xla_dc_ms"] = jt(lambda c, dy: jnp.pad(common.silu_grad(c.astype(jnp.float32), dy.astype(jnp.float32))
-                                                .astype(c.dtype), [(P, P), (0, 0)]), c, dy)
     print(out, flush=True)
     runs = {
         "fwd": (gpu.FWD, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.forward(*a, **cfg), (h, w2t, b2t, u, pos))),
-        "grad_u": (gpu.GRAD_U, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.grad_u(*a, **cfg), (h, w2t, b2t, dc, pos))),
+        "grad_u": (gpu.GRAD_U, GRAD_U_CONFIGS,
+                   lambda cfg: (lambda *a: gpu.grad_u(*a, **cfg), (h, w2t, b2t, dy, y, sig, pos))),
         "grad_h": (gpu.GRAD_H, GRAD_H_CONFIGS, lambda cfg: (lambda *a: gpu.grad_h(*a, **cfg), (dc, u, w2t, pos))),
         "grad_w2": (gpu.GRAD_W2, GRAD_W2_CONFIGS,
                     lambda cfg: (lambda *a: gpu.grad_w2(*a, W, **cfg), (h, dc, u, pos))),
@@ -196,12 +212,43 @@ def profile(rng, tokens):
     for name, (table, configs, make_fn) in runs.items():
         def time_one(cfg, iters, make_fn=make_fn):
             fn, args = make_fn(cfg)
-            return timeit(jax.jit(fn), *args, iters=iters)[0]
+            return throughput(jax.jit(fn), *args, iters=4 * iters)
         best = _best(out, name, time_one, configs)
         if best is not None:
             table.update(best[1])
             out[f"best {name}"] = {"ms": best[0], "cfg": best[1], "mxu_frac": unit / BF16_FLOPS_S / (best[0] * 1e-3)}
-    out["fwd save_c (best blocks) ms"] = jt(lambda *a: gpu.forward(*a, save_c=True), h, w2t, b2t, u, pos)
+    out["fwd save_sigmoid (best blocks) ms"] = jt(lambda *a: gpu.forward(*a, save_sigmoid=True), h, w2t, b2t, u, pos)
+    return out
+
+
+def kernel_times(rng, name, tokens, iters=3):
+    """{impl: [(GPU kernel, ms per fwd+bwd step)]}: where the whole op's time goes, from a JAX profiler trace
+    (perfetto JSON) of `iters` steps at one shape, each kernel's device time summed and averaged per step."""
+    import collections
+    import glob
+    import gzip
+    import tempfile
+    s = SHAPES[name]
+    args, seg = make(rng, tokens, s["hidden"], s["gen"], s["dv"], jnp.bfloat16)
+    a = tuple(args.values())
+    dy = jnp.asarray(rng.standard_normal(args["u"].shape), jnp.bfloat16)
+    out = {}
+    for impl in ("pallas", "reference"):
+        step = jax.jit(fwd_bwd(impl, seg))
+        jax.block_until_ready(step(a, dy))
+        with tempfile.TemporaryDirectory() as tmp:
+            with jax.profiler.trace(tmp, create_perfetto_trace=True):
+                for _ in range(iters):
+                    jax.block_until_ready(step(a, dy))
+            with gzip.open(glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)[0]) as f:
+                events = json.load(f)["traceEvents"]
+        gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                    and "GPU" in str(e.get("args", {}).get("name", ""))}
+        totals = collections.Counter()
+        for e in events:
+            if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+                totals[e["name"]] += e["dur"] / 1e3 / iters  # us -> ms per step
+        out[impl] = totals.most_common()
     return out
 
 
@@ -215,6 +262,7 @@ def main():
     p.add_argument("--out", default="dynamic_conv_bench.json")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--check-only", action="store_true")
+    p.add_argument("--trace", action="store_true", help="also print each GPU kernel's time in one 2B fwd+bwd step")
     p.add_argument("--profile", action="store_true",
                    help="first time each piece and sweep the Triton block sizes (2B); the runs after use the fastest")
     args = p.parse_args()
@@ -244,7 +292,15 @@ def main():
                 r = row[impl]
                 print(f"{row['shape']:5} {impl:9} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:8.3f} {r['fwd_hbm_frac']:8.1%} "
                       f"{r['fwd_bwd_hbm_frac']:8.1%} {r['fwd_bwd_mxu_frac']:8.1%} {r['residual_bytes'] / 2**20:10.1f}")
-            print(f"{row['shape']:5} speedup fwd {row['speedup_fwd']:.2f}x, fwd+bwd {row['speedup_fwd_bwd']:.2f}x")
+            print(f"{row['shape']:5} speedup fwd {row['speedup_fwd']:.2f}x, fwd+bwd {row['speedup_fwd_bwd']:.2f}x "
+                  f"(queued back to back: {row['pallas']['fwd_bwd_queued_ms']:.3f} vs "
+                  f"{row['reference']['fwd_bwd_queued_ms']:.3f} ms, {row['speedup_fwd_bwd_queued']:.2f}x)")
+    if args.trace:
+        report["kernel_times_2b"] = kernel_times(rng, "2b", args.tokens)
+        for impl, rows in report["kernel_times_2b"].items():
+            print(f"\n{impl}: {sum(ms for _, ms in rows):.3f} ms of GPU kernels per fwd+bwd step (2B)")
+            for kernel, ms in rows[:25]:
+                print(f"  {ms:8.3f}  {kernel[:110]}")
     dump(report, args.out)
     if not all(c["ok"] for c in report["checks"].values()):
         raise SystemExit("pallas and reference disagree")

@@ -62,7 +62,7 @@ def _core_fwd(h, w2t, b2t, u, pos, backend, interpret):
 def _core_bwd(backend, interpret, res, dy):
     kern = kernel_module(backend)
     dh, dw2t, db2t, du = kern.backward(*res, dy, interpret=interpret)
-    return dh, dw2t.astype(res[1].dtype), db2t, jnp.pad(du, [(kern.PAD, kern.PAD), (0, 0)]), None
+    return dh, dw2t.astype(res[1].dtype), db2t, jnp.pad(du, [(kern.U_PAD, kern.U_PAD), (0, 0)]), None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -105,7 +105,7 @@ def _local(u, h, w2, b2, doc_ids, cache, *, backend, interpret):
     w2t = jnp.pad(w2t, [(0, 0), (0, Gp - G), (0, Dp - D)])
     b2t = jnp.pad(b2.reshape(D, width).T.astype(jnp.float32), [(0, 0), (0, Dp - D)])
     h = jnp.pad(h.reshape(N, G), [(0, Np - N), (0, Gp - G)])
-    u = jnp.pad(u.reshape(N, D), [(kern.PAD, Np - N + kern.PAD), (0, Dp - D)])
+    u = jnp.pad(u.reshape(N, D), [(kern.U_PAD, Np - N + kern.U_PAD), (0, Dp - D)])
     pos = jnp.pad(positions_in_documents(doc_ids).reshape(N), [(kern.PAD, Np - N + kern.PAD)])
     y = _core(h, w2t, b2t, u, pos, backend, interpret)
     return y[:N, :D].reshape(B, Tc, D)[:, Tc - T:]

@@ -35,6 +35,11 @@ def silu_grad(c, dy):
     return dy * sig * (1.0 + c * (1.0 - sig))
 
 
+def silu_grad_from_output(y, sig, dy):
+    """silu'(c) dy from y = silu(c) and sig = sigmoid(c): no transcendental."""
+    return dy * (sig + y * (1.0 - sig))
+
+
 def backward(k_at, u_at, dy_at, pos_at, width):
     """du and the kernel gradient taps of the tile.
 

@@ -1,16 +1,19 @@
 """Triton (Pallas GPU) kernels of the generated causal convolution; layout in `common`.
 
 No kernel tensor ([rows, W, Dv]) and no tap gradient ever reaches HBM, forward or backward:
-- `forward`: per (token tile, channel tile) program, generates the W taps h @ w2t[w] + b2t[w] in registers,
-  convolves and applies SiLU; for training it also stores the pre-activation c (the backward's silu').
-- `backward`: dc = dy silu'(c) (one XLA fusion), then three kernels:
-  `grad_u`: du_t = sum_j dc_{t+j} k_{t+j}[W-1-j], each tap regenerated in registers by a matmul on the
-  j-shifted rows of h (the forward's matmul work once more);
+- `forward`: per (token tile, channel tile) program, generates the tile's W taps h @ w2t[w] + b2t[w] in
+  registers as one wide matmul (the channel block's taps side by side), convolves and applies SiLU; for
+  training it also stores sigmoid(c) (with the output y, the backward's silu' without a transcendental).
+- `backward`: three kernels:
+  `grad_u`: du_t = sum_j dc_{t+j} k_{t+j}[W-1-j]: the taps regenerated as in the forward (its matmul work
+  once more), the row shifts done by 0/1 shift-matrix matmuls; dc = dy silu'(c) formed from dy, y and
+  sigmoid(c) and stored for the other two;
   `grad_h`: dh = sum_w (dc * U_w) w2t[w]^T and `grad_w2`: dw2t[w] = h^T (dc * U_w) and db2t[w] = 1^T (dc * U_w),
   where U_w is u shifted back by W-1-w rows and masked at document starts: the tap gradient dc * U_w is
   formed tile by tile in registers as the matmul operand.
-Programs are independent (Triton has no sequential grid axis): shifted rows come from overlapping loads of
-the same HBM rows, which L1/L2 serve. Block sizes are powers of two with dot dims >= 16 (the caller pads).
+Programs are independent (Triton has no sequential grid axis): shifted rows come from overlapping masked
+loads of the same HBM rows (L1/L2 serve them; rows before 0 or past the end read as zeros, so u, dy and h
+need no padded copies). Block sizes are powers of two with dot dims >= 16 (the caller pads).
 """
 
 from __future__ import annotations
@@ -25,16 +28,17 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dynamic_conv import common
 
-PAD = 128  # zero rows before and after the token rows (>= any token block and >= W - 1)
+PAD = 128  # zero rows before and after pos's token rows (>= any token block and >= W - 1)
+U_PAD = 0  # u is read as is: rows before a tile come from masked loads
 ROWS, DIM = 128, 128  # the caller pads the token rows and channels to multiples of these
 
 # Block sizes and launch parameters of each kernel: the fastest of `python bench/dynamic_conv.py --profile`'s
 # sweep on an H100 at the 2B shape (BENCHMARKS.md). gtiles: G blocks per program, sharing each tap-gradient
 # tile (fewer elementwise passes, more registers); splits: programs per grad_w2 output block over the rows.
-FWD = {"bt": 128, "bd": 128, "bg": 64, "num_warps": 8, "num_stages": 2}
-GRAD_U = {"bt": 128, "bd": 64, "bg": 128, "num_warps": 8, "num_stages": 2}
+FWD = {"bt": 128, "bd": 32, "bg": 64, "num_warps": 8, "num_stages": 3}
+GRAD_U = {"bt": 128, "bd": 64, "bg": 64, "num_warps": 8, "num_stages": 3}
 GRAD_H = {"bt": 64, "bg": 128, "bk": 64, "gtiles": 3, "num_warps": 4, "num_stages": 3}
-GRAD_W2 = {"bn": 64, "bg": 128, "bd": 64, "gtiles": 3, "splits": 8, "num_warps": 8, "num_stages": 3}
+GRAD_W2 = {"bn": 64, "bg": 128, "bd": 64, "gtiles": 3, "splits": 4, "num_warps": 8, "num_stages": 3}
 
 _ANY = pl.BlockSpec(memory_space=pl.ANY)
 _F32 = common.F32
@@ -63,66 +67,113 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _tap(h_ref, w2_ref, b2_ref, rows, cols, w, bg, precision):
-    """Kernel tap w at `rows` and channel block `cols`: h[rows] @ w2t[w, :, cols] + b2t[w, cols], float32."""
-    acc = None
-    for g in range(h_ref.shape[1] // bg):
-        part = jnp.dot(h_ref[rows, pl.ds(g * bg, bg)], w2_ref[w, pl.ds(g * bg, bg), cols],
-                       preferred_element_type=_F32, precision=precision)
-        acc = part if acc is None else acc + part
-    return acc + b2_ref[pl.ds(w, 1), cols].astype(_F32)
+def _load_rows(ref, start, size, cols, front=0, n=None):
+    """Token rows [start, start + size) of `ref` (which holds `front` zero rows before token 0) at `cols`,
+    rows before 0 or from n on read as zeros: masked loads, no padded copy in HBM."""
+    rows = start + jax.lax.broadcasted_iota(jnp.int32, (size, cols.size), 0)
+    mask = rows >= 0 if n is None else (rows >= 0) & (rows < n)
+    return plgpu.load(ref.at[pl.ds(front + start, size), cols], mask=mask, other=0)
 
 
-def _fwd_kernel(h_ref, w2_ref, b2_ref, u_ref, pos_ref, y_ref, *c_ref, bt, bd, bg, width, precision):
+def _wide_layout(w2t, b2t, bd):
+    """w2t [W, G, D] -> [G, D / bd, Wp * bd] and b2t [W, D] -> [D / bd, Wp * bd]: each channel block's taps
+    side by side (for `_wide_taps`), zero taps up to Wp, the next power of two (Triton splits in halves)."""
+    width, G, D = w2t.shape
+    wp = pl.next_power_of_2(width)
+    w2t, b2t = (jnp.pad(x, [(0, wp - width)] + [(0, 0)] * (x.ndim - 1)) for x in (w2t, b2t))
+    w2w = jnp.transpose(w2t.reshape(wp, G, D // bd, bd), (1, 2, 0, 3)).reshape(G, D // bd, wp * bd)
+    return w2w, jnp.transpose(b2t.reshape(wp, D // bd, bd), (1, 0, 2)).reshape(D // bd, wp * bd)
+
+
+def _wide_taps(h_ref, w2_ref, b2_ref, start, bt, j, bg, width, precision, n=None):
+    """The W taps h[rows] @ w2t[w, :, cols] + b2t[w, cols] of channel block j at rows start + (0..bt), float32
+    [bt, bd] each, as one [bt, Wp * bd] matmul (`_wide_layout`: wide warpgroup MMAs) in a `fori_loop` over G
+    blocks (Triton software-pipelines its loads), split by tap. h rows from n on read as zeros."""
+    def body(g, acc):
+        gs = pl.ds(pl.multiple_of(g * bg, bg), bg)
+        return acc + jnp.dot(_load_rows(h_ref, start, bt, gs, n=n), w2_ref[gs, j, :], preferred_element_type=_F32,
+                             precision=precision)
+
+    acc = jax.lax.fori_loop(0, h_ref.shape[1] // bg, body, jnp.zeros((bt, w2_ref.shape[2]), _F32))
+    return jnp.split(acc + b2_ref[pl.ds(j, 1), :].astype(_F32), pl.next_power_of_2(width), axis=1)[:width]
+
+
+def _fwd_kernel(h_ref, w2_ref, b2_ref, u_ref, pos_ref, y_ref, *s_ref, bt, bd, bg, width, precision, front):
     i, j = pl.program_id(0), pl.program_id(1)
-    base, cols = PAD + i * bt, pl.ds(j * bd, bd)
-    tap = lambda w: _tap(h_ref, w2_ref, b2_ref, pl.ds(i * bt, bt), cols, w, bg, precision)
-    u_at = lambda s: u_ref[pl.ds(base + s, bt), cols].astype(_F32)
-    c = common.conv(tap, u_at, pos_ref[pl.ds(base, bt)][:, None], width)
-    y_ref[...] = jax.nn.silu(c).astype(y_ref.dtype)
-    if c_ref:
-        c_ref[0][...] = c.astype(c_ref[0].dtype)
+    t0, cols = i * bt, pl.ds(j * bd, bd)
+    taps = _wide_taps(h_ref, w2_ref, b2_ref, t0, bt, j, bg, width, precision)
+    u_at = lambda s: _load_rows(u_ref, t0 + s, bt, cols, front).astype(_F32)
+    c = common.conv(taps.__getitem__, u_at, pos_ref[pl.ds(PAD + t0, bt)][:, None], width)
+    sig = jax.nn.sigmoid(c)
+    y_ref[...] = (c * sig).astype(y_ref.dtype)
+    if s_ref:
+        s_ref[0][...] = sig.astype(s_ref[0].dtype)
 
 
-def forward(h, w2t, b2t, u, pos, *, save_c=False, interpret=False, **blocks):
-    """h [N, G]; w2t [W, G, D]; b2t [W, D] float32; u [PAD + N + PAD, D]; pos [PAD + N + PAD] int32.
-    N a multiple of ROWS, D of DIM. Returns silu(conv) [N, D] in u's dtype, and with save_c also c [N, D]."""
+def _front_padded(u, interpret):
+    """(u, front): the kernels read u at rows before 0 with masked loads. Interpret mode's loads clamp such
+    starts into the array (shifting the tile), so there u gets PAD zero rows in front instead."""
+    return (jnp.pad(u, [(PAD, 0), (0, 0)]), PAD) if interpret else (u, 0)
+
+
+def forward(h, w2t, b2t, u, pos, *, save_sigmoid=False, interpret=False, **blocks):
+    """h [N, G]; w2t [W, G, D]; b2t [W, D] float32; u [N, D]; pos [PAD + N + PAD] int32. N a multiple of
+    ROWS, D of DIM. Returns y = silu(c) [N, D] in u's dtype (c: the conv), and with save_sigmoid also
+    sigmoid(c) [N, D]."""
     cfg = {**FWD, **blocks}
     N, G = h.shape
     width, _, D = w2t.shape
     bt, bd, bg = cfg["bt"], _block(cfg["bd"], D), _block(cfg["bg"], G)
-    kernel = functools.partial(_fwd_kernel, bt=bt, bd=bd, bg=bg, width=width, precision=_precision(h.dtype))
-    out_specs = [pl.BlockSpec((bt, bd), lambda i, j: (i, j))] * (1 + save_c)
-    out_shape = [jax.ShapeDtypeStruct((N, D), u.dtype)] * (1 + save_c)
+    u, front = _front_padded(u, interpret)
+    kernel = functools.partial(_fwd_kernel, bt=bt, bd=bd, bg=bg, width=width, precision=_precision(h.dtype),
+                               front=front)
+    out_specs = [pl.BlockSpec((bt, bd), lambda i, j: (i, j))] * (1 + save_sigmoid)
+    out_shape = [jax.ShapeDtypeStruct((N, D), u.dtype)] * (1 + save_sigmoid)
+    w2t, b2t = _wide_layout(w2t, b2t, bd)
     out = pl.pallas_call(
         kernel, grid=(N // bt, D // bd), in_specs=[_ANY] * 5, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
         name="dynamic_conv_fwd",
     )(h, w2t, b2t, u, pos)
-    return tuple(out) if save_c else out[0]
+    return tuple(out) if save_sigmoid else out[0]
 
 
 def forward_with_residual(h, w2t, b2t, u, pos, *, interpret=False):
-    """`forward` and what `backward` needs besides the inputs: the pre-activation c."""
-    return forward(h, w2t, b2t, u, pos, save_c=True, interpret=interpret)
+    """`forward` and what `backward` needs besides the inputs: (y, sigmoid(c)), whence silu'(c) = s + y (1 - s)
+    with no transcendental in the backward (y is the output, kept by its consumer anyway)."""
+    y, sig = forward(h, w2t, b2t, u, pos, save_sigmoid=True, interpret=interpret)
+    return y, (y, sig)
 
 
-def _grad_u_kernel(h_ref, w2_ref, b2_ref, dc_ref, pos_ref, du_ref, *, bt, bd, bg, width, precision):
+def _grad_u_kernel(h_ref, w2_ref, b2_ref, dy_ref, y_ref, s_ref, pos_ref, du_ref, dc_ref, *, bt, bd, bg,
+                         stride, width, precision):
+    """Row t + r's output read u_t through its tap W-1-r: du_t = sum_r dc_{t+r} k_{t+r}[W-1-r]. The taps are
+    regenerated on the tile's own rows (the forward's wide matmul, its h tiles shared by the taps), P_w = dc *
+    k[w] per row, and the row shifts are matmuls with 0/1 shift matrices: du = sum_r S_r P_{W-1-r}. Tiles
+    overlap by bt - stride >= W - 1 rows, so a tile's first `stride` rows see every row they need; dc = dy
+    silu'(c) is formed here and stored for grad_h and grad_w2."""
     i, j = pl.program_id(0), pl.program_id(1)
-    base, cols = PAD + i * bt, pl.ds(j * bd, bd)
+    n, cols, t0 = dy_ref.shape[0], pl.ds(j * bd, bd), i * stride
+    taps = _wide_taps(h_ref, w2_ref, b2_ref, t0, bt, j, bg, width, precision, n)
+    y, s, dy = (_load_rows(ref, t0, bt, cols, n=n).astype(_F32) for ref in (y_ref, s_ref, dy_ref))
+    dc = common.silu_grad_from_output(y, s, dy)
+    row = t0 + jax.lax.broadcasted_iota(jnp.int32, (bt, bd), 0)
+    keep = (row < t0 + stride) & (row < n)
+    plgpu.store(dc_ref.at[pl.ds(t0, bt), cols], dc.astype(dc_ref.dtype), mask=keep)
+    pos = pos_ref[pl.ds(PAD + t0, bt)][:, None]
+    shift = jax.lax.broadcasted_iota(jnp.int32, (bt, bt), 1) - jax.lax.broadcasted_iota(jnp.int32, (bt, bt), 0)
+    op_dtype = h_ref.dtype
     du = None
-    for r in range(width):  # row t + r's output read u_t through its tap W-1-r
-        rows = pl.ds(base + r, bt)
-        k = _tap(h_ref, w2_ref, b2_ref, rows, cols, width - 1 - r, bg, precision)
-        term = jnp.where(pos_ref[rows][:, None] >= r, dc_ref[rows, cols].astype(_F32) * k, 0.0)
+    for r in range(width):  # row t's output read u_{t-r} through its tap W-1-r
+        p = jnp.where(pos >= r, dc * taps[width - 1 - r], 0.0).astype(op_dtype)
+        term = jnp.dot((shift == r).astype(op_dtype), p, preferred_element_type=_F32, precision=precision)
         du = term if du is None else du + term
-    du_ref[...] = du.astype(du_ref.dtype)
+    plgpu.store(du_ref.at[pl.ds(t0, bt), cols], du.astype(du_ref.dtype), mask=keep)
 
 
-def _grad_h_kernel(dc_ref, u_ref, w2_ref, pos_ref, dh_ref, *, bt, bg, bk, gtiles, width, precision):
+def _grad_h_kernel(dc_ref, u_ref, w2_ref, pos_ref, dh_ref, *, bt, bg, bk, gtiles, width, precision, front):
     i, g = pl.program_id(0), pl.program_id(1)
-    base = PAD + i * bt
-    pos = pos_ref[pl.ds(base, bt)][:, None]
+    pos = pos_ref[pl.ds(PAD + i * bt, bt)][:, None]
     gcols = [pl.ds((g * gtiles + q) * bg, bg) for q in range(gtiles)]  # one tap-gradient tile feeds them all
     steps = dc_ref.shape[1] // bk
 
@@ -130,9 +181,8 @@ def _grad_h_kernel(dc_ref, u_ref, w2_ref, pos_ref, dh_ref, *, bt, bg, bk, gtiles
         w, k = jax.lax.div(it, steps), jax.lax.rem(it, steps)
         back = width - 1 - w
         cols = pl.ds(pl.multiple_of(k * bk, bk), bk)
-        live = (pos >= back).astype(_F32)
-        dk = dc_ref[pl.ds(base, bt), cols].astype(_F32) * u_ref[pl.ds(base - back, bt), cols].astype(_F32)
-        dk = (dk * live).astype(w2_ref.dtype)
+        dk = dc_ref[pl.ds(i * bt, bt), cols].astype(_F32) * _load_rows(u_ref, i * bt - back, bt, cols, front)
+        dk = jnp.where(pos >= back, dk, 0.0).astype(w2_ref.dtype)
         return tuple(acc + jax.lax.dot_general(dk, w2_ref[w, gcols[q], cols], (((1,), (1,)), ((), ())),
                                                preferred_element_type=_F32, precision=precision)
                      for q, acc in enumerate(accs))
@@ -142,55 +192,60 @@ def _grad_h_kernel(dc_ref, u_ref, w2_ref, pos_ref, dh_ref, *, bt, bg, bk, gtiles
         dh_ref[pl.ds(i * bt, bt), gcols[q]] = accs[q].astype(dh_ref.dtype)
 
 
-def _grad_w2_kernel(h_ref, dc_ref, u_ref, pos_ref, dw_ref, db_ref, *, bn, bg, bd, gtiles, steps, width,
-                    precision):
+def _grad_w2_kernel(h_ref, dc_ref, u_ref, pos_ref, dw_ref, db_ref, *, bn, bg, bd, gtiles, steps, width, precision,
+                    front):
     s, w, d, g = (pl.program_id(a) for a in range(4))
     back = width - 1 - w
     cols = pl.ds(d * bd, bd)
     gcols = [pl.ds((g * gtiles + q) * bg, bg) for q in range(gtiles)]
-    ones = jnp.ones((16, bn), h_ref.dtype)  # db2 as a matmul: column sums on the tensor cores
+    ones = jnp.ones((bn, 16), h_ref.dtype)  # db2 as a matmul: column sums on the tensor cores
+    dot = lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32,
+                                           precision=precision)
 
-    def body(k, accs):
+    def body(k, accs):  # dw2t[w]^T += (dc * U_w)^T h: the tap gradient is the register operand
         r0 = pl.multiple_of((s * steps + k) * bn, bn)
-        live = (pos_ref[pl.ds(PAD + r0, bn)][:, None] >= back).astype(_F32)
-        dk = dc_ref[pl.ds(PAD + r0, bn), cols].astype(_F32) * u_ref[pl.ds(PAD + r0 - back, bn), cols].astype(_F32)
-        dk = (dk * live).astype(h_ref.dtype)
-        dot = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=_F32,
-                                                     precision=precision)
-        return (accs[0] + dot(ones, dk, ((1,), (0,))),) + tuple(
-            acc + dot(h_ref[pl.ds(r0, bn), gcols[q]], dk, ((0,), (0,))) for q, acc in enumerate(accs[1:]))
+        dk = dc_ref[pl.ds(r0, bn), cols].astype(_F32) * _load_rows(u_ref, r0 - back, bn, cols, front).astype(_F32)
+        dk = jnp.where(pos_ref[pl.ds(PAD + r0, bn)][:, None] >= back, dk, 0.0).astype(h_ref.dtype)
+        return tuple(acc + dot(dk, x) for acc, x in zip(accs, [ones] + [h_ref[pl.ds(r0, bn), gc] for gc in gcols]))
 
-    accs = jax.lax.fori_loop(0, steps, body, (jnp.zeros((16, bd), _F32),) + (jnp.zeros((bg, bd), _F32),) * gtiles)
-    db_ref[s, w, pl.ds(g * 16, 16), cols] = accs[0]
+    accs = jax.lax.fori_loop(0, steps, body, (jnp.zeros((bd, 16), _F32),) + (jnp.zeros((bd, bg), _F32),) * gtiles)
+    db_ref[s, w, cols, pl.ds(g * 16, 16)] = accs[0]
     for q in range(gtiles):
-        dw_ref[s, w, gcols[q], cols] = accs[1 + q]
+        dw_ref[s, w, cols, gcols[q]] = accs[1 + q]
 
 
-def grad_u(h, w2t, b2t, dc, pos, *, interpret=False, **blocks):
-    """du [N, D] in dc's dtype. h [N, G]; dc [PAD + N + PAD, D] (zero PAD rows); the rest as in `forward`."""
+def grad_u(h, w2t, b2t, dy, y, sig, pos, *, interpret=False, **blocks):
+    """(du, dc) [N, D] in dy's dtype, dc = dy silu'(c). h [N, G]; dy, y, sig [N, D] (y and sig from
+    `forward_with_residual`); the rest as in `forward`."""
     cfg = {**GRAD_U, **blocks}
     N, G = h.shape
     width, _, D = w2t.shape
     bt, bd, bg = cfg["bt"], _block(cfg["bd"], D), _block(cfg["bg"], G)
+    stride = bt - 8  # >= W - 1 rows of overlap
+    if stride < width - 1:
+        raise ValueError(f"grad_u: a token block of {bt} rows is too small for kernel width {width}")
+    w2t, b2t = _wide_layout(w2t, b2t, bd)
     return pl.pallas_call(
-        functools.partial(_grad_u_kernel, bt=bt, bd=bd, bg=bg, width=width, precision=_precision(h.dtype)),
-        grid=(N // bt, D // bd), in_specs=[_ANY] * 5, out_specs=pl.BlockSpec((bt, bd), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((N, D), dc.dtype),
+        functools.partial(_grad_u_kernel, bt=bt, bd=bd, bg=bg, stride=stride, width=width,
+                          precision=_precision(h.dtype)),
+        grid=(-(-N // stride), D // bd), in_specs=[_ANY] * 7, out_specs=(_ANY, _ANY),
+        out_shape=(jax.ShapeDtypeStruct((N, D), dy.dtype),) * 2,
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
         name="dynamic_conv_grad_u",
-    )(jnp.pad(h, [(PAD, PAD), (0, 0)]), w2t, b2t, dc, pos)
+    )(h, w2t, b2t, dy, y, sig, pos)
 
 
 def grad_h(dc, u, w2t, pos, *, interpret=False, **blocks):
-    """dh [N, G] = sum_w (dc * U_w) w2t[w]^T in w2t's dtype; dc [PAD + N + PAD, D], u and pos padded alike."""
+    """dh [N, G] = sum_w (dc * U_w) w2t[w]^T in w2t's dtype; dc, u [N, D]; pos as in `forward`."""
     cfg = {**GRAD_H, **blocks}
-    N, D = dc.shape[0] - 2 * PAD, dc.shape[1]
+    N, D = dc.shape
     width, G, _ = w2t.shape
     bt, bg, bk = cfg["bt"], _block(cfg["bg"], G), _block(cfg["bk"], D)
     gtiles = _divisor(cfg["gtiles"], G // bg)
+    u, front = _front_padded(u, interpret)
     return pl.pallas_call(
         functools.partial(_grad_h_kernel, bt=bt, bg=bg, bk=bk, gtiles=gtiles, width=width,
-                          precision=_precision(w2t.dtype)),
+                          precision=_precision(w2t.dtype), front=front),
         grid=(N // bt, G // bg // gtiles), in_specs=[_ANY] * 4, out_specs=_ANY,
         out_shape=jax.ShapeDtypeStruct((N, G), w2t.dtype),
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
@@ -208,25 +263,26 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, **blocks):
     gtiles, chunks = _divisor(cfg["gtiles"], G // bg), N // bn
     splits = _divisor(cfg["splits"], chunks)
     gprogs = G // bg // gtiles
+    u, front = _front_padded(u, interpret)
     dw2, db2 = pl.pallas_call(
         functools.partial(_grad_w2_kernel, bn=bn, bg=bg, bd=bd, gtiles=gtiles, steps=chunks // splits,
-                          width=width, precision=_precision(h.dtype)),
+                          width=width, precision=_precision(h.dtype), front=front),
         grid=(splits, width, D // bd, gprogs), in_specs=[_ANY] * 4, out_specs=(_ANY, _ANY),
-        out_shape=(jax.ShapeDtypeStruct((splits, width, G, D), _F32),
-                   jax.ShapeDtypeStruct((splits, width, gprogs * 16, D), _F32)),
+        out_shape=(jax.ShapeDtypeStruct((splits, width, D, G), _F32),
+                   jax.ShapeDtypeStruct((splits, width, D, gprogs * 16), _F32)),
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
         name="dynamic_conv_grad_w2",
     )(h, dc, u, pos)
-    return jnp.sum(dw2, axis=0), jnp.sum(db2[:, :, 0], axis=0)  # every row of every G program holds db2
+    # every column of every G program holds db2
+    return jnp.swapaxes(jnp.sum(dw2, axis=0), 1, 2), jnp.sum(db2[..., 0], axis=0)
 
 
-def backward(h, w2t, b2t, u, pos, c, dy, *, interpret=False):
-    """Gradients of `forward` from its saved c: h [N, G], w2t, b2t, u, pos as in `forward`; c, dy [N, D].
-    Returns (dh [N, G], dw2t [W, G, D] float32, db2t [W, D] float32, du [N, D]); dh and du in h's and u's
-    dtypes."""
-    dc = common.silu_grad(c.astype(_F32), dy.astype(_F32)).astype(u.dtype)
-    dc = jnp.pad(dc, [(PAD, PAD), (0, 0)])  # zero rows: shifted reads past either end add nothing
-    du = grad_u(h, w2t, b2t, dc, pos, interpret=interpret)
+def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False):
+    """Gradients of `forward` from its residual (y, sigmoid(c)): h [N, G], w2t, b2t, u, pos as in `forward`;
+    dy [N, D]. Returns (dh [N, G], dw2t [W, G, D] float32, db2t [W, D] float32, du [N, D]); dh and du in h's
+    and u's dtypes."""
+    y, sig = residual
+    du, dc = grad_u(h, w2t, b2t, dy.astype(u.dtype), y, sig, pos, interpret=interpret)
     dh = grad_h(dc, u, w2t, pos, interpret=interpret)
     dw2t, db2t = grad_w2(h, dc, u, pos, w2t.shape[0], interpret=interpret)
     return dh, dw2t, db2t, du

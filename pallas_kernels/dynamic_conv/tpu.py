@@ -21,6 +21,7 @@ from pallas_kernels.dynamic_conv import common
 
 BT, HALO = 256, 16  # token tile; halo rows (a bf16 sublane tile, >= W - 1)
 PAD = BT  # zero rows before and after the token rows: the neighbouring halos of the edge tiles
+U_PAD = PAD  # u carries them too
 ROWS, DIM = BT, 128
 _F32 = common.F32
 

@@ -70,6 +70,7 @@ def run(backend, u, h, w2, b2, seg, cache):
     ("cpu", "float32", 2, 37, 24, 40, 4, True, False),
     ("cpu", "bfloat16", 1, 70, 40, 136, 4, True, True),
     ("cpu", "float32", 2, 2, 16, 8, 4, False, True),
+    ("cpu", "float32", 1, 5, 8, 16, 3, True, False),  # W = 3: the wide matmul pads the taps to 4
     ("tpu", "float32", 2, 45, 24, 40, 4, True, True),
     ("tpu", "bfloat16", 1, 130, 130, 24, 4, True, False),
     ("tpu", "float32", 1, 3, 8, 16, 3, True, False),
