@@ -206,8 +206,8 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
     and b2 [Dv*W], both in h's dtype. impl="pallas" fuses the generation into the conv kernels, so the
     [B,T,Dv,W] kernels never reach HBM (`ops.pallas_conv`): the forward keeps ~20x less activation memory
     for the backward. It runs per shard of `mesh` (else of the training step's mesh, else of the
-    `jax.set_mesh` mesh). "auto" picks it on TPU and GPU (on an H100 its forward+backward is 1.44x XLA's
-    speed at the 2B shape and 1.12x at 4B, with 13x less activation memory; its 4B forward alone is 0.71x:
+    `jax.set_mesh` mesh). "auto" picks it on TPU and GPU (on an H100 its forward+backward is 1.73x XLA's
+    speed at the 2B shape and 1.30x at 4B, its forward 1.46x and 1.14x, with 13x less activation memory:
     BENCHMARKS.md), else "reference" (XLA). Returns dynamic_conv's pair.
     """
     B, T, D = u.shape

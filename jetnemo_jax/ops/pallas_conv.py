@@ -10,8 +10,8 @@ backward kernel writes du and the tap gradient, and XLA's matmuls form dh = dk w
 
 This module owns the layout (see pallas_kernels/dynamic_conv/common.py): batch rows flattened into one row
 axis, a cache (prefill continuation) prepended to its row as the first document's earlier tokens, rows
-padded to the tile and by PAD zero rows each side, channels and G zero-padded (exact: zero taps and zero
-inputs add nothing), and pos, each token's position in its document.
+padded to the tile (u also by the backend's U_PAD zero rows each side), channels and G zero-padded (exact:
+zero taps and zero inputs add nothing), and pos, each token's position in its document (PAD rows each side).
 """
 
 from __future__ import annotations

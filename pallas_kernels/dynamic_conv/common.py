@@ -1,9 +1,9 @@
 """Tile math shared by the GPU (Triton) and TPU (Mosaic) kernels of the generated causal convolution.
 
-Layout (built by jetnemo_jax/ops/pallas_conv.py): tokens of all batch rows flattened to one row axis with
-`PAD` zero rows before and after (so every shifted tile load stays in bounds, which interpret mode needs);
-pos [rows] int32 is a token's position in its document, so tap w (reading row t - (W-1) + w) is live iff
-pos_t >= W-1-w: one compare masks sequence starts, batch-row starts and document boundaries alike, in the
+Layout (built by jetnemo_jax/ops/pallas_conv.py): tokens of all batch rows flattened to one row axis; pos
+[rows] int32, with `PAD` zero rows before and after (on TPU u too, `U_PAD` = PAD; the GPU kernels read u
+with masked loads instead), is a token's position in its document, so tap w (reading row t - (W-1) + w)
+is live iff pos_t >= W-1-w: one compare masks sequence starts, batch-row starts and document boundaries alike, in the
 forward and (read at the later row) in the backward. Kernel taps are tap-major: w2t [W, G, Dv], b2t [W, Dv],
 regenerated kernels k [rows, W * Dv]. All arithmetic is float32.
 
@@ -33,11 +33,6 @@ def conv(tap, u_at, pos, width):
 def silu_grad(c, dy):
     sig = jax.nn.sigmoid(c)
     return dy * sig * (1.0 + c * (1.0 - sig))
-
-
-def silu_grad_from_output(y, sig, dy):
-    """silu'(c) dy from y = silu(c) and sig = sigmoid(c): no transcendental."""
-    return dy * (sig + y * (1.0 - sig))
 
 
 def backward(k_at, u_at, dy_at, pos_at, width):

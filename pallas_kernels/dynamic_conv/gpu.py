@@ -3,11 +3,11 @@
 No kernel tensor ([rows, W, Dv]) and no tap gradient ever reaches HBM, forward or backward:
 - `forward`: per (token tile, channel tile) program, generates the tile's W taps h @ w2t[w] + b2t[w] in
   registers as one wide matmul (the channel block's taps side by side), convolves and applies SiLU; for
-  training it also stores sigmoid(c) (with the output y, the backward's silu' without a transcendental).
+  training it also stores the pre-activation c (the backward's silu').
 - `backward`: three kernels:
   `grad_u`: du_t = sum_j dc_{t+j} k_{t+j}[W-1-j]: the taps regenerated as in the forward (its matmul work
-  once more), the row shifts done by 0/1 shift-matrix matmuls; dc = dy silu'(c) formed from dy, y and
-  sigmoid(c) and stored for the other two;
+  once more), the row shifts done by 0/1 shift-matrix matmuls; dc = dy silu'(c) formed once per row in
+  it and stored for the other two;
   `grad_h`: dh = sum_w (dc * U_w) w2t[w]^T and `grad_w2`: dw2t[w] = h^T (dc * U_w) and db2t[w] = 1^T (dc * U_w),
   where U_w is u shifted back by W-1-w rows and masked at document starts: the tap gradient dc * U_w is
   formed tile by tile in registers as the matmul operand.
@@ -98,16 +98,15 @@ def _wide_taps(h_ref, w2_ref, b2_ref, start, bt, j, bg, width, precision, n=None
     return jnp.split(acc + b2_ref[pl.ds(j, 1), :].astype(_F32), pl.next_power_of_2(width), axis=1)[:width]
 
 
-def _fwd_kernel(h_ref, w2_ref, b2_ref, u_ref, pos_ref, y_ref, *s_ref, bt, bd, bg, width, precision, front):
+def _fwd_kernel(h_ref, w2_ref, b2_ref, u_ref, pos_ref, y_ref, *c_ref, bt, bd, bg, width, precision, front):
     i, j = pl.program_id(0), pl.program_id(1)
     t0, cols = i * bt, pl.ds(j * bd, bd)
     taps = _wide_taps(h_ref, w2_ref, b2_ref, t0, bt, j, bg, width, precision)
     u_at = lambda s: _load_rows(u_ref, t0 + s, bt, cols, front).astype(_F32)
     c = common.conv(taps.__getitem__, u_at, pos_ref[pl.ds(PAD + t0, bt)][:, None], width)
-    sig = jax.nn.sigmoid(c)
-    y_ref[...] = (c * sig).astype(y_ref.dtype)
-    if s_ref:
-        s_ref[0][...] = sig.astype(s_ref[0].dtype)
+    y_ref[...] = jax.nn.silu(c).astype(y_ref.dtype)
+    if c_ref:
+        c_ref[0][...] = c.astype(c_ref[0].dtype)
 
 
 def _front_padded(u, interpret):
@@ -116,10 +115,9 @@ def _front_padded(u, interpret):
     return (jnp.pad(u, [(PAD, 0), (0, 0)]), PAD) if interpret else (u, 0)
 
 
-def forward(h, w2t, b2t, u, pos, *, save_sigmoid=False, interpret=False, **blocks):
+def forward(h, w2t, b2t, u, pos, *, save_c=False, interpret=False, **blocks):
     """h [N, G]; w2t [W, G, D]; b2t [W, D] float32; u [N, D]; pos [PAD + N + PAD] int32. N a multiple of
-    ROWS, D of DIM. Returns y = silu(c) [N, D] in u's dtype (c: the conv), and with save_sigmoid also
-    sigmoid(c) [N, D]."""
+    ROWS, D of DIM. Returns y = silu(c) [N, D] in u's dtype (c: the conv), and with save_c also c."""
     cfg = {**FWD, **blocks}
     N, G = h.shape
     width, _, D = w2t.shape
@@ -127,36 +125,34 @@ def forward(h, w2t, b2t, u, pos, *, save_sigmoid=False, interpret=False, **block
     u, front = _front_padded(u, interpret)
     kernel = functools.partial(_fwd_kernel, bt=bt, bd=bd, bg=bg, width=width, precision=_precision(h.dtype),
                                front=front)
-    out_specs = [pl.BlockSpec((bt, bd), lambda i, j: (i, j))] * (1 + save_sigmoid)
-    out_shape = [jax.ShapeDtypeStruct((N, D), u.dtype)] * (1 + save_sigmoid)
+    out_specs = [pl.BlockSpec((bt, bd), lambda i, j: (i, j))] * (1 + save_c)
+    out_shape = [jax.ShapeDtypeStruct((N, D), u.dtype)] * (1 + save_c)
     w2t, b2t = _wide_layout(w2t, b2t, bd)
     out = pl.pallas_call(
         kernel, grid=(N // bt, D // bd), in_specs=[_ANY] * 5, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
         name="dynamic_conv_fwd",
     )(h, w2t, b2t, u, pos)
-    return tuple(out) if save_sigmoid else out[0]
+    return tuple(out) if save_c else out[0]
 
 
 def forward_with_residual(h, w2t, b2t, u, pos, *, interpret=False):
-    """`forward` and what `backward` needs besides the inputs: (y, sigmoid(c)), whence silu'(c) = s + y (1 - s)
-    with no transcendental in the backward (y is the output, kept by its consumer anyway)."""
-    y, sig = forward(h, w2t, b2t, u, pos, save_sigmoid=True, interpret=interpret)
-    return y, (y, sig)
+    """`forward` and what `backward` needs besides the inputs: the pre-activation c."""
+    return forward(h, w2t, b2t, u, pos, save_c=True, interpret=interpret)
 
 
-def _grad_u_kernel(h_ref, w2_ref, b2_ref, dy_ref, y_ref, s_ref, pos_ref, du_ref, dc_ref, *, bt, bd, bg,
+def _grad_u_kernel(h_ref, w2_ref, b2_ref, dy_ref, c_ref, pos_ref, du_ref, dc_ref, *, bt, bd, bg,
                          stride, width, precision):
     """Row t + r's output read u_t through its tap W-1-r: du_t = sum_r dc_{t+r} k_{t+r}[W-1-r]. The taps are
     regenerated on the tile's own rows (the forward's wide matmul, its h tiles shared by the taps), P_w = dc *
     k[w] per row, and the row shifts are matmuls with 0/1 shift matrices: du = sum_r S_r P_{W-1-r}. Tiles
-    overlap by bt - stride >= W - 1 rows, so a tile's first `stride` rows see every row they need; dc = dy
+    overlap by bt - stride = W - 1 rows, so a tile's first `stride` rows see every row they need; dc = dy
     silu'(c) is formed here and stored for grad_h and grad_w2."""
     i, j = pl.program_id(0), pl.program_id(1)
     n, cols, t0 = dy_ref.shape[0], pl.ds(j * bd, bd), i * stride
     taps = _wide_taps(h_ref, w2_ref, b2_ref, t0, bt, j, bg, width, precision, n)
-    y, s, dy = (_load_rows(ref, t0, bt, cols, n=n).astype(_F32) for ref in (y_ref, s_ref, dy_ref))
-    dc = common.silu_grad_from_output(y, s, dy)
+    c, dy = (_load_rows(ref, t0, bt, cols, n=n).astype(_F32) for ref in (c_ref, dy_ref))
+    dc = common.silu_grad(c, dy)
     row = t0 + jax.lax.broadcasted_iota(jnp.int32, (bt, bd), 0)
     keep = (row < t0 + stride) & (row < n)
     plgpu.store(dc_ref.at[pl.ds(t0, bt), cols], dc.astype(dc_ref.dtype), mask=keep)
@@ -214,25 +210,24 @@ def _grad_w2_kernel(h_ref, dc_ref, u_ref, pos_ref, dw_ref, db_ref, *, bn, bg, bd
         dw_ref[s, w, cols, gcols[q]] = accs[1 + q]
 
 
-def grad_u(h, w2t, b2t, dy, y, sig, pos, *, interpret=False, **blocks):
-    """(du, dc) [N, D] in dy's dtype, dc = dy silu'(c). h [N, G]; dy, y, sig [N, D] (y and sig from
-    `forward_with_residual`); the rest as in `forward`."""
+def grad_u(h, w2t, b2t, dy, c, pos, *, interpret=False, **blocks):
+    """(du, dc) [N, D] in dy's dtype, dc = dy silu'(c). h [N, G]; dy, c [N, D]; the rest as in `forward`."""
     cfg = {**GRAD_U, **blocks}
     N, G = h.shape
     width, _, D = w2t.shape
     bt, bd, bg = cfg["bt"], _block(cfg["bd"], D), _block(cfg["bg"], G)
-    stride = bt - 8  # >= W - 1 rows of overlap
-    if stride < width - 1:
+    stride = bt - (width - 1)  # tiles overlap by W - 1 rows
+    if stride < 1:
         raise ValueError(f"grad_u: a token block of {bt} rows is too small for kernel width {width}")
     w2t, b2t = _wide_layout(w2t, b2t, bd)
     return pl.pallas_call(
         functools.partial(_grad_u_kernel, bt=bt, bd=bd, bg=bg, stride=stride, width=width,
                           precision=_precision(h.dtype)),
-        grid=(-(-N // stride), D // bd), in_specs=[_ANY] * 7, out_specs=(_ANY, _ANY),
+        grid=(-(-N // stride), D // bd), in_specs=[_ANY] * 6, out_specs=(_ANY, _ANY),
         out_shape=(jax.ShapeDtypeStruct((N, D), dy.dtype),) * 2,
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
         name="dynamic_conv_grad_u",
-    )(h, w2t, b2t, dy, y, sig, pos)
+    )(h, w2t, b2t, dy, c, pos)
 
 
 def grad_h(dc, u, w2t, pos, *, interpret=False, **blocks):
@@ -278,11 +273,10 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, **blocks):
 
 
 def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False):
-    """Gradients of `forward` from its residual (y, sigmoid(c)): h [N, G], w2t, b2t, u, pos as in `forward`;
+    """Gradients of `forward` from its residual c: h [N, G], w2t, b2t, u, pos as in `forward`;
     dy [N, D]. Returns (dh [N, G], dw2t [W, G, D] float32, db2t [W, D] float32, du [N, D]); dh and du in h's
     and u's dtypes."""
-    y, sig = residual
-    du, dc = grad_u(h, w2t, b2t, dy.astype(u.dtype), y, sig, pos, interpret=interpret)
+    du, dc = grad_u(h, w2t, b2t, dy.astype(u.dtype), residual, pos, interpret=interpret)
     dh = grad_h(dc, u, w2t, pos, interpret=interpret)
     dw2t, db2t = grad_w2(h, dc, u, pos, w2t.shape[0], interpret=interpret)
     return dh, dw2t, db2t, du
