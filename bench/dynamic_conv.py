@@ -165,21 +165,18 @@ def _best(out, kind, time_one, configs, iters=5):
 
 
 _TAP_CONFIG = ("bt", "bd", "bg", "num_warps", "num_stages")
-FWD_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in (
-    (128, 32, 64, 8, 3), (128, 32, 64, 8, 4), (128, 32, 32, 8, 4), (64, 32, 64, 4, 3), (128, 64, 64, 8, 3))]
-GRAD_U_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in (
-    (128, 64, 64, 8, 3), (128, 64, 64, 8, 2), (128, 64, 32, 8, 4), (64, 32, 64, 4, 3), (128, 32, 64, 8, 3))]
+FWD_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in ((128, 32, 64, 8, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3))]
+GRAD_U_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in ((128, 64, 64, 8, 3), (64, 32, 64, 4, 3), (128, 64, 32, 8, 4))]
 GRAD_H_CONFIGS = [dict(bt=bt, bg=bg, bk=bk, gtiles=gt, num_warps=nw, num_stages=ns) for bt, bg, bk, gt, nw, ns in (
-    (64, 128, 64, 3, 4, 3), (64, 128, 64, 3, 4, 4), (64, 64, 64, 6, 4, 3), (64, 128, 32, 3, 4, 4))]
+    (64, 128, 64, 3, 4, 3), (64, 64, 64, 6, 4, 3))]
 GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw, num_stages=ns)
-                   for bn, bg, bd, gt, sp, nw, ns in (
-    (64, 128, 64, 3, 4, 8, 3), (64, 128, 64, 3, 8, 8, 3), (64, 128, 64, 3, 4, 8, 4), (128, 128, 64, 3, 4, 8, 2))]
+                   for bn, bg, bd, gt, sp, nw, ns in ((64, 128, 64, 3, 4, 8, 3), (64, 128, 64, 3, 8, 8, 3))]
 
 
 def profile(rng, tokens):
     """Each piece of the value path at the 2B shape, with a block-size sweep of every Triton kernel: XLA's
     h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
-    the kernels replace), the forward kernel (with and without saving c), and the three backward
+    the kernels replace), the forward kernel, and the three backward
     kernels. Leaves the fastest blocks of each kernel in `gpu`'s tables for the runs that
     follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the Pallas
     backward three."""
@@ -187,7 +184,7 @@ def profile(rng, tokens):
     s = SHAPES["2b"]
     N, G, D, P = tokens, s["gen"], s["dv"], gpu.PAD
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.bfloat16)
-    h, w2t, u, c, dy, dc = f(N, G), f(W, G, D), f(N, D), f(N, D), f(N, D), f(N, D)
+    h, w2t, u, dy, dc = f(N, G), f(W, G, D), f(N, D), f(N, D), f(N, D)
     b2t = jnp.zeros((W, D), jnp.float32)
     pos = jnp.asarray(np.arange(N + 2 * P) % 700, jnp.int32)
     unit = 2 * N * G * D * W
@@ -204,7 +201,7 @@ def profile(rng, tokens):
     runs = {
         "fwd": (gpu.FWD, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.forward(*a, **cfg), (h, w2t, b2t, u, pos))),
         "grad_u": (gpu.GRAD_U, GRAD_U_CONFIGS,
-                   lambda cfg: (lambda *a: gpu.grad_u(*a, **cfg), (h, w2t, b2t, dy, c, pos))),
+                   lambda cfg: (lambda *a: gpu.grad_u(*a, **cfg), (h, w2t, b2t, dy, u, pos))),
         "grad_h": (gpu.GRAD_H, GRAD_H_CONFIGS, lambda cfg: (lambda *a: gpu.grad_h(*a, **cfg), (dc, u, w2t, pos))),
         "grad_w2": (gpu.GRAD_W2, GRAD_W2_CONFIGS,
                     lambda cfg: (lambda *a: gpu.grad_w2(*a, W, **cfg), (h, dc, u, pos))),
@@ -217,7 +214,6 @@ def profile(rng, tokens):
         if best is not None:
             table.update(best[1])
             out[f"best {name}"] = {"ms": best[0], "cfg": best[1], "mxu_frac": unit / BF16_FLOPS_S / (best[0] * 1e-3)}
-    out["fwd save_c (best blocks) ms"] = jt(lambda *a: gpu.forward(*a, save_c=True), h, w2t, b2t, u, pos)
     return out
 
 

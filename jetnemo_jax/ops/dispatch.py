@@ -204,11 +204,11 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
 
     u [B,T,Dv]; h [B,T,G] = silu(x W1) in the matmul dtype; w2 [G, Dv*W] (channel-major: column d*W + w)
     and b2 [Dv*W], both in h's dtype. impl="pallas" fuses the generation into the conv kernels, so the
-    [B,T,Dv,W] kernels never reach HBM (`ops.pallas_conv`): the forward keeps ~20x less activation memory
-    for the backward. It runs per shard of `mesh` (else of the training step's mesh, else of the
-    `jax.set_mesh` mesh). "auto" picks it on TPU and GPU (on an H100 its forward+backward is 1.73x XLA's
-    speed at the 2B shape and 1.30x at 4B, its forward 1.46x and 1.14x, with 13x less activation memory:
-    BENCHMARKS.md), else "reference" (XLA). Returns dynamic_conv's pair.
+    [B,T,Dv,W] kernels never reach HBM (`ops.pallas_conv`): on GPU the forward keeps nothing for the
+    backward beyond its inputs (~20x less activation memory than XLA's). It runs per shard of `mesh` (else
+    of the training step's mesh, else of the `jax.set_mesh` mesh). "auto" picks it on TPU and GPU (on an
+    H100 its forward+backward is 1.70x XLA's speed at the 2B shape and 1.38x at 4B, its forward 1.41x and
+    1.13x: BENCHMARKS.md), else "reference" (XLA). Returns dynamic_conv's pair.
     """
     B, T, D = u.shape
     if h.ndim != 3 or h.shape[:2] != (B, T) or w2.shape[0] != h.shape[-1] or w2.shape[1] % D or b2.shape != w2.shape[1:]:

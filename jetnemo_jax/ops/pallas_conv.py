@@ -3,10 +3,11 @@
 The op takes the generator's hidden activation h = silu(x W1) [B, T, G] and its second projection
 (w2 [G, Dv * W] channel-major, b2) instead of the kernels: the forward kernel generates each tile's taps in
 fast memory, so the [B, T, Dv, W] kernel tensor is neither written in the forward nor kept for the
-backward (the activation memory the fusion saves). Backward on GPU: the forward also saves the
-pre-activation c, and three Triton kernels form du, dh, dw2 and db2 without ever writing the taps or their
-gradient (see `pallas_kernels.dynamic_conv.gpu`). On TPU: one XLA matmul regenerates the taps, the conv
-backward kernel writes du and the tap gradient, and XLA's matmuls form dh = dk w2^T and dw2 = h^T dk.
+backward (the activation memory the fusion saves). Backward on GPU: three Triton kernels regenerate the
+taps and the pre-activation and form du, dh, dw2 and db2 without ever writing the taps or their gradient
+(see `pallas_kernels.dynamic_conv.gpu`); the forward keeps nothing beyond the op's inputs. On TPU: one
+XLA matmul regenerates the taps, the conv backward kernel writes du and the tap gradient, and XLA's
+matmuls form dh = dk w2^T and dw2 = h^T dk.
 
 This module owns the layout (see pallas_kernels/dynamic_conv/common.py): batch rows flattened into one row
 axis, a cache (prefill continuation) prepended to its row as the first document's earlier tokens, rows

@@ -2,12 +2,12 @@
 
 No kernel tensor ([rows, W, Dv]) and no tap gradient ever reaches HBM, forward or backward:
 - `forward`: per (token tile, channel tile) program, generates the tile's W taps h @ w2t[w] + b2t[w] in
-  registers as one wide matmul (the channel block's taps side by side), convolves and applies SiLU; for
-  training it also stores the pre-activation c (the backward's silu').
+  registers as one wide matmul (the channel block's taps side by side), convolves and applies SiLU. It
+  keeps nothing for the backward beyond the op's inputs.
 - `backward`: three kernels:
   `grad_u`: du_t = sum_j dc_{t+j} k_{t+j}[W-1-j]: the taps regenerated as in the forward (its matmul work
-  once more), the row shifts done by 0/1 shift-matrix matmuls; dc = dy silu'(c) formed once per row in
-  it and stored for the other two;
+  once more), the row shifts done by 0/1 shift-matrix matmuls; c recomputed from those taps and dc =
+  dy silu'(c) formed once per row in it and stored for the other two;
   `grad_h`: dh = sum_w (dc * U_w) w2t[w]^T and `grad_w2`: dw2t[w] = h^T (dc * U_w) and db2t[w] = 1^T (dc * U_w),
   where U_w is u shifted back by W-1-w rows and masked at document starts: the tap gradient dc * U_w is
   formed tile by tile in registers as the matmul operand.
@@ -98,15 +98,17 @@ def _wide_taps(h_ref, w2_ref, b2_ref, start, bt, j, bg, width, precision, n=None
     return jnp.split(acc + b2_ref[pl.ds(j, 1), :].astype(_F32), pl.next_power_of_2(width), axis=1)[:width]
 
 
-def _fwd_kernel(h_ref, w2_ref, b2_ref, u_ref, pos_ref, y_ref, *c_ref, bt, bd, bg, width, precision, front):
+def _conv(taps, u_ref, pos_ref, t0, bt, cols, width, front):
+    """Pre-activation c [bt, bd] of the tile at rows t0 + (0..bt): taps [W x [bt, bd]] times u shifted back."""
+    u_at = lambda s: _load_rows(u_ref, t0 + s, bt, cols, front).astype(_F32)
+    return common.conv(taps.__getitem__, u_at, pos_ref[pl.ds(PAD + t0, bt)][:, None], width)
+
+
+def _fwd_kernel(h_ref, w2_ref, b2_ref, u_ref, pos_ref, y_ref, *, bt, bd, bg, width, precision, front):
     i, j = pl.program_id(0), pl.program_id(1)
     t0, cols = i * bt, pl.ds(j * bd, bd)
     taps = _wide_taps(h_ref, w2_ref, b2_ref, t0, bt, j, bg, width, precision)
-    u_at = lambda s: _load_rows(u_ref, t0 + s, bt, cols, front).astype(_F32)
-    c = common.conv(taps.__getitem__, u_at, pos_ref[pl.ds(PAD + t0, bt)][:, None], width)
-    y_ref[...] = jax.nn.silu(c).astype(y_ref.dtype)
-    if c_ref:
-        c_ref[0][...] = c.astype(c_ref[0].dtype)
+    y_ref[...] = jax.nn.silu(_conv(taps, u_ref, pos_ref, t0, bt, cols, width, front)).astype(y_ref.dtype)
 
 
 def _front_padded(u, interpret):
@@ -115,9 +117,9 @@ def _front_padded(u, interpret):
     return (jnp.pad(u, [(PAD, 0), (0, 0)]), PAD) if interpret else (u, 0)
 
 
-def forward(h, w2t, b2t, u, pos, *, save_c=False, interpret=False, **blocks):
+def forward(h, w2t, b2t, u, pos, *, interpret=False, **blocks):
     """h [N, G]; w2t [W, G, D]; b2t [W, D] float32; u [N, D]; pos [PAD + N + PAD] int32. N a multiple of
-    ROWS, D of DIM. Returns y = silu(c) [N, D] in u's dtype (c: the conv), and with save_c also c."""
+    ROWS, D of DIM. Returns y = silu(conv) [N, D] in u's dtype."""
     cfg = {**FWD, **blocks}
     N, G = h.shape
     width, _, D = w2t.shape
@@ -125,34 +127,31 @@ def forward(h, w2t, b2t, u, pos, *, save_c=False, interpret=False, **blocks):
     u, front = _front_padded(u, interpret)
     kernel = functools.partial(_fwd_kernel, bt=bt, bd=bd, bg=bg, width=width, precision=_precision(h.dtype),
                                front=front)
-    out_specs = [pl.BlockSpec((bt, bd), lambda i, j: (i, j))] * (1 + save_c)
-    out_shape = [jax.ShapeDtypeStruct((N, D), u.dtype)] * (1 + save_c)
-    w2t, b2t = _wide_layout(w2t, b2t, bd)
-    out = pl.pallas_call(
-        kernel, grid=(N // bt, D // bd), in_specs=[_ANY] * 5, out_specs=out_specs, out_shape=out_shape,
+    return pl.pallas_call(
+        kernel, grid=(N // bt, D // bd), in_specs=[_ANY] * 5,
+        out_specs=pl.BlockSpec((bt, bd), lambda i, j: (i, j)), out_shape=jax.ShapeDtypeStruct((N, D), u.dtype),
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
         name="dynamic_conv_fwd",
-    )(h, w2t, b2t, u, pos)
-    return tuple(out) if save_c else out[0]
+    )(h, *_wide_layout(w2t, b2t, bd), u, pos)
 
 
 def forward_with_residual(h, w2t, b2t, u, pos, *, interpret=False):
-    """`forward` and what `backward` needs besides the inputs: the pre-activation c."""
-    return forward(h, w2t, b2t, u, pos, save_c=True, interpret=interpret)
+    """`forward` and what `backward` needs besides the inputs: nothing (it regenerates the taps and c)."""
+    return forward(h, w2t, b2t, u, pos, interpret=interpret), None
 
 
-def _grad_u_kernel(h_ref, w2_ref, b2_ref, dy_ref, c_ref, pos_ref, du_ref, dc_ref, *, bt, bd, bg,
-                         stride, width, precision):
+def _grad_u_kernel(h_ref, w2_ref, b2_ref, dy_ref, u_ref, pos_ref, du_ref, dc_ref, *, bt, bd, bg, stride, width,
+                   precision, front):
     """Row t + r's output read u_t through its tap W-1-r: du_t = sum_r dc_{t+r} k_{t+r}[W-1-r]. The taps are
     regenerated on the tile's own rows (the forward's wide matmul, its h tiles shared by the taps), P_w = dc *
     k[w] per row, and the row shifts are matmuls with 0/1 shift matrices: du = sum_r S_r P_{W-1-r}. Tiles
-    overlap by bt - stride = W - 1 rows, so a tile's first `stride` rows see every row they need; dc = dy
-    silu'(c) is formed here and stored for grad_h and grad_w2."""
+    overlap by bt - stride = W - 1 rows, so a tile's first `stride` rows see every row they need; c is
+    recomputed from the taps (as in the forward) and dc = dy silu'(c) stored for grad_h and grad_w2."""
     i, j = pl.program_id(0), pl.program_id(1)
     n, cols, t0 = dy_ref.shape[0], pl.ds(j * bd, bd), i * stride
     taps = _wide_taps(h_ref, w2_ref, b2_ref, t0, bt, j, bg, width, precision, n)
-    c, dy = (_load_rows(ref, t0, bt, cols, n=n).astype(_F32) for ref in (c_ref, dy_ref))
-    dc = common.silu_grad(c, dy)
+    c = _conv(taps, u_ref, pos_ref, t0, bt, cols, width, front)
+    dc = common.silu_grad(c, _load_rows(dy_ref, t0, bt, cols, n=n).astype(_F32))
     row = t0 + jax.lax.broadcasted_iota(jnp.int32, (bt, bd), 0)
     keep = (row < t0 + stride) & (row < n)
     plgpu.store(dc_ref.at[pl.ds(t0, bt), cols], dc.astype(dc_ref.dtype), mask=keep)
@@ -210,8 +209,9 @@ def _grad_w2_kernel(h_ref, dc_ref, u_ref, pos_ref, dw_ref, db_ref, *, bn, bg, bd
         dw_ref[s, w, cols, gcols[q]] = accs[1 + q]
 
 
-def grad_u(h, w2t, b2t, dy, c, pos, *, interpret=False, **blocks):
-    """(du, dc) [N, D] in dy's dtype, dc = dy silu'(c). h [N, G]; dy, c [N, D]; the rest as in `forward`."""
+def grad_u(h, w2t, b2t, dy, u, pos, *, interpret=False, **blocks):
+    """(du, dc) [N, D] in dy's dtype, dc = dy silu'(c) (c: the forward's conv). h [N, G]; dy, u [N, D]; the
+    rest as in `forward`."""
     cfg = {**GRAD_U, **blocks}
     N, G = h.shape
     width, _, D = w2t.shape
@@ -220,14 +220,15 @@ def grad_u(h, w2t, b2t, dy, c, pos, *, interpret=False, **blocks):
     if stride < 1:
         raise ValueError(f"grad_u: a token block of {bt} rows is too small for kernel width {width}")
     w2t, b2t = _wide_layout(w2t, b2t, bd)
+    u, front = _front_padded(u, interpret)
     return pl.pallas_call(
         functools.partial(_grad_u_kernel, bt=bt, bd=bd, bg=bg, stride=stride, width=width,
-                          precision=_precision(h.dtype)),
+                          precision=_precision(h.dtype), front=front),
         grid=(-(-N // stride), D // bd), in_specs=[_ANY] * 6, out_specs=(_ANY, _ANY),
         out_shape=(jax.ShapeDtypeStruct((N, D), dy.dtype),) * 2,
         compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
         name="dynamic_conv_grad_u",
-    )(h, w2t, b2t, dy, c, pos)
+    )(h, w2t, b2t, dy, u, pos)
 
 
 def grad_h(dc, u, w2t, pos, *, interpret=False, **blocks):
@@ -273,10 +274,10 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, **blocks):
 
 
 def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False):
-    """Gradients of `forward` from its residual c: h [N, G], w2t, b2t, u, pos as in `forward`;
-    dy [N, D]. Returns (dh [N, G], dw2t [W, G, D] float32, db2t [W, D] float32, du [N, D]); dh and du in h's
-    and u's dtypes."""
-    du, dc = grad_u(h, w2t, b2t, dy.astype(u.dtype), residual, pos, interpret=interpret)
+    """Gradients of `forward` (residual: None): h [N, G], w2t, b2t, u, pos as in `forward`; dy [N, D]. Returns
+    (dh [N, G], dw2t [W, G, D] float32, db2t [W, D] float32, du [N, D]); dh and du in h's and u's dtypes."""
+    del residual
+    du, dc = grad_u(h, w2t, b2t, dy.astype(u.dtype), u, pos, interpret=interpret)
     dh = grad_h(dc, u, w2t, pos, interpret=interpret)
     dw2t, db2t = grad_w2(h, dc, u, pos, w2t.shape[0], interpret=interpret)
     return dh, dw2t, db2t, du
