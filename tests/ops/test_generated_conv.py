@@ -65,7 +65,8 @@ def run(backend, u, h, w2, b2, seg, cache):
     return jax.vjp(f, u, h, w2, b2, cache)
 
 
-# backend "cpu" runs the GPU (Triton) kernels interpreted, "tpu" the Mosaic ones.
+# backend "cpu" runs the GPU (Triton) kernels interpreted, "tpu" the Mosaic TPU ones, "hopper" the Mosaic GPU
+# forward (16-bit only) with the Triton backward.
 @pytest.mark.parametrize("backend,dtype,B,T,G,D,W,packed,with_cache", [
     ("cpu", "float32", 2, 37, 24, 40, 4, True, False),
     ("cpu", "bfloat16", 1, 70, 40, 136, 4, True, True),
@@ -74,6 +75,8 @@ def run(backend, u, h, w2, b2, seg, cache):
     ("tpu", "float32", 2, 45, 24, 40, 4, True, True),
     ("tpu", "bfloat16", 1, 130, 130, 24, 4, True, False),
     ("tpu", "float32", 1, 3, 8, 16, 3, True, False),
+    ("hopper", "bfloat16", 1, 70, 40, 136, 4, True, True),
+    ("hopper", "bfloat16", 2, 150, 130, 64, 3, True, False),
 ])
 def test_matches_float64(rng, backend, dtype, B, T, G, D, W, packed, with_cache):
     u, h, w2, b2, seg, cache = inputs(rng, B, T, G, D, W, dtype, packed, with_cache)
@@ -86,6 +89,18 @@ def test_matches_float64(rng, backend, dtype, B, T, G, D, W, packed, with_cache)
     for name, g, g_ref in zip(("du", "dh", "dw2", "db2", "dcache"), grads, grads_ref):
         assert g.dtype == jnp.dtype(dtype), name
         assert rel_err(g, g_ref) <= tol_g, name
+
+
+def test_mosaic_gpu_kernels_only_for_16_bit_on_sm90():
+    from types import SimpleNamespace
+
+    from pallas_kernels.dynamic_conv import hopper
+
+    gpu = lambda cc: SimpleNamespace(platform="gpu", compute_capability=cc)
+    assert hopper.supported(gpu("9.0"), jnp.bfloat16) and hopper.supported(gpu("9.0"), jnp.float16)
+    assert not hopper.supported(gpu("9.0"), jnp.float32)
+    assert not any(hopper.supported(gpu(cc), jnp.bfloat16) for cc in ("8.0", "10.0", "12.0"))
+    assert pallas_conv.kernel_backend("gpu", jnp.bfloat16) == "gpu"  # this host's device is a CPU
 
 
 def test_no_gradient_crosses_documents(rng):

@@ -19,7 +19,7 @@ from tests.pallas_kernels import triton_resources
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _loss(backend):
+def _loss(backend):  # "hopper": the Mosaic GPU kernels (chosen on an sm_90 device; named here)
     def loss(u, h, w2, b2, doc_ids, cache):
         y = pallas_conv.generated_conv(u, h, w2, b2, doc_ids, cache, backend=backend)
         return jnp.sum(jnp.square(y.astype(jnp.float32)))
@@ -37,6 +37,14 @@ def test_triton_lowering_for_cuda(dtype, G, D):
         export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*_args(2, 100, G, D, dtype))
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") >= 4, "expected the forward and the three backward Triton kernels"
+
+
+def test_mosaic_gpu_lowering_for_cuda():
+    """The Mosaic GPU forward lowers for CUDA at the 2B sizes: its layouts resolve and its shared memory fits
+    an H100 (checked while lowering)."""
+    lowered = jax.jit(_loss("hopper")).trace(*_args(2, 100, 384, 3072, jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
 
 
 def test_default_blocks_fit_h100_shared_memory():
