@@ -169,6 +169,8 @@ FWD_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in ((128, 32, 64, 8, 3), (128, 64
 GRAD_U_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in ((128, 64, 64, 8, 3), (64, 32, 64, 4, 3), (128, 64, 32, 8, 4))]
 GRAD_H_CONFIGS = [dict(bt=bt, bg=bg, bk=bk, gtiles=gt, num_warps=nw, num_stages=ns) for bt, bg, bk, gt, nw, ns in (
     (64, 128, 64, 3, 4, 3), (64, 64, 64, 6, 4, 3))]
+HOPPER_FWD_CONFIGS = [dict(bk=64, stages=3), dict(bk=32, stages=5), dict(bk=32, stages=6)]
+HOPPER_GRAD_U_CONFIGS = [dict(bk=64, stages=3), dict(bk=32, stages=5)]
 GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw, num_stages=ns)
                    for bn, bg, bd, gt, sp, nw, ns in ((64, 128, 64, 3, 4, 8, 3), (64, 128, 64, 3, 8, 8, 3))]
 
@@ -176,10 +178,10 @@ GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw,
 def profile(rng, tokens):
     """Each piece of the value path at the 2B shape, with a block-size sweep of every Triton kernel: XLA's
     h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
-    the kernels replace), the forward kernel and the three backward kernels. Leaves the fastest blocks of
-    each kernel in `gpu`'s tables for the runs that follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP
+    the kernels replace), the forward kernels (Triton; and Mosaic GPU on sm_90) and the three backward kernels.
+    Leaves the fastest blocks of each kernel in `gpu`'s and `hopper`'s tables for the runs that follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP
     at 2B): the forward does one, the Pallas backward three (it regenerates the taps)."""
-    from pallas_kernels.dynamic_conv import gpu
+    from pallas_kernels.dynamic_conv import gpu, hopper
     s = SHAPES["2b"]
     N, G, D, P = tokens, s["gen"], s["dv"], gpu.PAD
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.bfloat16)
@@ -199,8 +201,14 @@ def profile(rng, tokens):
     print(out, flush=True)
     runs = {
         "fwd": (gpu.FWD, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.forward(*a, **cfg), (h, w2t, b2t, u, pos))),
+        **({"fwd_hopper": (hopper.FWD, HOPPER_FWD_CONFIGS,
+                           lambda cfg: (lambda *a: hopper.forward(*a, **cfg), (h, w2t, b2t, u, pos)))}
+           if hopper.supported(jax.devices()[0], jnp.bfloat16) else {}),
         "grad_u": (gpu.GRAD_U, GRAD_U_CONFIGS,
                    lambda cfg: (lambda *a: gpu.grad_u(*a, **cfg), (h, w2t, b2t, dy, u, pos))),
+        **({"grad_u_hopper": (hopper.GRAD_U, HOPPER_GRAD_U_CONFIGS,
+                              lambda cfg: (lambda *a: hopper.grad_u(*a, **cfg), (h, w2t, b2t, dy, u, pos)))}
+           if hopper.supported(jax.devices()[0], jnp.bfloat16) else {}),
         "grad_h": (gpu.GRAD_H, GRAD_H_CONFIGS, lambda cfg: (lambda *a: gpu.grad_h(*a, **cfg), (dc, u, w2t, pos))),
         "grad_w2": (gpu.GRAD_W2, GRAD_W2_CONFIGS,
                     lambda cfg: (lambda *a: gpu.grad_w2(*a, W, **cfg), (h, dc, u, pos))),
@@ -266,8 +274,9 @@ def main():
     if args.profile:
         report["profile"] = profile(rng, args.tokens)
         dump(report, args.out)
-    from pallas_kernels.dynamic_conv import gpu
-    report["gpu_blocks"] = {"fwd": gpu.FWD, "grad_u": gpu.GRAD_U, "grad_h": gpu.GRAD_H, "grad_w2": gpu.GRAD_W2}
+    from pallas_kernels.dynamic_conv import gpu, hopper
+    report["gpu_blocks"] = {"fwd": gpu.FWD, "grad_u": gpu.GRAD_U, "grad_h": gpu.GRAD_H, "grad_w2": gpu.GRAD_W2,
+                            "fwd_hopper": hopper.FWD, "grad_u_hopper": hopper.GRAD_U}
     print("blocks", report["gpu_blocks"], flush=True)
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
         with jax.default_matmul_precision("float32"):  # else the XLA path's float32 matmuls use TF32 on GPU

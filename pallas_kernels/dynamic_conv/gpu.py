@@ -273,11 +273,12 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, **blocks):
     return jnp.swapaxes(jnp.sum(dw2, axis=0), 1, 2), jnp.sum(db2[..., 0], axis=0)
 
 
-def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False):
+def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False, du_kernel=None):
     """Gradients of `forward` (residual: None): h [N, G], w2t, b2t, u, pos as in `forward`; dy [N, D]. Returns
-    (dh [N, G], dw2t [W, G, D] float32, db2t [W, D] float32, du [N, D]); dh and du in h's and u's dtypes."""
+    (dh [N, G], dw2t [W, G, D] float32, db2t [W, D] float32, du [N, D]); dh and du in h's and u's dtypes.
+    du_kernel: another `grad_u` (same contract)."""
     del residual
-    du, dc = grad_u(h, w2t, b2t, dy.astype(u.dtype), u, pos, interpret=interpret)
+    du, dc = (du_kernel or grad_u)(h, w2t, b2t, dy.astype(u.dtype), u, pos, interpret=interpret)
     dh = grad_h(dc, u, w2t, pos, interpret=interpret)
     dw2t, db2t = grad_w2(h, dc, u, pos, w2t.shape[0], interpret=interpret)
     return dh, dw2t, db2t, du

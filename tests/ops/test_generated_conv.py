@@ -201,3 +201,21 @@ def test_gpu_kernels_with_other_blocks(rng, monkeypatch):
     assert rel_err(y, y_ref) <= 1e-5
     for name, g, g_ref in zip(("du", "dh", "dw2", "db2", "dcache"), vjp(dy), grads_ref):
         assert rel_err(g, g_ref) <= 1e-5, name
+
+
+def test_mosaic_gpu_kernels_with_other_blocks(rng, monkeypatch):
+    """The Mosaic GPU forward and grad_u at each other's K steps and pipeline depths (bf16, interpreted)."""
+    from pallas_kernels.dynamic_conv import hopper
+
+    monkeypatch.setitem(hopper.FWD, "bk", 32)
+    monkeypatch.setitem(hopper.FWD, "stages", 4)
+    monkeypatch.setitem(hopper.GRAD_U, "bk", 64)
+    monkeypatch.setitem(hopper.GRAD_U, "stages", 2)
+    u, h, w2, b2, seg, cache = inputs(rng, 2, 61, 96, 64, 4, "bfloat16", True, False)
+    y, vjp = run("hopper", u, h, w2, b2, seg, cache)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
+    y_ref, grads_ref = oracle(u, h, w2, b2, seg, cache, dy)
+    tol_y, tol_g = TOL["bfloat16"]
+    assert rel_err(y, y_ref) <= tol_y
+    for name, g, g_ref in zip(("du", "dh", "dw2", "db2"), vjp(dy), grads_ref):
+        assert rel_err(g, g_ref) <= tol_g, name
