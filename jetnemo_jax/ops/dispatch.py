@@ -207,8 +207,9 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
     [B,T,Dv,W] kernels never reach HBM (`ops.pallas_conv`): on GPU the forward keeps nothing for the
     backward beyond its inputs (~20x less activation memory than XLA's). It runs per shard of `mesh` (else
     of the training step's mesh, else of the `jax.set_mesh` mesh). "auto" picks it on TPU and GPU (on an
-    H100 its forward+backward is 1.70x XLA's speed at the 2B shape and 1.38x at 4B, its forward 1.41x and
-    1.13x: BENCHMARKS.md), else "reference" (XLA). Returns dynamic_conv's pair.
+    H100, with the Mosaic GPU kernels that 16-bit inputs get there, its forward+backward is 1.94x XLA's speed
+    at the 2B shape and 1.49x at 4B, its forward 1.77x and 1.41x: BENCHMARKS.md), else "reference" (XLA).
+    Returns dynamic_conv's pair.
     """
     B, T, D = u.shape
     if h.ndim != 3 or h.shape[:2] != (B, T) or w2.shape[0] != h.shape[-1] or w2.shape[1] % D or b2.shape != w2.shape[1:]:
@@ -229,7 +230,9 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
                             output_final_cache=output_final_cache, impl="reference")
     if backend not in ("gpu", "tpu", "cpu"):
         raise ValueError(f"impl='pallas' has GPU and TPU kernels only, not {backend}")
-    _announce("dynamic_conv", "pallas" if backend != "cpu" else "pallas (GPU kernels interpreted)", backend)
+    kernels = {"cpu": "pallas (GPU kernels interpreted)", "hopper": "pallas (Mosaic GPU forward and du, Triton dh "
+               "and dw2)"}.get(pallas_conv.kernel_backend(backend, h.dtype, mesh), "pallas")
+    _announce("dynamic_conv", kernels, backend)
     doc_ids = doc_ids_from_segments(segment_ids, (B, T))
     y = pallas_conv.generated_conv(u, h, w2, b2, doc_ids, cache, backend=backend, interpret=backend == "cpu",
                                    mesh=mesh)

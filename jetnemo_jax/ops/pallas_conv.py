@@ -3,9 +3,11 @@
 The op takes the generator's hidden activation h = silu(x W1) [B, T, G] and its second projection
 (w2 [G, Dv * W] channel-major, b2) instead of the kernels: the forward kernel generates each tile's taps in
 fast memory, so the [B, T, Dv, W] kernel tensor is neither written in the forward nor kept for the
-backward (the activation memory the fusion saves). Backward on GPU: three Triton kernels regenerate the
-taps and the pre-activation and form du, dh, dw2 and db2 without ever writing the taps or their gradient
-(see `pallas_kernels.dynamic_conv.gpu`); the forward keeps nothing beyond the op's inputs. On TPU: one
+backward (the activation memory the fusion saves). Backward on GPU: three kernels regenerate the taps and
+the pre-activation and form du, dh, dw2 and db2 without ever writing the taps or their gradient (see
+`pallas_kernels.dynamic_conv.gpu`); the forward keeps nothing beyond the op's inputs. On sm_90 GPUs with
+16-bit inputs the forward and the du kernel are Mosaic GPU ones (`pallas_kernels.dynamic_conv.hopper`:
+warp-specialised TMA/wgmma pipelines), the rest Triton. On TPU: one
 XLA matmul regenerates the taps, the conv backward kernel writes du and the tap gradient, and XLA's
 matmuls form dh = dk w2^T and dw2 = h^T dk.
 
@@ -38,8 +40,9 @@ def kernel_module(backend):
 
 
 def kernel_backend(backend, dtype, mesh=None):
-    """"hopper" where the Mosaic GPU kernels run (16-bit operands on an sm_90 GPU: the forward at ~1.3x the
-    Triton one's speed, same result bit for bit), else `backend`."""
+    """"hopper" where the Mosaic GPU kernels run (16-bit operands on an sm_90 GPU; on an H100 at the 2B shape
+    the forward takes 0.66 ms against Triton's 0.87 with the same result bit for bit, grad_u 1.12 against
+    1.47), else `backend`."""
     device = mesh.devices.flat[0] if isinstance(mesh, jax.sharding.Mesh) else jax.devices()[0]
     return "hopper" if backend == "gpu" and hopper.supported(device, dtype) else backend
 

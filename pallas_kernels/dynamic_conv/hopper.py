@@ -237,6 +237,7 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
     ]
     out = jax.ShapeDtypeStruct((rows, D), u.dtype)
     args = (h, w2w, b2w, u, pos) + ((dy.astype(u.dtype),) if backward else ())
+    body.__name__ = "dynamic_conv_grad_u" if backward else "dynamic_conv_fwd"  # the kernel's name in profiles
     park = jax.ShapeDtypeStruct((ctas, 2, width, bt + 8, bd), u.dtype)  # grad_u's row shifts (L2-resident)
     outs = plgpu.kernel(
         body, out_type=(out, out, park) if backward else out, scratch_types=scratch, grid=(ctas,),
