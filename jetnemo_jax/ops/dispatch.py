@@ -207,8 +207,8 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
     [B,T,Dv,W] kernels never reach HBM (`ops.pallas_conv`): on GPU the forward keeps nothing for the
     backward beyond its inputs (~20x less activation memory than XLA's). It runs per shard of `mesh` (else
     of the training step's mesh, else of the `jax.set_mesh` mesh). "auto" picks it on TPU and GPU (on an
-    H100, with the Mosaic GPU kernels that 16-bit inputs get there, its forward+backward is 1.94x XLA's speed
-    at the 2B shape and 1.49x at 4B, its forward 1.77x and 1.41x: BENCHMARKS.md), else "reference" (XLA).
+    H100, with the Mosaic GPU kernels that 16-bit inputs get there, its forward+backward is 1.9-2.0x XLA's
+    speed at the 2B shape and 1.5x at 4B, its forward 1.9x and 1.5x: BENCHMARKS.md), else "reference" (XLA).
     Returns dynamic_conv's pair.
     """
     B, T, D = u.shape

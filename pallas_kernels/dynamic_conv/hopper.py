@@ -92,6 +92,8 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
     if N % bt or D % (2 * bd) or G % bk:
         raise ValueError(f"hopper: N={N} % {bt}, D={D} % {2 * bd} or G={G} % {bk} is not 0")
     backward = dy is not None
+    if backward and width < 2:
+        raise ValueError(f"hopper.grad_u: kernel width {width} < 2")
     stride = bt - 8 if backward else bt  # rows of output per tile
     w2w, b2w = _sm_layout(w2t, b2t, bd)
     nrow, ncol, ksteps = -(-N // stride), D // (2 * bd), G // bk
@@ -195,28 +197,28 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
                 sig = 1.0 / (1.0 + jnp.exp(-c))
                 dc = _load(io, plgpu.Layout.WGMMA, interpret).astype(_F32) * sig * (1.0 + c * (1.0 - sig))
                 io[...] = dc.astype(io.dtype)  # each thread overwrites the dy it read
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(io, outs[1].at[pl.ds(r0, bt), cols])
-                for w in range(width):  # P_w where tap w's u was (the same thread's elements)
-                    p = jnp.where(pos >= width - 1 - w, dc * taps[w], 0.0)
-                    u_smem[wg, w] = p.astype(u_smem.dtype)
-                # row t + r's output read u_t through tap W-1-r: du = sum_r P_{W-1-r} read r rows on. The shift
-                # goes through this CTA's parking rows in L2 (TMA out, TMA back r rows on): a register layout
-                # cannot shift by a row, and on jax 0.11.2 (H100) wgmma-layout reads of shared memory at row
-                # offsets off the 8-row tile return wrong rows, and row-major reads of what a wgmma-layout store
-                # wrote do not match it; TMA in both directions is exact.
+                # row t + r's output read u_t through tap W-1-r: du = sum_r P_{W-1-r} read r rows on, P_w = dc *
+                # k[w] masked. Tap W-1 needs no shift (r = 0); the others go through this CTA's parking rows in
+                # L2 (TMA out, TMA back r rows on), P_w written where tap w's u was: a register layout cannot
+                # shift by a row, and on jax 0.11.2 (H100) wgmma-layout reads of shared memory at row offsets
+                # off the 8-row tile return wrong rows, and row-major reads of what a wgmma-layout store wrote
+                # do not match it; TMA in both directions is exact.
+                p = [jnp.where(pos >= width - 1 - w, dc * taps[w], 0.0) for w in range(width)]
+                for w in range(width - 1):
+                    u_smem[wg, w] = p[w].astype(u_smem.dtype)
                 plgpu.commit_smem()
                 park = outs[2].at[cta, wg]
-                for w in range(width):
+                for w in range(width - 1):
                     plgpu.copy_smem_to_gmem(u_smem.at[wg, w], park.at[w, pl.ds(0, bt)])
-                plgpu.wait_smem_to_gmem(0)  # written to L2 (and io's dc read): the loads below read them back
-                for w in range(width):
+                plgpu.copy_smem_to_gmem(io, outs[1].at[pl.ds(r0, bt), cols])  # dc, off the round trip's path
+                plgpu.wait_smem_to_gmem(1)  # the parked rows are in L2 (dc may still be in flight)
+                for w in range(width - 1):
                     plgpu.copy_gmem_to_smem(park.at[w, pl.ds(width - 1 - w, bt)], u_smem.at[wg, w], shift.at[wg])
+                du = p[width - 1].astype(u_smem.dtype).astype(_F32)  # rounded as the parked ones are
                 plgpu.barrier_wait(shift.at[wg])
-                du = None
-                for w in range(width):
-                    term = _load(u_smem.at[wg, w], plgpu.Layout.WGMMA, interpret).astype(_F32)
-                    du = term if du is None else du + term
+                for w in range(width - 1):
+                    du = du + _load(u_smem.at[wg, w], plgpu.Layout.WGMMA, interpret).astype(_F32)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the dc store has read io
                 io[...] = du.astype(io.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(io.at[pl.ds(0, stride)], outs[0].at[pl.ds(r0, stride), cols])
@@ -233,12 +235,12 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=width + 2 + backward, num_barriers=2),
-        plgpu.Barrier(num_arrivals=width, num_barriers=2),  # the shifted P back from L2
+        plgpu.Barrier(num_arrivals=width - 1, num_barriers=2),  # the shifted P back from L2
     ]
     out = jax.ShapeDtypeStruct((rows, D), u.dtype)
     args = (h, w2w, b2w, u, pos) + ((dy.astype(u.dtype),) if backward else ())
     body.__name__ = "dynamic_conv_grad_u" if backward else "dynamic_conv_fwd"  # the kernel's name in profiles
-    park = jax.ShapeDtypeStruct((ctas, 2, width, bt + 8, bd), u.dtype)  # grad_u's row shifts (L2-resident)
+    park = jax.ShapeDtypeStruct((ctas, 2, width - 1, bt + 8, bd), u.dtype)  # grad_u's row shifts (L2-resident)
     outs = plgpu.kernel(
         body, out_type=(out, out, park) if backward else out, scratch_types=scratch, grid=(ctas,),
         grid_names=("cta",), num_threads=3, thread_name="wg", **_interpret(interpret),
