@@ -235,7 +235,7 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=width + 2 + backward, num_barriers=2),
-        plgpu.Barrier(num_arrivals=width - 1, num_barriers=2),  # the shifted P back from L2
+        plgpu.Barrier(num_arrivals=max(width - 1, 1), num_barriers=2),  # grad_u: the shifted P back from L2
     ]
     out = jax.ShapeDtypeStruct((rows, D), u.dtype)
     args = (h, w2w, b2w, u, pos) + ((dy.astype(u.dtype),) if backward else ())
