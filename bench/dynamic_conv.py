@@ -178,9 +178,10 @@ GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw,
 def profile(rng, tokens):
     """Each piece of the value path at the 2B shape, with a block-size sweep of every Triton kernel: XLA's
     h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
-    the kernels replace), the forward kernels (Triton; and Mosaic GPU on sm_90) and the three backward kernels.
-    Leaves the fastest blocks of each kernel in `gpu`'s and `hopper`'s tables for the runs that follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP
-    at 2B): the forward does one, the Pallas backward three (it regenerates the taps)."""
+    the kernels replace), the forward and the three backward kernels (Triton; the forward and grad_u also as
+    Mosaic GPU kernels on sm_90). Leaves the fastest blocks of each kernel in `gpu`'s and `hopper`'s tables for
+    the runs that follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the
+    Pallas backward three (it regenerates the taps)."""
     from pallas_kernels.dynamic_conv import gpu, hopper
     s = SHAPES["2b"]
     N, G, D, P = tokens, s["gen"], s["dv"], gpu.PAD
