@@ -66,7 +66,7 @@ def run(backend, u, h, w2, b2, seg, cache):
 
 
 # backend "cpu" runs the GPU (Triton) kernels interpreted, "tpu" the Mosaic TPU ones, "hopper" the Mosaic GPU
-# forward (16-bit only) with the Triton backward.
+# forward and grad_u (16-bit only) with the Triton grad_h and grad_w2.
 @pytest.mark.parametrize("backend,dtype,B,T,G,D,W,packed,with_cache", [
     ("cpu", "float32", 2, 37, 24, 40, 4, True, False),
     ("cpu", "bfloat16", 1, 70, 40, 136, 4, True, True),

@@ -40,8 +40,8 @@ def test_triton_lowering_for_cuda(dtype, G, D):
 
 
 def test_mosaic_gpu_lowering_for_cuda():
-    """The Mosaic GPU forward lowers for CUDA at the 2B sizes: its layouts resolve and its shared memory fits
-    an H100 (checked while lowering)."""
+    """The Mosaic GPU forward and grad_u lower for CUDA at the 2B sizes: their layouts resolve and their shared
+    memory fits an H100 (checked while lowering)."""
     lowered = jax.jit(_loss("hopper")).trace(*_args(2, 100, 384, 3072, jnp.bfloat16)).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
