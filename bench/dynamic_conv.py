@@ -171,15 +171,17 @@ GRAD_H_CONFIGS = [dict(bt=bt, bg=bg, bk=bk, gtiles=gt, num_warps=nw, num_stages=
     (64, 128, 64, 3, 4, 3), (64, 64, 64, 6, 4, 3))]
 HOPPER_FWD_CONFIGS = [dict(bk=64, stages=3), dict(bk=32, stages=5), dict(bk=32, stages=6)]
 HOPPER_GRAD_U_CONFIGS = [dict(bk=64, stages=3), dict(bk=32, stages=5)]
+HOPPER_GRAD_H_CONFIGS = [dict(bk=32, stages=5), dict(bk=64, stages=2), dict(bk=32, stages=5, cluster=1)]
+HOPPER_GRAD_W2_CONFIGS = [dict(splits=2), dict(splits=4), dict(splits=2, cluster=1)]
 GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw, num_stages=ns)
                    for bn, bg, bd, gt, sp, nw, ns in ((64, 128, 64, 3, 4, 8, 3), (64, 128, 64, 3, 8, 8, 3))]
 
 
 def profile(rng, tokens):
-    """Each piece of the value path at the 2B shape, with a block-size sweep of every Triton kernel: XLA's
+    """Each piece of the value path at the 2B shape, with a block-size sweep of every kernel: XLA's
     h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
-    the kernels replace), the forward and the three backward kernels (Triton; the forward and grad_u also as
-    Mosaic GPU kernels on sm_90). Leaves the fastest blocks of each kernel in `gpu`'s and `hopper`'s tables for
+    the kernels replace), the forward and the three backward kernels (Triton, and on sm_90 also the Mosaic GPU
+    ones). Leaves the fastest blocks of each kernel in `gpu`'s and `hopper`'s tables for
     the runs that follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the
     Pallas backward three (it regenerates the taps)."""
     from pallas_kernels.dynamic_conv import gpu, hopper
@@ -202,18 +204,23 @@ def profile(rng, tokens):
     print(out, flush=True)
     runs = {
         "fwd": (gpu.FWD, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.forward(*a, **cfg), (h, w2t, b2t, u, pos))),
-        **({"fwd_hopper": (hopper.FWD, HOPPER_FWD_CONFIGS,
-                           lambda cfg: (lambda *a: hopper.forward(*a, **cfg), (h, w2t, b2t, u, pos)))}
-           if hopper.supported(jax.devices()[0], jnp.bfloat16) else {}),
         "grad_u": (gpu.GRAD_U, GRAD_U_CONFIGS,
                    lambda cfg: (lambda *a: gpu.grad_u(*a, **cfg), (h, w2t, b2t, dy, u, pos))),
-        **({"grad_u_hopper": (hopper.GRAD_U, HOPPER_GRAD_U_CONFIGS,
-                              lambda cfg: (lambda *a: hopper.grad_u(*a, **cfg), (h, w2t, b2t, dy, u, pos)))}
-           if hopper.supported(jax.devices()[0], jnp.bfloat16) else {}),
         "grad_h": (gpu.GRAD_H, GRAD_H_CONFIGS, lambda cfg: (lambda *a: gpu.grad_h(*a, **cfg), (dc, u, w2t, pos))),
         "grad_w2": (gpu.GRAD_W2, GRAD_W2_CONFIGS,
                     lambda cfg: (lambda *a: gpu.grad_w2(*a, W, **cfg), (h, dc, u, pos))),
     }
+    if hopper.supported(jax.devices()[0], jnp.bfloat16):
+        runs.update({
+            "fwd_hopper": (hopper.FWD, HOPPER_FWD_CONFIGS,
+                           lambda cfg: (lambda *a: hopper.forward(*a, **cfg), (h, w2t, b2t, u, pos))),
+            "grad_u_hopper": (hopper.GRAD_U, HOPPER_GRAD_U_CONFIGS,
+                              lambda cfg: (lambda *a: hopper.grad_u(*a, **cfg), (h, w2t, b2t, dy, u, pos))),
+            "grad_h_hopper": (hopper.GRAD_H, HOPPER_GRAD_H_CONFIGS,
+                              lambda cfg: (lambda *a: hopper.grad_h(*a, **cfg), (dc, u, w2t, pos))),
+            "grad_w2_hopper": (hopper.GRAD_W2, HOPPER_GRAD_W2_CONFIGS,
+                               lambda cfg: (lambda *a: hopper.grad_w2(*a, W, **cfg), (h, dc, u, pos))),
+        })
     for name, (table, configs, make_fn) in runs.items():
         def time_one(cfg, iters, make_fn=make_fn):
             fn, args = make_fn(cfg)
@@ -268,7 +275,7 @@ def main():
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--trace", action="store_true", help="also print each GPU kernel's time in one 2B fwd+bwd step")
     p.add_argument("--profile", action="store_true",
-                   help="first time each piece and sweep the Triton block sizes (2B); the runs after use the fastest")
+                   help="first time each piece and sweep the kernels' block sizes (2B); the runs after use the fastest")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "checks": {}, "rows": []}
@@ -277,7 +284,8 @@ def main():
         dump(report, args.out)
     from pallas_kernels.dynamic_conv import gpu, hopper
     report["gpu_blocks"] = {"fwd": gpu.FWD, "grad_u": gpu.GRAD_U, "grad_h": gpu.GRAD_H, "grad_w2": gpu.GRAD_W2,
-                            "fwd_hopper": hopper.FWD, "grad_u_hopper": hopper.GRAD_U}
+                            "fwd_hopper": hopper.FWD, "grad_u_hopper": hopper.GRAD_U, "grad_h_hopper": hopper.GRAD_H,
+                            "grad_w2_hopper": hopper.GRAD_W2}
     print("blocks", report["gpu_blocks"], flush=True)
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
         with jax.default_matmul_precision("float32"):  # else the XLA path's float32 matmuls use TF32 on GPU

@@ -26,6 +26,9 @@ from pallas_kernels.dynamic_conv import gpu
 PAD, ROWS, DIM, U_PAD = gpu.PAD, gpu.ROWS, gpu.DIM, gpu.U_PAD
 FWD = {"bt": 128, "bd": 32, "bk": 64, "stages": 3}
 GRAD_U = {"bt": 128, "bd": 32, "bk": 32, "stages": 5}
+GRAD_H = {"bt": 64, "bk": 32, "stages": 5, "cluster": 2}
+GRAD_W2 = {"bt": 64, "bd": 64, "splits": 2, "stages": 2, "cluster": 2}
+_SMEM_BYTES = 227 * 1024 - 1024  # an H100 CTA's shared memory, less room for barriers
 _F32 = jnp.float32
 
 
@@ -262,5 +265,262 @@ def forward_with_residual(h, w2t, b2t, u, pos, *, interpret=False):
 
 
 def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False):
-    """`gpu.backward` with this module's `grad_u` (the Triton grad_h and grad_w2 read its dc)."""
-    return gpu.backward(h, w2t, b2t, u, pos, residual, dy, interpret=interpret, du_kernel=grad_u)
+    """`gpu.backward`'s contract with this module's kernels (`grad_h` falls back to Triton's beyond G = 512, where
+    its warpgroups' halves of G exceed one wgmma)."""
+    del residual
+    du, dc = grad_u(h, w2t, b2t, dy.astype(u.dtype), u, pos, interpret=interpret)
+    fits = w2t.shape[1] <= 512
+    dh = (grad_h if fits else gpu.grad_h)(dc, u, w2t, pos, interpret=interpret)
+    dw2t, db2t = grad_w2(h, dc, u, pos, w2t.shape[0], interpret=interpret)
+    return dh, dw2t, db2t, du
+
+
+def _clustering(cluster, interpret):
+    """CTA pairs share their common operand tile by TMA multicast (half the L2 reads; both kernels are bound by
+    L2 bandwidth without it). GPU interpret mode has no cluster barriers, so tests run unclustered."""
+    cluster = 1 if interpret else cluster
+    if cluster == 1:
+        return 1, {}, {}, lambda **kw: plgpu.Barrier(**kw)
+    return (cluster, dict(collective_axes="cluster"), dict(cluster=(cluster,), cluster_names=("cluster",)),
+            lambda **kw: plgpu.ClusterBarrier(collective_axes=("cluster",), **kw))
+
+
+def _fit_stages(stages, smem):
+    """The deepest ring up to `stages` whose shared memory, smem(stages) bytes, fits the H100's 227 KiB."""
+    while stages > 1 and smem(stages) > _SMEM_BYTES:
+        stages -= 1
+    return stages
+
+
+def grad_h(dc, u, w2t, pos, *, interpret=False, ctas=None, **blocks):
+    """dh [N, G] = sum_w (dc * U_w) w2t[w]^T (`gpu.grad_h`'s contract, G <= 512). A CTA per bt-row tile: its
+    memory warpgroup streams (dc, u shifted back W-1-w rows, w2t[w] rows) tiles per (tap, channel chunk) step,
+    the w2t tile multicast to the CTA pair, which takes adjacent row tiles; each compute warpgroup forms
+    dk = where(pos >= W-1-w, dc * u) in registers, stores it as a wgmma operand and accumulates its half of G.
+    (Forming the next dk while the last wgmma runs measured slower on the H100: the dk store then waits.)"""
+    cfg = {**GRAD_H, **blocks}
+    bt, bk = cfg["bt"], cfg["bk"]
+    N, D = dc.shape
+    width, G, _ = w2t.shape
+    half, dt = G // 2, w2t.dtype
+    cluster, multicast, launch, consumed_barrier = _clustering(cfg["cluster"], interpret)
+    if N % (bt * cluster) or D % bk or half % 8 or half > 256:
+        raise ValueError(f"grad_h: N={N} % {bt * cluster}, D={D} % {bk}, G/2={half} % 8 or > 256")
+    ntile, dsteps = N // bt // cluster, D // bk
+    ksteps = width * dsteps
+    stages = _fit_stages(cfg["stages"], lambda n: 2 * (n * (2 * bt * bk + bk * G) + 2 * bt * half + 2 * bt * bk)
+                         + 4 * 2 * bt)
+    front = 0
+    if interpret:  # the interpreter has no TMA zero fill for rows before 0
+        u, front = jnp.pad(u, [(PAD, 0), (0, 0)]), PAD
+    nclu = min((ctas or _num_sms()) // cluster, ntile)
+
+    def body(dc_ref, u_ref, w_ref, pos_ref, dh_ref, dc_smem, u_smem, w_smem, pos_smem, out_smem, dk_smem, loaded,
+             consumed, side):
+        wg, g = lax.axis_index("wg"), lax.axis_index("cgrid")
+        c = lax.axis_index("cluster") if cluster > 1 else 0
+        mine = (ntile - 1 - g) // nclu + 1
+
+        def row0(n):
+            return pl.multiple_of(((g + n * nclu) * cluster + c) * bt, bt)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, mine * ksteps)
+            def _(s):
+                slot = lax.rem(s, stages)
+
+                @pl.when(s >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                r0 = row0(lax.div(s, ksteps))
+                k = lax.rem(s, ksteps)
+                w, d = lax.div(k, dsteps), lax.rem(k, dsteps)
+                cols = pl.ds(pl.multiple_of(d * bk, bk), bk)
+                plgpu.copy_gmem_to_smem(dc_ref.at[pl.ds(r0, bt), cols], dc_smem.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(u_ref.at[pl.ds(front + r0 - (width - 1 - w), bt), cols], u_smem.at[slot],
+                                        loaded.at[slot])
+                plgpu.copy_gmem_to_smem(w_ref.at[w, cols], w_smem.at[slot], loaded.at[slot], **multicast)
+
+            @pl.loop(mine * ksteps, mine * ksteps + stages)  # every phase of `consumed` is waited for
+            def _(s):
+                @pl.when(s >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+
+            @pl.loop(0, mine)
+            def _(n):
+                r0 = row0(n)
+                plgpu.copy_gmem_to_smem(pos_ref.at[pl.ds(PAD + r0, bt)], pos_smem.at[wg], side.at[wg])
+                plgpu.barrier_wait(side.at[wg])
+                pos = lax.broadcast_in_dim(_load(pos_smem.at[wg], plgpu.Layout.WGMMA.reduce(1), interpret),
+                                           (bt, bk), [0])
+
+                def matmul(acc_ref):
+                    def step(k, _):
+                        slot = lax.rem(n * ksteps + k, stages)
+                        plgpu.barrier_wait(loaded.at[slot])
+                        dcv = _load(dc_smem.at[slot], plgpu.Layout.WGMMA, interpret).astype(_F32)
+                        uv = _load(u_smem.at[slot], plgpu.Layout.WGMMA, interpret).astype(_F32)
+                        dk_smem[wg] = jnp.where(pos >= width - 1 - lax.div(k, dsteps), dcv * uv, 0.0).astype(dt)
+                        plgpu.commit_smem()  # the generic-proxy stores before the tensor cores read them
+                        plgpu.wgmma(acc_ref, dk_smem.at[wg], w_smem.at[slot, :, pl.ds(wg * half, half)])
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(consumed.at[slot])
+
+                    lax.fori_loop(0, ksteps, step, None)
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(matmul, plgpu.ACC((bt, half), _F32))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
+                out_smem[wg] = acc.astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[wg], dh_ref.at[pl.ds(r0, bt), pl.ds(wg * half, half)])
+
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        plgpu.SMEM((stages, bt, bk), dc.dtype),
+        plgpu.SMEM((stages, bt, bk), u.dtype),
+        plgpu.SMEM((stages, bk, G), dt, transforms=_tma_tile(bk, dt)),
+        plgpu.SMEM((2, bt), jnp.int32),
+        plgpu.SMEM((2, bt, half), dt),
+        plgpu.SMEM((2, bt, bk), dt, transforms=_tma_tile(bk, dt)),
+        plgpu.Barrier(num_arrivals=3, num_barriers=stages),
+        consumed_barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),
+    ]
+    body.__name__ = "dynamic_conv_grad_h"
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((N, G), dt), scratch_types=scratch, grid=(nclu,),
+                        grid_names=("cgrid",), num_threads=3, thread_name="wg", **launch, **_interpret(interpret))(
+        dc, u, jnp.swapaxes(w2t, 1, 2), pos)  # w2t[w]^T rows: the B operand's [bk, G] tiles
+
+
+def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
+    """(dw2t [W, G, D], db2t [W, D]) float32, dw2t[w] = h^T (dc * U_w), db2t[w] its column sums (`gpu.grad_w2`'s
+    contract). A program per (row split, tap, bd channels) accumulates [h^T; ones] (A, from an XLA transpose
+    of h with 64 ones rows appended: db2 rides the MMA) x dk (B, formed in registers as in `grad_h`) over its
+    rows, the rows of A split between the compute warpgroups. A CTA pair takes two taps of one (split, channel
+    block): the A and dc tiles are multicast. The row splits' partial sums are added by XLA."""
+    cfg = {**GRAD_W2, **blocks}
+    bt, bd, splits = cfg["bt"], cfg["bd"], cfg["splits"]
+    N, G = h.shape
+    D = dc.shape[1]
+    dt = h.dtype
+    cluster, multicast, launch, consumed_barrier = _clustering(cfg["cluster"] if width % cfg["cluster"] == 0
+                                                               else 1, interpret)
+    if N % (bt * splits) or D % bd or G % 64 or width % cluster or bt != bd:
+        raise ValueError(f"grad_w2: N={N} % {bt * splits}, D={D} % {bd}, G={G} % 64, W={width} % {cluster} or "
+                         f"bt={bt} != bd={bd} (wgmma wants one swizzle for A and B)")
+    M = G + 64  # h^T's rows and 64 ones rows (row G gives db2)
+    m_first = 64 * -(-M // 128)  # compute warpgroup 0's rows of M
+    steps = N // splits // bt
+    taps = width // cluster  # the CTAs of a cluster take taps cluster * t + c of one (split, channel block)
+    nprog = splits * taps * (D // bd)
+    stages = _fit_stages(cfg["stages"], lambda n: n * (2 * M * bt + 4 * bt * bd + 4 * bt) + 4 * bt * bd
+                         + 4 * 2 * 64 * bd)
+    front = 0
+    if interpret:
+        u, front = jnp.pad(u, [(PAD, 0), (0, 0)]), PAD
+    nclu = min((ctas or _num_sms()) // cluster, nprog)
+    hT = jnp.concatenate([h.T, jnp.ones((64, N), dt)], axis=0)
+
+    def body(hT_ref, dc_ref, u_ref, pos_ref, out_ref, a_smem, dc_smem, u_smem, pos_smem, dk_smem, o_smem, loaded,
+             consumed):
+        wg, g = lax.axis_index("wg"), lax.axis_index("cgrid")
+        c = lax.axis_index("cluster") if cluster > 1 else 0
+        mine = (nprog - 1 - g) // nclu + 1
+
+        def coords(p):  # this CTA's p-th program -> (row split, tap, channel block)
+            prog = g + p * nclu
+            return (lax.div(prog, taps * (D // bd)), lax.rem(lax.div(prog, D // bd), taps) * cluster + c,
+                    lax.rem(prog, D // bd))
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, mine * steps)
+            def _(s):
+                slot = lax.rem(s, stages)
+
+                @pl.when(s >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                sp, w, d = coords(lax.div(s, steps))
+                r0 = pl.multiple_of((sp * steps + lax.rem(s, steps)) * bt, bt)
+                cols = pl.ds(pl.multiple_of(d * bd, bd), bd)
+                plgpu.copy_gmem_to_smem(hT_ref.at[:, pl.ds(r0, bt)], a_smem.at[slot], loaded.at[slot], **multicast)
+                plgpu.copy_gmem_to_smem(dc_ref.at[pl.ds(r0, bt), cols], dc_smem.at[slot], loaded.at[slot],
+                                        **multicast)
+                plgpu.copy_gmem_to_smem(u_ref.at[pl.ds(front + r0 - (width - 1 - w), bt), cols], u_smem.at[slot],
+                                        loaded.at[slot])
+                plgpu.copy_gmem_to_smem(pos_ref.at[pl.ds(PAD + r0, bt)], pos_smem.at[slot], loaded.at[slot])
+
+            @pl.loop(mine * steps, mine * steps + stages)
+            def _(s):
+                @pl.when(s >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+
+        def compute(m0, mw):  # this warpgroup's rows [m0, m0 + mw) of [h^T; ones]
+            plgpu.set_max_registers(232, action="increase")
+
+            @pl.loop(0, mine)
+            def _(p):
+                sp, w, d = coords(p)
+
+                def matmul(acc_ref):
+                    def step(k, _):
+                        slot = lax.rem(p * steps + k, stages)
+                        plgpu.barrier_wait(loaded.at[slot])
+                        pos = lax.broadcast_in_dim(
+                            _load(pos_smem.at[slot], plgpu.Layout.WGMMA.reduce(1), interpret), (bt, bd), [0])
+                        dcv = _load(dc_smem.at[slot], plgpu.Layout.WGMMA, interpret).astype(_F32)
+                        uv = _load(u_smem.at[slot], plgpu.Layout.WGMMA, interpret).astype(_F32)
+                        dk_smem[wg] = jnp.where(pos >= width - 1 - w, dcv * uv, 0.0).astype(dt)
+                        plgpu.commit_smem()
+                        plgpu.wgmma(acc_ref, a_smem.at[slot, pl.ds(m0, mw)], dk_smem.at[wg])
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(consumed.at[slot])
+
+                    lax.fori_loop(0, steps, step, None)
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(matmul, plgpu.ACC((mw, bd), _F32))
+                for q in range(mw // 64):  # the epilogue through a 64-row buffer
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    o_smem[wg] = acc[q * 64:(q + 1) * 64]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg],
+                                            out_ref.at[sp, w, pl.ds(m0 + q * 64, 64), pl.ds(d * bd, bd)])
+
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.when(wg == 0)(lambda: compute(0, m_first))
+        pl.when(wg == 1)(lambda: compute(m_first, M - m_first))
+
+    scratch = [
+        plgpu.SMEM((stages, M, bt), dt, transforms=_tma_tile(bt, dt)),
+        plgpu.SMEM((stages, bt, bd), dc.dtype),
+        plgpu.SMEM((stages, bt, bd), u.dtype),
+        plgpu.SMEM((stages, bt), jnp.int32),
+        plgpu.SMEM((2, bt, bd), dt, transforms=_tma_tile(bd, dt)),
+        plgpu.SMEM((2, 64, bd), _F32),
+        plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+        consumed_barrier(num_arrivals=2, num_barriers=stages),
+    ]
+    body.__name__ = "dynamic_conv_grad_w2"
+    out = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((splits, width, M, D), _F32), scratch_types=scratch,
+                       grid=(nclu,), grid_names=("cgrid",), num_threads=3, thread_name="wg", **launch,
+                       **_interpret(interpret))(hT, dc, u, pos)
+    out = jnp.sum(out, axis=0)
+    return out[:, :G], out[:, G]

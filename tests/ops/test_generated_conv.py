@@ -66,7 +66,7 @@ def run(backend, u, h, w2, b2, seg, cache):
 
 
 # backend "cpu" runs the GPU (Triton) kernels interpreted, "tpu" the Mosaic TPU ones, "hopper" the Mosaic GPU
-# forward and grad_u (16-bit only) with the Triton grad_h and grad_w2.
+# ones (16-bit only; unclustered: the interpreter has no cluster barriers).
 @pytest.mark.parametrize("backend,dtype,B,T,G,D,W,packed,with_cache", [
     ("cpu", "float32", 2, 37, 24, 40, 4, True, False),
     ("cpu", "bfloat16", 1, 70, 40, 136, 4, True, True),
@@ -204,13 +204,18 @@ def test_gpu_kernels_with_other_blocks(rng, monkeypatch):
 
 
 def test_mosaic_gpu_kernels_with_other_blocks(rng, monkeypatch):
-    """The Mosaic GPU forward and grad_u at each other's K steps and pipeline depths (bf16, interpreted)."""
+    """The Mosaic GPU kernels at other K steps, pipeline depths and row splits (bf16, interpreted)."""
     from pallas_kernels.dynamic_conv import hopper
 
     monkeypatch.setitem(hopper.FWD, "bk", 32)
     monkeypatch.setitem(hopper.FWD, "stages", 4)
     monkeypatch.setitem(hopper.GRAD_U, "bk", 64)
     monkeypatch.setitem(hopper.GRAD_U, "stages", 2)
+    monkeypatch.setitem(hopper.GRAD_H, "bk", 64)
+    monkeypatch.setitem(hopper.GRAD_H, "stages", 2)
+    monkeypatch.setitem(hopper.GRAD_W2, "splits", 1)
+    monkeypatch.setitem(hopper.GRAD_W2, "bt", 32)
+    monkeypatch.setitem(hopper.GRAD_W2, "bd", 32)
     u, h, w2, b2, seg, cache = inputs(rng, 2, 61, 96, 64, 4, "bfloat16", True, False)
     y, vjp = run("hopper", u, h, w2, b2, seg, cache)
     dy = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)

@@ -39,12 +39,16 @@ def test_triton_lowering_for_cuda(dtype, G, D):
     assert text.count("__gpu$xla.gpu.triton") >= 4, "expected the forward and the three backward Triton kernels"
 
 
-def test_mosaic_gpu_lowering_for_cuda():
-    """The Mosaic GPU forward and grad_u lower for CUDA at the 2B sizes: their layouts resolve and their shared
-    memory fits an H100 (checked while lowering)."""
-    lowered = jax.jit(_loss("hopper")).trace(*_args(2, 100, 384, 3072, jnp.bfloat16)).lower(
-        lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
+@pytest.mark.parametrize("G,D", [(384, 3072), (512, 4096)])
+def test_mosaic_gpu_lowering_for_cuda(G, D):
+    """The four Mosaic GPU kernels lower for CUDA at the 2B and 4B sizes, clustered as on the GPU (the CPU tests
+    interpret them unclustered): their layouts resolve and their shared memory fits an H100 (checked while
+    lowering)."""
+    text = jax.jit(_loss("hopper")).trace(*_args(2, 100, G, D, jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 4
+    for kernel in ("fwd", "grad_u", "grad_h", "grad_w2"):
+        assert f"dynamic_conv_{kernel}" in text, kernel
 
 
 def test_default_blocks_fit_h100_shared_memory():
