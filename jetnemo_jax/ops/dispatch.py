@@ -230,8 +230,8 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
                             output_final_cache=output_final_cache, impl="reference")
     if backend not in ("gpu", "tpu", "cpu"):
         raise ValueError(f"impl='pallas' has GPU and TPU kernels only, not {backend}")
-    kernels = {"cpu": "pallas (GPU kernels interpreted)", "hopper": "pallas (Mosaic GPU forward and du, Triton dh "
-               "and dw2)"}.get(pallas_conv.kernel_backend(backend, h.dtype, mesh), "pallas")
+    kernels = {"cpu": "pallas (GPU kernels interpreted)", "hopper": "pallas (Mosaic GPU kernels)"}.get(
+        pallas_conv.kernel_backend(backend, h.dtype, mesh), "pallas")
     _announce("dynamic_conv", kernels, backend)
     doc_ids = doc_ids_from_segments(segment_ids, (B, T))
     y = pallas_conv.generated_conv(u, h, w2, b2, doc_ids, cache, backend=backend, interpret=backend == "cpu",

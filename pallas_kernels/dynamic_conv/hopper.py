@@ -7,8 +7,11 @@ runs ahead into the CTA's next tile while the compute warpgroups are in their ep
 store). A compute warpgroup fetches its tile's u rows (one TMA box per tap, shifted back W-1-w rows; rows
 before 0 come from the TMA's zero fill), pos and b2 itself before its matmul, so they land during it.
 `grad_u` is the same kernel with a longer epilogue: dc = dy silu'(c), stored, then du, whose row shifts go
-through per-CTA parking rows in L2 (below). `grad_h` and `grad_w2` are the Triton ones (`gpu.backward`): same
-layout, same residual (none).
+through per-CTA parking rows in L2 (below). `grad_h` and `grad_w2` form the tap gradient dk = dc * u (masked)
+tile by tile in registers and feed it to wgmma from shared memory; their common operand tile (w2t's rows, h^T)
+is multicast to a CTA pair, halving their L2 reads (at 2B on an H100: grad_h 0.83 ms against 0.98 unclustered,
+grad_w2 0.85 against 0.91; the forward and grad_u gain nothing from it). Same layout and residual (none) as
+`gpu`.
 """
 
 from __future__ import annotations
@@ -318,11 +321,11 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, ctas=None, **blocks):
     def body(dc_ref, u_ref, w_ref, pos_ref, dh_ref, dc_smem, u_smem, w_smem, pos_smem, out_smem, dk_smem, loaded,
              consumed, side):
         wg, g = lax.axis_index("wg"), lax.axis_index("cgrid")
-        c = lax.axis_index("cluster") if cluster > 1 else 0
+        rank = lax.axis_index("cluster") if cluster > 1 else 0  # within the CTA pair
         mine = (ntile - 1 - g) // nclu + 1
 
         def row0(n):
-            return pl.multiple_of(((g + n * nclu) * cluster + c) * bt, bt)
+            return pl.multiple_of(((g + n * nclu) * cluster + rank) * bt, bt)
 
         @pl.when(wg == 2)
         def _memory():
@@ -435,12 +438,12 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
     def body(hT_ref, dc_ref, u_ref, pos_ref, out_ref, a_smem, dc_smem, u_smem, pos_smem, dk_smem, o_smem, loaded,
              consumed):
         wg, g = lax.axis_index("wg"), lax.axis_index("cgrid")
-        c = lax.axis_index("cluster") if cluster > 1 else 0
+        rank = lax.axis_index("cluster") if cluster > 1 else 0  # within the CTA pair
         mine = (nprog - 1 - g) // nclu + 1
 
         def coords(p):  # this CTA's p-th program -> (row split, tap, channel block)
             prog = g + p * nclu
-            return (lax.div(prog, taps * (D // bd)), lax.rem(lax.div(prog, D // bd), taps) * cluster + c,
+            return (lax.div(prog, taps * (D // bd)), lax.rem(lax.div(prog, D // bd), taps) * cluster + rank,
                     lax.rem(prog, D // bd))
 
         @pl.when(wg == 2)
