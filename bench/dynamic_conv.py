@@ -1,6 +1,7 @@
 """JetBlock's value path (generator + generated causal conv + SiLU): the fused Pallas kernels vs pure XLA.
 
-    python bench/dynamic_conv.py [--out results.json] [--check-only] [--profile] [--trace] [--tokens 32768]
+    python bench/dynamic_conv.py [--out results.json] [--check-only] [--profile] [--trace] [--shape 2b]
+                                 [--tokens 32768]
 
 For the 2B and 4B shapes (B*T tokens, bf16, packed documents) times the forward and the forward+backward
 of  v = dynamic_conv(u, kernels = silu(x W1) W2 + b2)  with impl="pallas" and impl="reference", checks
@@ -11,8 +12,8 @@ writing dx, du, and dh (written and read). Matmul FLOPs: forward 2N(H G + G Dv W
 (the Pallas backward regenerates the kernels: one more G Dv W matmul, counted in its own column).
 Times: the median of single calls, each synced (what one step sees, host latency included), and the mean
 of calls queued back to back (the device's time per call; the profile's sweeps rank by it).
---profile times each piece at the 2B shape and sweeps the Triton kernels' block sizes (see `profile`);
---trace lists the GPU kernels of one 2B forward+backward step with their times (see `kernel_times`).
+--profile times each piece at --shape (2B by default) and sweeps the kernels' block sizes (see `profile`);
+--trace lists the GPU kernels of one forward+backward step at --shape with their times (see `kernel_times`).
 """
 
 from __future__ import annotations
@@ -177,17 +178,17 @@ GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw,
                    for bn, bg, bd, gt, sp, nw, ns in ((64, 128, 64, 3, 4, 8, 3), (64, 128, 64, 3, 8, 8, 3))]
 
 
-def profile(rng, tokens):
-    """Each piece of the value path at the 2B shape, with a block-size sweep of every kernel: XLA's
+def profile(rng, tokens, shape="2b"):
+    """Each piece of the value path at one shape, with a block-size sweep of every kernel: XLA's
     h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
     the kernels replace), the forward and the three backward kernels (Triton, and on sm_90 also the Mosaic GPU
     ones). Leaves the fastest blocks of each kernel in `gpu`'s and `hopper`'s tables for
     the runs that follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the
     Pallas backward three (it regenerates the taps)."""
     from pallas_kernels.dynamic_conv import gpu, hopper
-    s = SHAPES["2b"]
+    s = SHAPES[shape]
     N, G, D, P = tokens, s["gen"], s["dv"], gpu.PAD
-    f = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.bfloat16)
+    f = lambda *dims: jnp.asarray(rng.standard_normal(dims) * 0.1, jnp.bfloat16)
     h, w2t, u, dy, dc = f(N, G), f(W, G, D), f(N, D), f(N, D), f(N, D)
     b2t = jnp.zeros((W, D), jnp.float32)
     pos = jnp.asarray(np.arange(N + 2 * P) % 700, jnp.int32)
@@ -273,14 +274,15 @@ def main():
     p.add_argument("--out", default="dynamic_conv_bench.json")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--check-only", action="store_true")
-    p.add_argument("--trace", action="store_true", help="also print each GPU kernel's time in one 2B fwd+bwd step")
+    p.add_argument("--trace", action="store_true", help="also print each GPU kernel's time in one fwd+bwd step")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="2b", help="the shape --profile and --trace use")
     p.add_argument("--profile", action="store_true",
-                   help="first time each piece and sweep the kernels' block sizes (2B); the runs after use the fastest")
+                   help="first time each piece and sweep the kernels' block sizes; the runs after use the fastest")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "checks": {}, "rows": []}
     if args.profile:
-        report["profile"] = profile(rng, args.tokens)
+        report["profile"] = profile(rng, args.tokens, args.shape)
         dump(report, args.out)
     from pallas_kernels.dynamic_conv import gpu, hopper
     report["gpu_blocks"] = {"fwd": gpu.FWD, "grad_u": gpu.GRAD_U, "grad_h": gpu.GRAD_H, "grad_w2": gpu.GRAD_W2,
@@ -309,9 +311,9 @@ def main():
                   f"(queued back to back: {row['pallas']['fwd_bwd_queued_ms']:.3f} vs "
                   f"{row['reference']['fwd_bwd_queued_ms']:.3f} ms, {row['speedup_fwd_bwd_queued']:.2f}x)")
     if args.trace:
-        report["kernel_times_2b"] = kernel_times(rng, "2b", args.tokens)
-        for impl, rows in report["kernel_times_2b"].items():
-            print(f"\n{impl}: {sum(ms for _, ms in rows):.3f} ms of GPU kernels per fwd+bwd step (2B)")
+        report[f"kernel_times_{args.shape}"] = kernel_times(rng, args.shape, args.tokens)
+        for impl, rows in report[f"kernel_times_{args.shape}"].items():
+            print(f"\n{impl}: {sum(ms for _, ms in rows):.3f} ms of GPU kernels per fwd+bwd step ({args.shape})")
             for kernel, ms in rows[:25]:
                 print(f"  {ms:8.3f}  {kernel[:110]}")
     dump(report, args.out)

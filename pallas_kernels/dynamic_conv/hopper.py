@@ -27,7 +27,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.dynamic_conv import gpu
 
 PAD, ROWS, DIM, U_PAD = gpu.PAD, gpu.ROWS, gpu.DIM, gpu.U_PAD
-FWD = {"bt": 128, "bd": 32, "bk": 64, "stages": 3}
+# Blocks and ring depths: the fastest of `python bench/dynamic_conv.py --profile`'s sweep on an H100 at the 2B
+# shape (the forward's and grad_h's also at 4B; BENCHMARKS.md). cluster: CTAs sharing a multicast operand tile.
+FWD = {"bt": 128, "bd": 32, "bk": 32, "stages": 6}
 GRAD_U = {"bt": 128, "bd": 32, "bk": 32, "stages": 5}
 GRAD_H = {"bt": 64, "bk": 32, "stages": 5, "cluster": 2}
 GRAD_W2 = {"bt": 64, "bd": 64, "splits": 2, "stages": 2, "cluster": 2}

@@ -207,8 +207,8 @@ def test_mosaic_gpu_kernels_with_other_blocks(rng, monkeypatch):
     """The Mosaic GPU kernels at other K steps, pipeline depths and row splits (bf16, interpreted)."""
     from pallas_kernels.dynamic_conv import hopper
 
-    monkeypatch.setitem(hopper.FWD, "bk", 32)
-    monkeypatch.setitem(hopper.FWD, "stages", 4)
+    monkeypatch.setitem(hopper.FWD, "bk", 64)
+    monkeypatch.setitem(hopper.FWD, "stages", 3)
     monkeypatch.setitem(hopper.GRAD_U, "bk", 64)
     monkeypatch.setitem(hopper.GRAD_U, "stages", 2)
     monkeypatch.setitem(hopper.GRAD_H, "bk", 64)
