@@ -129,26 +129,13 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-
-            @pl.loop(0, mine * ksteps)
-            def _(s):
-                slot = lax.rem(s, stages)
-
-                @pl.when(s >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-
+            def issue(s, slot):
                 r0, j = coords(lax.div(s, ksteps))
                 ks = pl.ds(lax.rem(s, ksteps) * bk, bk)
                 plgpu.copy_gmem_to_smem(h_ref.at[pl.ds(r0, bt), ks], h_smem.at[slot], loaded.at[slot])
                 plgpu.copy_gmem_to_smem(w2_ref.at[pl.ds(2 * j, 2), ks], w_smem.at[slot], loaded.at[slot])
 
-            @pl.loop(mine * ksteps, mine * ksteps + stages)
-            def _(s):  # observe the last consumptions too (every barrier phase is waited on)
-                @pl.when(s >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+            _memory_ring(mine * ksteps, stages, consumed, issue)
 
         @pl.when(wg < 2)
         def _compute():
@@ -256,6 +243,29 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
     return (outs[0][:N], outs[1][:N]) if backward else outs[:N]
 
 
+def _memory_ring(steps, stages, consumed, issue):
+    """The memory warpgroup's loop: step s waits until its ring slot's last contents are consumed, then
+    `issue(s, slot)` starts its TMA loads; at the end it observes the last consumptions too (every barrier
+    phase is waited on, which the interpreter checks)."""
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, steps)
+    def _(s):
+        slot = lax.rem(s, stages)
+
+        @pl.when(s >= stages)
+        def _():
+            plgpu.barrier_wait(consumed.at[slot])
+
+        issue(s, slot)
+
+    @pl.loop(steps, steps + stages)
+    def _(s):
+        @pl.when(s >= stages)
+        def _():
+            plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+
+
 def _interpret(interpret):
     if not interpret:
         return {}
@@ -331,16 +341,7 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, ctas=None, **blocks):
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-
-            @pl.loop(0, mine * ksteps)
-            def _(s):
-                slot = lax.rem(s, stages)
-
-                @pl.when(s >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-
+            def issue(s, slot):
                 r0 = row0(lax.div(s, ksteps))
                 k = lax.rem(s, ksteps)
                 w, d = lax.div(k, dsteps), lax.rem(k, dsteps)
@@ -350,11 +351,7 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, ctas=None, **blocks):
                                         loaded.at[slot])
                 plgpu.copy_gmem_to_smem(w_ref.at[w, cols], w_smem.at[slot], loaded.at[slot], **multicast)
 
-            @pl.loop(mine * ksteps, mine * ksteps + stages)  # every phase of `consumed` is waited for
-            def _(s):
-                @pl.when(s >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+            _memory_ring(mine * ksteps, stages, consumed, issue)
 
         @pl.when(wg < 2)
         def _compute():
@@ -450,16 +447,7 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-
-            @pl.loop(0, mine * steps)
-            def _(s):
-                slot = lax.rem(s, stages)
-
-                @pl.when(s >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-
+            def issue(s, slot):
                 sp, w, d = coords(lax.div(s, steps))
                 r0 = pl.multiple_of((sp * steps + lax.rem(s, steps)) * bt, bt)
                 cols = pl.ds(pl.multiple_of(d * bd, bd), bd)
@@ -470,11 +458,7 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
                                         loaded.at[slot])
                 plgpu.copy_gmem_to_smem(pos_ref.at[pl.ds(PAD + r0, bt)], pos_smem.at[slot], loaded.at[slot])
 
-            @pl.loop(mine * steps, mine * steps + stages)
-            def _(s):
-                @pl.when(s >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+            _memory_ring(mine * steps, stages, consumed, issue)
 
         def compute(m0, mw):  # this warpgroup's rows [m0, m0 + mw) of [h^T; ones]
             plgpu.set_max_registers(232, action="increase")
