@@ -291,8 +291,8 @@ def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False):
 
 
 def _clustering(cluster, interpret):
-    """CTA pairs share their common operand tile by TMA multicast (half the L2 reads; both kernels are bound by
-    L2 bandwidth without it). GPU interpret mode has no cluster barriers, so tests run unclustered."""
+    """CTA pairs share their common operand tile by TMA multicast (half its L2 reads), and each slot of the ring
+    is refilled once both CTAs consumed it. GPU interpret mode has no cluster barriers: tests run unclustered."""
     cluster = 1 if interpret else cluster
     if cluster == 1:
         return 1, {}, {}, lambda **kw: plgpu.Barrier(**kw)
@@ -312,7 +312,7 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, ctas=None, **blocks):
     memory warpgroup streams (dc, u shifted back W-1-w rows, w2t[w] rows) tiles per (tap, channel chunk) step,
     the w2t tile multicast to the CTA pair, which takes adjacent row tiles; each compute warpgroup forms
     dk = where(pos >= W-1-w, dc * u) in registers, stores it as a wgmma operand and accumulates its half of G.
-    (Forming the next dk while the last wgmma runs measured slower on the H100: the dk store then waits.)"""
+    Forming the next dk while the last wgmma runs measured slower on the H100 (BENCHMARKS.md)."""
     cfg = {**GRAD_H, **blocks}
     bt, bk = cfg["bt"], cfg["bk"]
     N, D = dc.shape
@@ -324,7 +324,7 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, ctas=None, **blocks):
     ntile, dsteps = N // bt // cluster, D // bk
     ksteps = width * dsteps
     stages = _fit_stages(cfg["stages"], lambda n: 2 * (n * (2 * bt * bk + bk * G) + 2 * bt * half + 2 * bt * bk)
-                         + 4 * 2 * bt)
+                         + 4 * 2 * bt)  # 16-bit operands, int32 pos
     front = 0
     if interpret:  # the interpreter has no TMA zero fill for rows before 0
         u, front = jnp.pad(u, [(PAD, 0), (0, 0)]), PAD
@@ -416,8 +416,8 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
     N, G = h.shape
     D = dc.shape[1]
     dt = h.dtype
-    cluster, multicast, launch, consumed_barrier = _clustering(cfg["cluster"] if width % cfg["cluster"] == 0
-                                                               else 1, interpret)
+    cluster, multicast, launch, consumed_barrier = _clustering(  # odd widths: unclustered (taps pair up)
+        cfg["cluster"] if width % cfg["cluster"] == 0 else 1, interpret)
     if N % (bt * splits) or D % bd or G % 64 or width % cluster or bt != bd:
         raise ValueError(f"grad_w2: N={N} % {bt * splits}, D={D} % {bd}, G={G} % 64, W={width} % {cluster} or "
                          f"bt={bt} != bd={bd} (wgmma wants one swizzle for A and B)")
