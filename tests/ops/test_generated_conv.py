@@ -203,6 +203,22 @@ def test_gpu_kernels_with_other_blocks(rng, monkeypatch):
         assert rel_err(g, g_ref) <= 1e-5, name
 
 
+def test_mosaic_gpu_backward_takes_triton_grad_h_beyond_g_512(monkeypatch):
+    """Mosaic grad_h splits G between two warpgroups of at most one 256-wide wgmma each; a larger (padded) G
+    takes the Triton grad_h."""
+    from pallas_kernels.dynamic_conv import gpu, hopper
+
+    calls = []
+    monkeypatch.setattr(hopper, "grad_u", lambda *a, **k: (None, None))
+    monkeypatch.setattr(hopper, "grad_w2", lambda *a, **k: (None, None))
+    monkeypatch.setattr(hopper, "grad_h", lambda *a, **k: calls.append("mosaic"))
+    monkeypatch.setattr(gpu, "grad_h", lambda *a, **k: calls.append("triton"))
+    u = jnp.zeros((8, 64), jnp.bfloat16)
+    for G in (512, 576):
+        hopper.backward(None, jnp.zeros((4, G, 64), jnp.bfloat16), None, u, None, None, u)
+    assert calls == ["mosaic", "triton"]
+
+
 def test_mosaic_gpu_kernels_with_other_blocks(rng, monkeypatch):
     """The Mosaic GPU kernels at other K steps, pipeline depths and row splits (bf16, interpreted)."""
     from pallas_kernels.dynamic_conv import hopper
