@@ -312,7 +312,8 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, ctas=None, **blocks):
     memory warpgroup streams (dc, u shifted back W-1-w rows, w2t[w] rows) tiles per (tap, channel chunk) step,
     the w2t tile multicast to the CTA pair, which takes adjacent row tiles; each compute warpgroup forms
     dk = where(pos >= W-1-w, dc * u) in registers, stores it as a wgmma operand and accumulates its half of G.
-    Forming the next dk while the last wgmma runs measured slower on the H100 (BENCHMARKS.md)."""
+    Both form the same dk: a warpgroup forming it once for both, and forming the next dk while the last wgmma
+    runs, measured slower on the H100 (BENCHMARKS.md)."""
     cfg = {**GRAD_H, **blocks}
     bt, bk = cfg["bt"], cfg["bk"]
     N, D = dc.shape
