@@ -30,9 +30,9 @@ PAD, ROWS, DIM, U_PAD = gpu.PAD, gpu.ROWS, gpu.DIM, gpu.U_PAD
 # Blocks and ring depths: the fastest of `python bench/dynamic_conv.py --profile`'s sweep on an H100 at the 2B
 # shape (the forward's and grad_h's also at 4B; BENCHMARKS.md). cluster: CTAs sharing a multicast operand tile.
 FWD = {"bt": 128, "bd": 32, "bk": 32, "stages": 6}
-GRAD_U = {"bt": 128, "bd": 32, "bk": 32, "stages": 5}
+GRAD_U = {"bt": 128, "bd": 32, "bk": 32, "stages": 6}
 GRAD_H = {"bt": 64, "bk": 32, "stages": 5, "cluster": 2}
-GRAD_W2 = {"bt": 64, "bd": 64, "splits": 2, "stages": 2, "cluster": 2}
+GRAD_W2 = {"bt": 64, "bd": 64, "splits": None, "stages": 2, "cluster": 2}
 _SMEM_BYTES = 227 * 1024 - 1024  # an H100 CTA's shared memory, less room for barriers
 _F32 = jnp.float32
 
@@ -406,37 +406,50 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, ctas=None, **blocks):
         dc, u, jnp.swapaxes(w2t, 1, 2), pos)  # w2t[w]^T rows: the B operand's [bk, G] tiles
 
 
+def _row_splits(programs, slots, tiles):
+    """The fewest row splits (powers of two dividing `tiles` row tiles, up to 8) for which `programs` per split
+    fill the `slots` persistent CTAs' (or pairs') last wave to 90% (at 2B on an H100 one split fills 1.45 of 2
+    waves: 1.00 ms against 0.78 for two; at 4B one fills 1.94: 1.16 against 1.18)."""
+    for s in (1, 2, 4, 8):
+        waves = s * programs / slots
+        if waves >= 0.9 * -(-waves // 1) or tiles % (2 * s) or s == 8:
+            return s
+
+
 def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
     """(dw2t [W, G, D], db2t [W, D]) float32, dw2t[w] = h^T (dc * U_w), db2t[w] its column sums (`gpu.grad_w2`'s
-    contract). A program per (row split, tap, bd channels) accumulates [h^T; ones] (A, from an XLA transpose
-    of h with 64 ones rows appended: db2 rides the MMA) x dk (B, formed in registers as in `grad_h`) over its
-    rows, the rows of A split between the compute warpgroups. A CTA pair takes two taps of one (split, channel
-    block): the A and dc tiles are multicast. The row splits' partial sums are added by XLA."""
+    contract). A program per (row split, tap, bd channels) accumulates [h^T; ones] x dk over its rows: A is h's
+    [bt, G] row tile read transposed by the wgmma (no XLA transpose of h: at 4B on an H100 1.24 ms against 1.33
+    with one), its rows (G) split between the compute warpgroups, and the second warpgroup also multiplies a
+    constant 64-row tile of ones (db2 rides the MMA); B is dk, formed in registers as in `grad_h`. A CTA pair
+    takes two taps of one (split, channel block): the h and dc tiles are multicast. Rows are split (splits=None:
+    the fewest splits whose programs fill 90% of the SMs) and the partial sums added by XLA."""
     cfg = {**GRAD_W2, **blocks}
-    bt, bd, splits = cfg["bt"], cfg["bd"], cfg["splits"]
+    bt, bd = cfg["bt"], cfg["bd"]
     N, G = h.shape
     D = dc.shape[1]
     dt = h.dtype
     cluster, multicast, launch, consumed_barrier = _clustering(  # odd widths: unclustered (taps pair up)
         cfg["cluster"] if width % cfg["cluster"] == 0 else 1, interpret)
+    taps = width // cluster  # the CTAs of a cluster take taps cluster * t + c of one (split, channel block)
+    slots = (ctas or _num_sms()) // cluster
+    splits = cfg["splits"] or _row_splits(taps * (D // bd), slots, N // bt)
     if N % (bt * splits) or D % bd or G % 64 or width % cluster or bt != bd:
         raise ValueError(f"grad_w2: N={N} % {bt * splits}, D={D} % {bd}, G={G} % 64, W={width} % {cluster} or "
                          f"bt={bt} != bd={bd} (wgmma wants one swizzle for A and B)")
-    M = G + 64  # h^T's rows and 64 ones rows (row G gives db2)
-    m_first = 64 * -(-M // 128)  # compute warpgroup 0's rows of M
+    m_first = min(64 * -(-(G + 64) // 128), G)  # warpgroup 0's rows of h^T; warpgroup 1 the rest and the ones
     steps = N // splits // bt
-    taps = width // cluster  # the CTAs of a cluster take taps cluster * t + c of one (split, channel block)
     nprog = splits * taps * (D // bd)
-    stages = _fit_stages(cfg["stages"], lambda n: n * (2 * M * bt + 4 * bt * bd + 4 * bt) + 4 * bt * bd
-                         + 4 * 2 * 64 * bd)
+    stages = _fit_stages(cfg["stages"], lambda n: n * (2 * G * bt + 4 * bt * bd + 4 * bt) + 4 * bt * bd
+                         + 2 * 64 * bt + 4 * 2 * 64 * bd)
     front = 0
-    if interpret:
+    if interpret:  # also: the interpreter's wgmma knows no transposed operands, so h^T comes from XLA there
         u, front = jnp.pad(u, [(PAD, 0), (0, 0)]), PAD
-    nclu = min((ctas or _num_sms()) // cluster, nprog)
-    hT = jnp.concatenate([h.T, jnp.ones((64, N), dt)], axis=0)
+    nclu = min(slots, nprog)
+    tile = _tma_tile(bd, dt)  # A's swizzle is B's
 
-    def body(hT_ref, dc_ref, u_ref, pos_ref, out_ref, a_smem, dc_smem, u_smem, pos_smem, dk_smem, o_smem, loaded,
-             consumed):
+    def body(h_ref, dc_ref, u_ref, pos_ref, ones_ref, out_ref, a_smem, dc_smem, u_smem, pos_smem, dk_smem,
+             ones_smem, o_smem, loaded, consumed, side):
         wg, g = lax.axis_index("wg"), lax.axis_index("cgrid")
         rank = lax.axis_index("cluster") if cluster > 1 else 0  # within the CTA pair
         mine = (nprog - 1 - g) // nclu + 1
@@ -452,7 +465,8 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
                 sp, w, d = coords(lax.div(s, steps))
                 r0 = pl.multiple_of((sp * steps + lax.rem(s, steps)) * bt, bt)
                 cols = pl.ds(pl.multiple_of(d * bd, bd), bd)
-                plgpu.copy_gmem_to_smem(hT_ref.at[:, pl.ds(r0, bt)], a_smem.at[slot], loaded.at[slot], **multicast)
+                a_tile = h_ref.at[:, pl.ds(r0, bt)] if interpret else h_ref.at[pl.ds(r0, bt)]
+                plgpu.copy_gmem_to_smem(a_tile, a_smem.at[slot], loaded.at[slot], **multicast)
                 plgpu.copy_gmem_to_smem(dc_ref.at[pl.ds(r0, bt), cols], dc_smem.at[slot], loaded.at[slot],
                                         **multicast)
                 plgpu.copy_gmem_to_smem(u_ref.at[pl.ds(front + r0 - (width - 1 - w), bt), cols], u_smem.at[slot],
@@ -461,14 +475,22 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
 
             _memory_ring(mine * steps, stages, consumed, issue)
 
-        def compute(m0, mw):  # this warpgroup's rows [m0, m0 + mw) of [h^T; ones]
+        def compute(m0, mw, ones):  # this warpgroup's rows [m0, m0 + mw) of h^T, and the ones tile if `ones`
+            def h_rows(slot):
+                if interpret:
+                    return a_smem.at[slot, pl.ds(m0, mw)]
+                return plgpu.transpose_ref(a_smem.at[slot, :, pl.ds(m0, mw)], (1, 0))
+
             plgpu.set_max_registers(232, action="increase")
+            if ones:
+                plgpu.copy_gmem_to_smem(ones_ref, ones_smem, side)
+                plgpu.barrier_wait(side)
 
             @pl.loop(0, mine)
             def _(p):
                 sp, w, d = coords(p)
 
-                def matmul(acc_ref):
+                def matmul(*accs):
                     def step(k, _):
                         slot = lax.rem(p * steps + k, stages)
                         plgpu.barrier_wait(loaded.at[slot])
@@ -478,39 +500,45 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
                         uv = _load(u_smem.at[slot], plgpu.Layout.WGMMA, interpret).astype(_F32)
                         dk_smem[wg] = jnp.where(pos >= width - 1 - w, dcv * uv, 0.0).astype(dt)
                         plgpu.commit_smem()
-                        plgpu.wgmma(acc_ref, a_smem.at[slot, pl.ds(m0, mw)], dk_smem.at[wg])
+                        if mw:
+                            plgpu.wgmma(accs[0], h_rows(slot), dk_smem.at[wg])
+                        if ones:
+                            plgpu.wgmma(accs[-1], ones_smem, dk_smem.at[wg])
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(consumed.at[slot])
 
                     lax.fori_loop(0, steps, step, None)
-                    return acc_ref[...]
+                    return [acc[...] for acc in accs]
 
-                acc = pl.run_scoped(matmul, plgpu.ACC((mw, bd), _F32))
-                for q in range(mw // 64):  # the epilogue through a 64-row buffer
+                accs = pl.run_scoped(matmul, *[plgpu.ACC((n, bd), _F32) for n in [mw] * bool(mw) + [64] * ones])
+                rows = [m0 + 64 * q for q in range(mw // 64)] + [G] * ones  # out rows of each 64-row chunk
+                chunks = [a[q * 64:(q + 1) * 64] for a in accs for q in range(a.shape[0] // 64)]
+                for r, chunk in zip(rows, chunks):  # the epilogue through a 64-row buffer
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    o_smem[wg] = acc[q * 64:(q + 1) * 64]
+                    o_smem[wg] = chunk
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem.at[wg],
-                                            out_ref.at[sp, w, pl.ds(m0 + q * 64, 64), pl.ds(d * bd, bd)])
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg], out_ref.at[sp, w, pl.ds(r, 64), pl.ds(d * bd, bd)])
 
             plgpu.wait_smem_to_gmem(0)
 
-        pl.when(wg == 0)(lambda: compute(0, m_first))
-        pl.when(wg == 1)(lambda: compute(m_first, M - m_first))
+        pl.when(wg == 0)(lambda: compute(0, m_first, False))
+        pl.when(wg == 1)(lambda: compute(m_first, G - m_first, True))
 
     scratch = [
-        plgpu.SMEM((stages, M, bt), dt, transforms=_tma_tile(bt, dt)),
+        plgpu.SMEM((stages, G, bt) if interpret else (stages, bt, G), dt, transforms=tile),
         plgpu.SMEM((stages, bt, bd), dc.dtype),
         plgpu.SMEM((stages, bt, bd), u.dtype),
         plgpu.SMEM((stages, bt), jnp.int32),
-        plgpu.SMEM((2, bt, bd), dt, transforms=_tma_tile(bd, dt)),
+        plgpu.SMEM((2, bt, bd), dt, transforms=tile),
+        plgpu.SMEM((64, bt), dt, transforms=tile),
         plgpu.SMEM((2, 64, bd), _F32),
         plgpu.Barrier(num_arrivals=4, num_barriers=stages),
         consumed_barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1),
     ]
     body.__name__ = "dynamic_conv_grad_w2"
-    out = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((splits, width, M, D), _F32), scratch_types=scratch,
-                       grid=(nclu,), grid_names=("cgrid",), num_threads=3, thread_name="wg", **launch,
-                       **_interpret(interpret))(hT, dc, u, pos)
+    out = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((splits, width, G + 64, D), _F32),
+                       scratch_types=scratch, grid=(nclu,), grid_names=("cgrid",), num_threads=3, thread_name="wg",
+                       **launch, **_interpret(interpret))(h.T if interpret else h, dc, u, pos, jnp.ones((64, bt), dt))
     out = jnp.sum(out, axis=0)
     return out[:, :G], out[:, G]
