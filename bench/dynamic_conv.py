@@ -1,7 +1,7 @@
 """JetBlock's value path (generator + generated causal conv + SiLU): the fused Pallas kernels vs pure XLA.
 
     python bench/dynamic_conv.py [--out results.json] [--check-only] [--profile] [--trace] [--shape 2b]
-                                 [--tokens 32768]
+                                 [--rows 2b,4b] [--tokens 32768]
 
 For the 2B and 4B shapes (B*T tokens, bf16, packed documents) times the forward and the forward+backward
 of  v = dynamic_conv(u, kernels = silu(x W1) W2 + b2)  with impl="pallas" and impl="reference", checks
@@ -276,6 +276,7 @@ def main():
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--trace", action="store_true", help="also print each GPU kernel's time in one fwd+bwd step")
     p.add_argument("--shape", choices=sorted(SHAPES), default="2b", help="the shape --profile and --trace use")
+    p.add_argument("--rows", default=",".join(SHAPES), help="the shapes timed, comma-separated")
     p.add_argument("--profile", action="store_true",
                    help="first time each piece and sweep the kernels' block sizes; the runs after use the fastest")
     args = p.parse_args()
@@ -295,7 +296,7 @@ def main():
         report["checks"][dtype] = {"ok": ok, "rel_err": errs}
         print(f"check {dtype}: {'ok' if ok else 'FAILED'} {errs}", flush=True)
     if not args.check_only:
-        for name in SHAPES:
+        for name in args.rows.split(","):
             row = bench(rng, name, args.tokens)
             report["rows"].append(row)
             dump(report, args.out)

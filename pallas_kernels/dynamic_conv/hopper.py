@@ -6,8 +6,8 @@ compute warpgroups (one channel block each, sharing the h tile) issuing wgmma on
 runs ahead into the CTA's next tile while the compute warpgroups are in their epilogue (conv, SiLU, TMA
 store). A compute warpgroup fetches its tile's u rows (one TMA box per tap, shifted back W-1-w rows; rows
 before 0 come from the TMA's zero fill), pos and b2 itself before its matmul, so they land during it.
-`grad_u` is the same kernel with a longer epilogue: dc = dy silu'(c), stored, then du, whose row shifts go
-through per-CTA parking rows in L2 (below). `grad_h` and `grad_w2` form the tap gradient dk = dc * u (masked)
+`grad_u` is the same kernel with a longer epilogue: dc = dy silu'(c), stored, then du, whose row shifts are
+row-major reads of shared memory (below). `grad_h` and `grad_w2` form the tap gradient dk = dc * u (masked)
 tile by tile in registers and feed it to wgmma from shared memory; their common operand tile (w2t's rows, h^T)
 is multicast to a CTA pair, halving their L2 reads (at 2B on an H100: grad_h 0.83 ms against 0.98 unclustered,
 grad_w2 0.85 against 0.91; the forward and grad_u gain nothing from it). Same layout and residual (none) as
@@ -16,6 +16,7 @@ grad_w2 0.85 against 0.91; the forward and grad_u gain nothing from it). Same la
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -118,8 +119,8 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
     def body(*refs):
         h_ref, w2_ref, b2_ref, u_ref, pos_ref = refs[:5]
         dy_ref, refs = (refs[5], refs[6:]) if backward else (None, refs[5:])
-        outs, refs = refs[:1 + 2 * backward], refs[1 + 2 * backward:]
-        h_smem, w_smem, u_smem, pos_smem, b2_smem, io_smem, loaded, consumed, side, shift = refs
+        outs, refs = refs[:1 + backward], refs[1 + backward:]
+        h_smem, w_smem, u_smem, pos_smem, b2_smem, io_smem, loaded, consumed, side = refs
         wg, cta = lax.axis_index("wg"), lax.axis_index("cta")
         mine = (ntiles - 1 - cta) // ctas + 1
 
@@ -193,28 +194,19 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
                 dc = _load(io, plgpu.Layout.WGMMA, interpret).astype(_F32) * sig * (1.0 + c * (1.0 - sig))
                 io[...] = dc.astype(io.dtype)  # each thread overwrites the dy it read
                 # row t + r's output read u_t through tap W-1-r: du = sum_r P_{W-1-r} read r rows on, P_w = dc *
-                # k[w] masked. Tap W-1 needs no shift (r = 0); the others go through this CTA's parking rows in
-                # L2 (TMA out, TMA back r rows on), P_w written where tap w's u was: a register layout cannot
-                # shift by a row, and on jax 0.11.2 (H100) wgmma-layout reads of shared memory at row offsets
-                # off the 8-row tile return wrong rows, and row-major reads of what a wgmma-layout store wrote
-                # do not match it; TMA in both directions is exact.
-                p = [jnp.where(pos >= width - 1 - w, dc * taps[w], 0.0) for w in range(width)]
-                for w in range(width - 1):
-                    u_smem[wg, w] = p[w].astype(u_smem.dtype)
-                plgpu.commit_smem()
-                park = outs[2].at[cta, wg]
-                for w in range(width - 1):
-                    plgpu.copy_smem_to_gmem(u_smem.at[wg, w], park.at[w, pl.ds(0, bt)])
-                plgpu.copy_smem_to_gmem(io, outs[1].at[pl.ds(r0, bt), cols])  # dc, off the round trip's path
-                plgpu.wait_smem_to_gmem(1)  # the parked rows are in L2 (dc may still be in flight)
-                for w in range(width - 1):
-                    plgpu.copy_gmem_to_smem(park.at[w, pl.ds(width - 1 - w, bt)], u_smem.at[wg, w], shift.at[wg])
-                du = p[width - 1].astype(u_smem.dtype).astype(_F32)  # rounded as the parked ones are
-                plgpu.barrier_wait(shift.at[wg])
-                for w in range(width - 1):
-                    du = du + _load(u_smem.at[wg, w], plgpu.Layout.WGMMA, interpret).astype(_F32)
+                # k[w] masked, stored where tap w's u was. The shifted reads are row-major (WG_STRIDED) loads: on jax
+                # 0.11.2 (H100) wgmma-layout reads of shared memory at row offsets off the 8-row tile return wrong
+                # rows. (At 2B this takes grad_u from 1.06 to 1.01 ms against a round trip through L2 by TMA.)
+                for w in range(width):
+                    u_smem[wg, w] = jnp.where(pos >= width - 1 - w, dc * taps[w], 0.0).astype(u_smem.dtype)
+                plgpu.commit_smem()  # also a warpgroup barrier: every P_w is whole before the shifted reads
+                plgpu.copy_smem_to_gmem(io, outs[1].at[pl.ds(r0, bt), cols])  # dc
+                rows = plgpu.Layout.WG_STRIDED((stride, bd), vec_size=2)
+                shifted = [_load(u_smem.at[wg, w, pl.ds(width - 1 - w, stride)], rows, interpret).astype(_F32)
+                           for w in range(width)]
+                du = functools.reduce(jnp.add, shifted)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the dc store has read io
-                io[...] = du.astype(io.dtype)
+                io[pl.ds(0, stride)] = du.astype(io.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(io.at[pl.ds(0, stride)], outs[0].at[pl.ds(r0, stride), cols])
 
@@ -230,14 +222,12 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=width + 2 + backward, num_barriers=2),
-        plgpu.Barrier(num_arrivals=max(width - 1, 1), num_barriers=2),  # grad_u: the shifted P back from L2
     ]
     out = jax.ShapeDtypeStruct((rows, D), u.dtype)
     args = (h, w2w, b2w, u, pos) + ((dy.astype(u.dtype),) if backward else ())
     body.__name__ = "dynamic_conv_grad_u" if backward else "dynamic_conv_fwd"  # the kernel's name in profiles
-    park = jax.ShapeDtypeStruct((ctas, 2, width - 1, bt + 8, bd), u.dtype)  # grad_u's row shifts (L2-resident)
     outs = plgpu.kernel(
-        body, out_type=(out, out, park) if backward else out, scratch_types=scratch, grid=(ctas,),
+        body, out_type=(out, out) if backward else out, scratch_types=scratch, grid=(ctas,),
         grid_names=("cta",), num_threads=3, thread_name="wg", **_interpret(interpret),
     )(*args)
     return (outs[0][:N], outs[1][:N]) if backward else outs[:N]
