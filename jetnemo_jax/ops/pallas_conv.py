@@ -40,9 +40,9 @@ def kernel_module(backend):
 
 
 def kernel_backend(backend, dtype, mesh=None):
-    """"hopper" where the Mosaic GPU kernels run (16-bit operands on an sm_90 GPU; on an H100 at the 2B shape
-    the forward takes 0.65 ms against Triton's 0.87 with the same result bit for bit, grad_u 1.09 against 1.48,
-    grad_h 0.83 against 0.96, grad_w2 0.85 against 1.06), else `backend`."""
+    """"hopper" where the Mosaic GPU kernels run (16-bit operands on an sm_90 GPU; on an H100 at the 2B shape,
+    in a fwd+bwd step: forward 0.63 ms, grad_u 0.96, grad_h 0.81, grad_w2 0.74, against Triton's 0.87, 1.48,
+    0.96 and 1.06 alone; BENCHMARKS.md), else `backend`."""
     device = mesh.devices.flat[0] if isinstance(mesh, jax.sharding.Mesh) else jax.devices()[0]
     return "hopper" if backend == "gpu" and hopper.supported(device, dtype) else backend
 
