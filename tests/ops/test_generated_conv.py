@@ -103,6 +103,16 @@ def test_mosaic_gpu_kernels_only_for_16_bit_on_sm90():
     assert pallas_conv.kernel_backend("gpu", jnp.bfloat16) == "gpu"  # this host's device is a CPU
 
 
+def test_mosaic_grad_w2_splits_rows_until_the_last_wave_fills():
+    from pallas_kernels.dynamic_conv import hopper
+
+    # an H100 holds 66 CTA pairs; a split has 2 taps x D/64 channel blocks of programs (2B: 96, 4B: 128)
+    assert hopper._row_splits(96, 66, 512) == 2  # one split: 1.45 of 2 waves
+    assert hopper._row_splits(128, 66, 512) == 1  # 1.94 of 2
+    assert hopper._row_splits(96, 66, 1) == 1  # a single row tile cannot split
+    assert hopper._row_splits(3, 66, 1024) == 8  # at most 8
+
+
 def test_no_gradient_crosses_documents(rng):
     u, h, w2, b2, _, _ = inputs(rng, 1, 20, 16, 8, 4, "float32", False, False)
     seg = np.array([[0] * 9 + [1] * 11], np.int32)
