@@ -29,7 +29,8 @@ from pallas_kernels.dynamic_conv import gpu
 
 PAD, ROWS, DIM, U_PAD = gpu.PAD, gpu.ROWS, gpu.DIM, gpu.U_PAD
 # Blocks and ring depths: the fastest of `python bench/dynamic_conv.py --profile`'s sweep on an H100 at the 2B
-# shape (the forward's and grad_h's also at 4B; BENCHMARKS.md). cluster: CTAs sharing a multicast operand tile.
+# shape (the forward's, grad_u's and grad_h's also at 4B; BENCHMARKS.md); grad_w2's row splits per shape
+# (`_row_splits`). cluster: CTAs sharing a multicast operand tile.
 FWD = {"bt": 128, "bd": 32, "bk": 32, "stages": 6}
 GRAD_U = {"bt": 128, "bd": 32, "bk": 32, "stages": 6}
 GRAD_H = {"bt": 64, "bk": 32, "stages": 5, "cluster": 2}
