@@ -141,9 +141,7 @@ def _tap_tiles(h, w2t, b2t, u, pos, dy, *, interpret, ctas, cfg):
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
-
-            @pl.loop(0, mine)
+            @_compute_loop(mine)
             def _(n):
                 r0, j = coords(n)
                 cb = 2 * j + wg
@@ -257,6 +255,13 @@ def _memory_ring(steps, stages, consumed, issue):
             plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
 
 
+def _compute_loop(tiles):
+    """The compute warpgroups' side of `_memory_ring`: they take the registers the memory warpgroup gave up,
+    and the decorated body runs once per tile of this CTA."""
+    plgpu.set_max_registers(232, action="increase")
+    return pl.loop(0, tiles)
+
+
 def _interpret(interpret):
     if not interpret:
         return {}
@@ -347,9 +352,7 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, ctas=None, **blocks):
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
-
-            @pl.loop(0, mine)
+            @_compute_loop(mine)
             def _(n):
                 r0 = row0(n)
                 plgpu.copy_gmem_to_smem(pos_ref.at[pl.ds(PAD + r0, bt)], pos_smem.at[wg], side.at[wg])
@@ -472,12 +475,11 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, ctas=None, **blocks):
                     return a_smem.at[slot, pl.ds(m0, mw)]
                 return plgpu.transpose_ref(a_smem.at[slot, :, pl.ds(m0, mw)], (1, 0))
 
-            plgpu.set_max_registers(232, action="increase")
             if ones:
                 plgpu.copy_gmem_to_smem(ones_ref, ones_smem, side)
                 plgpu.barrier_wait(side)
 
-            @pl.loop(0, mine)
+            @_compute_loop(mine)
             def _(p):
                 sp, w, d = coords(p)
 
