@@ -25,6 +25,7 @@ from jetnemo_jax.checkpoint import hf
 from jetnemo_jax.checkpoint.hf_export import save_hf
 from jetnemo_jax.config import JetBlockConfig
 from jetnemo_jax.data import sources
+from jetnemo_jax.data.splits import split_documents
 from jetnemo_jax.nas import config as nas_config
 from jetnemo_jax.nas import evaluators, handoff, hardware, search, supernet, tasks
 from jetnemo_jax.nas.blocks import make_block, state_size
@@ -131,7 +132,7 @@ class _Run:
         self.timings, self._since = {}, self.t0
         d = c.data
         texts = sources.open_source(d.source, d.text_key)
-        train_docs, held_out = tasks.split_documents(texts, d.held_out, 0)
+        train_docs, held_out = split_documents(texts, d.held_out, 0)
         self.tok = loop.get_tokenizer(c, self.workdir, train_docs)
         self._text = tasks.text_rows(train_docs, self.tok.encode, self.tok.eos_id, rows=d.text_rows,
                                      seq_len=d.seq_len, seed=0)

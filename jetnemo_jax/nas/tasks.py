@@ -59,26 +59,6 @@ def mixture(text_iter, rng: np.random.Generator, *, recall_kind: str, recall_row
     return {k: np.concatenate([np.asarray(text[k], np.int32), m[k]]) for k in ("tokens", "segment_ids")}
 
 
-class Subset:
-    """Documents `indices` of a random-access source, itself random access (nothing is read up front)."""
-
-    def __init__(self, source, indices):
-        self.source, self.indices = source, [int(i) for i in indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.source[self.indices[i]]
-
-
-def split_documents(source, held_out: float, seed: int) -> tuple[Subset, Subset]:
-    """(train, held-out) documents of a random-access source, a fixed random split."""
-    order = np.random.default_rng(seed).permutation(len(source))
-    n = max(1, int(len(source) * held_out))
-    return Subset(source, order[n:]), Subset(source, order[:n])
-
-
 def cloze_items(texts: Sequence[str], encode: Callable, rng: np.random.Generator, *, num_items: int,
                 context_len: int, answer_len: int, num_choices: int) -> list[dict]:
     """Multiple choice from text: a passage's next `answer_len` tokens against spans of other passages."""

@@ -83,21 +83,3 @@ def test_evaluators_on_an_oracle_and_a_uniform_model(rng):
     assert abs(mc(stats(uniform))["answer_loss"] - np.log(V)) < 1e-5
     lm = evaluators.LMLoss({"tokens": toks, "segment_ids": batch["segment_ids"]}, rows_per_call=3)
     assert abs(lm(stats(uniform))["lm_loss"] - np.log(V)) < 1e-5 and lm(stats(oracle))["lm_loss"] < 1e-6
-
-
-def test_document_split_is_disjoint_fixed_and_lazy():
-    reads = []
-
-    class Source:
-        def __len__(self):
-            return 20
-
-        def __getitem__(self, i):
-            reads.append(i)
-            return f"doc {i}"
-
-    train, held = tasks.split_documents(Source(), 0.2, seed=3)
-    assert not reads and len(train) == 16 and len(held) == 4
-    docs = {train[i] for i in range(16)} | {held[i] for i in range(4)}
-    assert docs == {f"doc {i}" for i in range(20)}
-    assert [held[i] for i in range(4)] == [tasks.split_documents(Source(), 0.2, seed=3)[1][i] for i in range(4)]
