@@ -11,6 +11,7 @@ from flax import nnx
 
 from jetnemo_jax import generate as gen
 from jetnemo_jax.generate import Sampling, generate, sample
+from jetnemo_jax.model import JetNemotronForCausalLM
 from tests.oracles import rel_err
 from tests.test_model import HYBRID, model_pair
 
@@ -148,6 +149,27 @@ def test_compiles_once_per_shape_bucket(rng, caplog):
     assert compiles((6, 8), 12) == 0  # same buckets: prompt 8, new tokens 16
     assert compiles((3, 30), 9) == 2  # prompt bucket 32 (4 chunks of 8), new tokens 16: cache length changes
     assert compiles((2, 29), 16) == 0
+
+
+def test_batch_generates_at_bfloat16(rng, model):
+    """Two or more prompts at bfloat16 activations: XLA:CPU once had no kernel for the cached attention's
+    bf16 x bf16 -> f32 batched dot, and every batch of prompts failed."""
+    from jetnemo_jax.layers.attention import cached_attention
+
+    B, T, H, kv, S, hd = 3, 4, 6, 2, 9, 16
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((B, T, H, hd), (B, kv, S, hd), (B, kv, S, hd)))
+    qpos = jnp.asarray(np.arange(T)[None] + rng.integers(0, S - T, (B, 1)), jnp.int32)
+    kpos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    attend = jax.jit(cached_attention, static_argnames=("window", "scale"))
+    bf16 = lambda x: x.astype(jnp.bfloat16)
+    got = attend(bf16(q), bf16(k), bf16(v), qpos, kpos, window=None, scale=0.25)
+    expect = attend(*(bf16(x).astype(jnp.float32) for x in (q, k, v)), qpos, kpos, window=None, scale=0.25)
+    assert got.dtype == jnp.bfloat16 and rel_err(got, expect) <= 1e-2
+    half = JetNemotronForCausalLM(CFG.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(half, nnx.state(model))
+    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (2, 9, 5)]
+    out = generate(half, prompts, max_new_tokens=4, prefill_chunk_len=4)
+    assert out.tokens.shape == (3, 4) and ((0 <= out.tokens) & (out.tokens < CFG.vocab_size)).all()
 
 
 def test_bad_input_is_rejected(model):

@@ -55,8 +55,10 @@ def cached_attention(q, keys, values, query_pos, key_pos, window: int | None, sc
         seen = seen & (qp - kp < window)
     # A finite floor, not -inf: a left-padding query sees no key, and its (unused) row must not be NaN.
     p = jax.nn.softmax(jnp.where(seen[:, None, None], s, -0.7 * jnp.finfo(jnp.float32).max), axis=-1)
-    o = jnp.einsum("bkgts,bksd->btkgd", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
-    return o.reshape(B, T, H, hd).astype(q.dtype)
+    # Head-major output, then transposed: XLA:CPU has no bf16 x bf16 -> f32 dot for the btkgd output layout
+    # when B > 1 ("Unsupported element type for DotThunk"); the transpose is exact, so numerics are unchanged.
+    o = jnp.einsum("bkgts,bksd->bkgtd", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
 
 
 class Attention(nnx.Module):
