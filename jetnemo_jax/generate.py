@@ -1,8 +1,11 @@
 """Batched generation: chunked prefill of left-padded prompts, then a jitted decode loop with sampling.
 
-    python -m jetnemo_jax.generate --checkpoint DIR --tokenizer DIR --prompt "Hello" [--prompt ...]
+    python -m jetnemo_jax.generate --checkpoint DIR [--tokenizer DIR] --prompt "Hello" [--prompt ...]
         [--prompt-file FILE] [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0]
-        [--dtype bfloat16] [--prefill-chunk 512]
+        [--dtype bfloat16] [--prefill-chunk 512] [--verbose]
+
+--checkpoint takes a jetnemo_jax checkpoint, an HF export, or a training workdir (its final/); the tokenizer
+is the checkpoint's own unless --tokenizer names one.
 
 The library works on token ids (`generate(model, prompts, ...)`); only the CLI touches a tokenizer.
 
@@ -20,8 +23,6 @@ import argparse
 import dataclasses
 import functools
 import logging
-import os
-import sys
 from typing import Sequence
 
 import jax
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jetnemo_jax import cli
 from jetnemo_jax.model import JetNemotronForCausalLM
 
 log = logging.getLogger(__name__)
@@ -185,40 +187,28 @@ def generate(model: JetNemotronForCausalLM, prompts: Sequence[Sequence[int]], *,
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def cli_error(msg: str):
-    """One line on stderr, exit status 2 (bad input)."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def load_tokenizer(path: str):
-    """A local HF tokenizer directory (no downloads); a one-line error and exit 2 if it cannot be read."""
-    if not os.path.isdir(path):
-        cli_error(f"--tokenizer {path}: no such directory")
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises many kinds; all mean "not a usable tokenizer"
-        cli_error(f"--tokenizer {path}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})")
-
-
-def load_checkpoint(path: str, dtype: str | None):
-    from jetnemo_jax.checkpoint.auto import load_model
-    from jetnemo_jax.checkpoint.state_dict import CheckpointError
-    from jetnemo_jax.config import ConfigError
-
-    try:
-        return load_model(path, **({"dtype": dtype} if dtype else {}))
-    except (CheckpointError, ConfigError) as e:
-        cli_error(f"--checkpoint: {e}")
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise cli.UserError(f"--prompt-file {args.prompt_file}: {e}") from e
+        if not lines:
+            raise cli.UserError(f"--prompt-file {args.prompt_file}: no prompt in it (every line is empty)")
+        prompts += lines
+    if not prompts:
+        raise cli.UserError("no prompt: give --prompt and/or --prompt-file")
+    return prompts
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jetnemo_jax.generate",
                                      description="Generate text from a Jet-Nemotron / Qwen2 checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="HF safetensors directory or jetnemo_jax checkpoint")
-    parser.add_argument("--tokenizer", required=True, help="local HF tokenizer directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="jetnemo_jax checkpoint, HF safetensors directory, or a training workdir (its final/)")
+    parser.add_argument("--tokenizer", help="local HF tokenizer directory (default: the checkpoint's own)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", help="a UTF-8 file; every non-empty line is a prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -229,38 +219,33 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="activation dtype (default: the checkpoint config's)")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill call")
-    args = parser.parse_args(argv)
+    cli.add_verbose_flag(parser)
+    cli.run(_main, parser.parse_args(argv))
 
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            cli_error(f"--prompt-file: {e}")
-    if not prompts:
-        cli_error("no prompt: give --prompt and/or --prompt-file")
+
+def _main(args):
+    prompts = read_prompts(args)
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
-        cli_error(str(e))
+        raise cli.UserError(str(e)) from e
     if args.max_new_tokens < 1:
-        cli_error(f"--max-new-tokens {args.max_new_tokens}: must be positive")
-    if not os.path.isdir(args.checkpoint):
-        cli_error(f"--checkpoint {args.checkpoint}: no such directory")
-    tokenizer = load_tokenizer(args.tokenizer)
-    model = load_checkpoint(args.checkpoint, args.dtype)
-
-    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    if any(len(i) == 0 for i in ids):
-        cli_error("a prompt encodes to no tokens")
-    stops = [t for t in {tokenizer.eos_token_id, model.config.eos_token_id} if t is not None]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0] if stops else 0
+        raise cli.UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive")
+    checkpoint = cli.resolve_checkpoint(args.checkpoint)
+    tokenizer = cli.open_tokenizer(args.tokenizer, args.checkpoint)
+    ids = [tokenizer.encode(p).tolist() for p in prompts]
+    for i, (p, t) in enumerate(zip(prompts, ids)):
+        if not t:
+            raise cli.UserError(f"prompt {i} ({p!r}) encodes to no tokens")
+    model = cli.open_checkpoint(checkpoint, args.dtype)
+    cli.check_tokenizer_fits(tokenizer, model)
+    stops = sorted({t for t in (tokenizer.eos_id, model.config.eos_token_id) if t is not None})
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else stops[0] if stops else 0
     try:
         result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stops,
                           pad_id=pad, seed=args.seed, prefill_chunk_len=args.prefill_chunk)
     except ValueError as e:
-        cli_error(str(e))
+        raise cli.UserError(str(e)) from e
     for i, (prompt, toks, n) in enumerate(zip(prompts, result.tokens, result.lengths)):
         text = tokenizer.decode(toks[:n], skip_special_tokens=True)
         print(f"--- {i}: {prompt!r}\n{prompt}{text}")

@@ -2,6 +2,10 @@
 compilations per shape bucket; the CLI. (Token-by-token decode parity from an unpadded prompt: test_model.)"""
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +188,18 @@ def test_bad_input_is_rejected(model):
             Sampling(**bad)
 
 
+def run_workdir(ckpt, tokenizer_dir, root):
+    """A training workdir as the trainer leaves it: final/ (the fixture's weights) holding the tokenizer."""
+    from jetnemo_jax.data.tokenizer import load_tokenizer, save_tokenizer
+
+    final = root / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "params").symlink_to(os.path.join(ckpt, "params"))
+    shutil.copy(os.path.join(ckpt, "config.json"), final)
+    save_tokenizer(load_tokenizer(tokenizer_dir), final)
+    return final.parent
+
+
 def test_cli_generates_and_fails_cleanly(qwen_tokenizer_dir, tiny_qwen_vocab_checkpoint, tmp_path, capsys):
     ckpt, _ = tiny_qwen_vocab_checkpoint
     prompt_file = tmp_path / "prompts.txt"
@@ -192,16 +208,55 @@ def test_cli_generates_and_fails_cleanly(qwen_tokenizer_dir, tiny_qwen_vocab_che
               "--prompt-file", str(prompt_file), "--max-new-tokens", "5", "--temperature", "0.7", "--top-p", "0.9"])
     out = capsys.readouterr().out
     assert out.count("--- ") == 3 and "Hello world!" in out and "Once upon a time" in out
+    # A workdir as --checkpoint: its final/ and the tokenizer saved there; the same tokens as above.
+    run = run_workdir(ckpt, qwen_tokenizer_dir, tmp_path)
+    argv = ["--prompt", "Hello world!", "--max-new-tokens", "4", "--dtype", "float32"]
+    gen.main(["--checkpoint", str(run), *argv])
+    captured = capsys.readouterr()
+    assert "using its final checkpoint" in captured.err
+    gen.main(["--checkpoint", ckpt, "--tokenizer", qwen_tokenizer_dir, *argv])
+    assert capsys.readouterr().out == captured.out
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "workdir" / "checkpoints").mkdir(parents=True)
+    final = str(run / "final")
     for argv, message in (
             (["--checkpoint", str(tmp_path / "nope"), "--tokenizer", qwen_tokenizer_dir, "--prompt", "x"],
              "no such directory"),
-            (["--checkpoint", ckpt, "--tokenizer", str(tmp_path), "--prompt", "x"], "cannot load a tokenizer"),
+            (["--checkpoint", ckpt, "--tokenizer", str(tmp_path / "nope"), "--prompt", "x"],
+             "--tokenizer " + str(tmp_path / "nope") + ": no such directory"),
+            (["--checkpoint", ckpt, "--tokenizer", str(tmp_path), "--prompt", "x"], "no tokenizer files"),
+            (["--checkpoint", ckpt, "--prompt", "x"], "holds no tokenizer: pass --tokenizer"),
             (["--checkpoint", str(tmp_path), "--tokenizer", qwen_tokenizer_dir, "--prompt", "x"],
              "neither a jetnemo_jax checkpoint"),
+            (["--checkpoint", str(tmp_path / "workdir"), "--prompt", "x"], "a training workdir without final/"),
             (["--checkpoint", ckpt, "--tokenizer", qwen_tokenizer_dir], "no prompt"),
+            (["--checkpoint", final, "--prompt-file", str(tmp_path / "empty.txt")], "no prompt in it"),
+            (["--checkpoint", final, "--prompt-file", str(tmp_path / "nope.txt")], "--prompt-file"),
+            (["--checkpoint", final, "--prompt", ""], "encodes to no tokens"),
+            (["--checkpoint", final, "--prompt", "x", "--max-new-tokens", "99999"], "max_position_embeddings"),
             (["--checkpoint", ckpt, "--tokenizer", qwen_tokenizer_dir, "--prompt", "x", "--top-p", "0"], "top_p")):
         with pytest.raises(SystemExit) as exit_info:
             gen.main(argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error:") and message in err, err
+
+
+def test_real_cli_errors_are_one_line_and_verbose_shows_the_traceback(tiny_qwen_vocab_checkpoint, tmp_path):
+    from jetnemo_jax.data.tokenizer import train_bpe
+
+    ckpt, _ = tiny_qwen_vocab_checkpoint
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "params").symlink_to(os.path.join(ckpt, "params"))
+    (broken / "config.json").write_text('{"vocab_size": 12,')
+    train_bpe(["a small corpus for a tokenizer"] * 4, 280, broken)  # the checkpoint's own tokenizer
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # no accelerator probing on stderr
+    for args, message in ((["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "no such directory"),
+                          (["--checkpoint", str(broken), "--prompt", "x"], "config.json is not valid JSON"),
+                          (["--checkpoint", str(broken), "--prompt", "x", "--verbose"], "Traceback")):
+        proc = subprocess.run([sys.executable, "-m", "jetnemo_jax.generate", *args], capture_output=True, text=True,
+                              env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        if "--verbose" not in args:
+            assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr

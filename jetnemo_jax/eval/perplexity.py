@@ -1,7 +1,7 @@
 """Perplexity of a checkpoint on a local text file: sliding windows, token-weighted.
 
-    python -m jetnemo_jax.eval.perplexity --checkpoint DIR --tokenizer DIR --text-file FILE
-        [--seq-len 2048] [--stride 1024] [--batch-size 1] [--dtype bfloat16]
+    python -m jetnemo_jax.eval.perplexity --checkpoint DIR [--tokenizer DIR] --text-file FILE
+        [--seq-len 2048] [--stride 1024] [--batch-size 1] [--dtype bfloat16] [--verbose]
 
 Windows of `seq_len` tokens start every `stride` (< seq_len) tokens; each token is scored exactly once, in
 the window whose new part (after the previous window's end) holds it, so every token after the first window
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jetnemo_jax import cli
 from jetnemo_jax.model import JetNemotronForCausalLM
 
 
@@ -82,32 +83,37 @@ def perplexity(model: JetNemotronForCausalLM, ids, *, seq_len: int, stride: int,
 
 
 def main(argv=None):
-    from jetnemo_jax.generate import cli_error, load_checkpoint, load_tokenizer
-
     parser = argparse.ArgumentParser(prog="python -m jetnemo_jax.eval.perplexity", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="HF safetensors directory or jetnemo_jax checkpoint")
-    parser.add_argument("--tokenizer", required=True, help="local HF tokenizer directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="jetnemo_jax checkpoint, HF safetensors directory, or a training workdir (its final/)")
+    parser.add_argument("--tokenizer", help="local HF tokenizer directory (default: the checkpoint's own)")
     parser.add_argument("--text-file", required=True)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--stride", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="activation dtype (default: the checkpoint config's)")
-    args = parser.parse_args(argv)
+    cli.add_verbose_flag(parser)
+    cli.run(_main, parser.parse_args(argv))
+
+
+def _main(args):
     if not 1 <= args.stride < args.seq_len:
-        cli_error(f"need 1 <= --stride < --seq-len (got --seq-len {args.seq_len}, --stride {args.stride})")
+        raise cli.UserError(f"need 1 <= --stride < --seq-len (got --seq-len {args.seq_len}, --stride {args.stride})")
     if args.batch_size < 1:
-        cli_error(f"--batch-size {args.batch_size}: must be positive")
+        raise cli.UserError(f"--batch-size {args.batch_size}: must be positive")
     try:
         with open(args.text_file, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        cli_error(f"--text-file: {e}")
-    tokenizer = load_tokenizer(args.tokenizer)
-    model = load_checkpoint(args.checkpoint, args.dtype)
-    ids = tokenizer.encode(text, add_special_tokens=False)
+        raise cli.UserError(f"--text-file {args.text_file}: {e}") from e
+    checkpoint = cli.resolve_checkpoint(args.checkpoint)
+    tokenizer = cli.open_tokenizer(args.tokenizer, args.checkpoint)
+    ids = tokenizer.encode(text)
     if len(ids) < 2:
-        cli_error(f"--text-file {args.text_file}: {len(ids)} token(s); need at least 2")
+        raise cli.UserError(f"--text-file {args.text_file}: {len(ids)} token(s); need at least 2")
+    model = cli.open_checkpoint(checkpoint, args.dtype)
+    cli.check_tokenizer_fits(tokenizer, model)
     start = time.time()
 
     def progress(done, total):

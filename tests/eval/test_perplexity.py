@@ -1,13 +1,16 @@
 """Perplexity against direct computations from the model's logits."""
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from jetnemo_jax.eval import perplexity as ppl
-from tests.test_generate import CFG, forward_right_padded
+from tests.test_generate import CFG, forward_right_padded, run_workdir
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +81,25 @@ def test_cli(qwen_tokenizer_dir, tiny_qwen_vocab_checkpoint, tmp_path, capsys):
     ids = AutoTokenizer.from_pretrained(qwen_tokenizer_dir).encode(text, add_special_tokens=False)
     expect = ppl.perplexity(model, ids, seq_len=16, stride=8).perplexity
     assert f"perplexity {expect:.4f}" in captured.out and "window" in captured.err  # progress on stderr
-    with pytest.raises(SystemExit) as e:
-        ppl.main(["--checkpoint", ckpt, "--tokenizer", qwen_tokenizer_dir, "--text-file", str(tmp_path / "no.txt")])
-    assert e.value.code == 2 and "--text-file" in capsys.readouterr().err
+    # A training workdir as --checkpoint: its final/ and the tokenizer saved there.
+    ppl.main(["--checkpoint", str(run_workdir(ckpt, qwen_tokenizer_dir, tmp_path)), "--text-file",
+              str(tmp_path / "t.txt"), "--seq-len", "16", "--stride", "8", "--dtype", "float32"])
+    assert f"perplexity {expect:.4f}" in capsys.readouterr().out
+    for argv, message in ((["--tokenizer", qwen_tokenizer_dir, "--text-file", str(tmp_path / "no.txt")], "--text-file"),
+                          (["--text-file", str(tmp_path / "t.txt")], "holds no tokenizer"),
+                          (["--tokenizer", str(tmp_path), "--text-file", str(tmp_path / "t.txt")],
+                           "no tokenizer files")):
+        with pytest.raises(SystemExit) as e:
+            ppl.main(["--checkpoint", ckpt, *argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_real_cli_error_is_one_line(tmp_path):
+    (tmp_path / "t.txt").write_text("some text")
+    proc = subprocess.run([sys.executable, "-m", "jetnemo_jax.eval.perplexity", "--checkpoint", str(tmp_path),
+                           "--tokenizer", str(tmp_path / "missing"), "--text-file", str(tmp_path / "t.txt")],
+                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --tokenizer"), proc.stderr
+    assert "no such directory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,93 @@
+"""What the command-line tools share: a user's mistake ends in one line on stderr and exit status 2 (the
+traceback with --verbose or JETNEMO_VERBOSE=1), and every directory the project writes is accepted where a
+checkpoint or a tokenizer is asked for (a training workdir, its final/, an HF export)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+VERBOSE_ENV = "JETNEMO_VERBOSE"
+
+
+class UserError(Exception):
+    """A mistake in a command line or its inputs; the message says what is wrong and what to do."""
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from jetnemo_jax.checkpoint.state_dict import CheckpointError
+    from jetnemo_jax.config import ConfigError
+    from jetnemo_jax.data.tokenizer import TokenizerError
+
+    return UserError, CheckpointError, ConfigError, TokenizerError
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show the traceback of an error (or set {VERBOSE_ENV}=1)")
+
+
+def verbose(args) -> bool:
+    return getattr(args, "verbose", False) or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def run(body, args):
+    """body(args); a user error ends the process with its one-line message (or traceback) and status 2."""
+    try:
+        return body(args)
+    except _user_errors() as e:
+        if verbose(args):
+            traceback.print_exc()
+        else:
+            print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def resolve_checkpoint(path: str, flag: str = "--checkpoint") -> str:
+    """`path`, or the final/ checkpoint of a training workdir (with a note on stderr)."""
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such directory")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    final = os.path.join(path, "final")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        print(f"note: {path} is a training run's workdir; using its final checkpoint {final}", file=sys.stderr)
+        return final
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise UserError(f"{flag} {path}: a training workdir without final/ (its run has not finished; final/ "
+                        "is written at the last step)")
+    return path
+
+
+def open_checkpoint(path: str, dtype: str | None):
+    """The model of a checkpoint directory (resolve_checkpoint's), activations in `dtype` if given."""
+    from jetnemo_jax.checkpoint.auto import load_model
+
+    try:
+        return load_model(path, **({"dtype": dtype} if dtype else {}))
+    except _user_errors() as e:
+        raise UserError(f"--checkpoint {e}") from e
+
+
+def open_tokenizer(tokenizer: str | None, checkpoint: str):
+    """--tokenizer's tokenizer, else the checkpoint's own (a checkpoint or workdir holding tokenizer files)."""
+    from jetnemo_jax.data.tokenizer import TokenizerError, find_tokenizer_dir, load_tokenizer
+
+    flag, path = ("--tokenizer", tokenizer) if tokenizer is not None else ("--checkpoint", checkpoint)
+    if tokenizer is None and find_tokenizer_dir(checkpoint) is None:
+        raise UserError(f"--checkpoint {checkpoint} holds no tokenizer: pass --tokenizer DIR (a local HF tokenizer "
+                        "directory)")
+    try:
+        return load_tokenizer(path, require_eos=False)
+    except TokenizerError as e:
+        raise UserError(f"{flag} {e}") from e
+
+
+def check_tokenizer_fits(tokenizer, model) -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding rows (not this model's tokenizer)."""
+    rows = model.config.vocab_size
+    if tokenizer.vocab_size > rows:
+        raise UserError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} tokens but the model has "
+                        f"{rows:,} embedding rows: pass the tokenizer the model was trained with (--tokenizer)")
