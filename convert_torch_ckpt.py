@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -47,8 +48,10 @@ def main(argv=None) -> int:
                        help="dtype of the written weights (A_log and dt_bias are always float32)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
         p.add_argument("--check", action="store_true", help="reload the destination and compare logits")
+        p.add_argument("--tokenizer", help="directory whose tokenizer files are copied to the destination "
+                       "(default: SRC's own, if it holds one)")
+        p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
         if name == "jax-to-hf":
-            p.add_argument("--tokenizer", help="directory whose tokenizer files are copied to the destination")
             p.add_argument("--shard-size", default="2GB", type=_parse_size, help="largest safetensors shard")
     p = sub.add_parser("qwen2-to-jet", help="HF Qwen2.5 directory -> Jet-Nemotron initialisation (Orbax)")
     p.add_argument("src")
@@ -62,23 +65,27 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     args = parser.parse_args(argv)
 
+    from jetnemo_jax import cli
     from jetnemo_jax.checkpoint import CheckpointError, load_hf_model
     from jetnemo_jax.checkpoint.hf_export import save_hf
     from jetnemo_jax.checkpoint.orbax_params import load_params, save_params
     from jetnemo_jax.config import ConfigError
+    from jetnemo_jax.data.tokenizer import TokenizerError, find_tokenizer_dir
 
     t0 = time.perf_counter()
     try:
         if args.command == "qwen2-to-jet":
             return _qwen2_to_jet(args, t0)
+        src = cli.resolve_checkpoint(args.src, flag="SRC")  # a training workdir: its final/
+        tokenizer = args.tokenizer or (args.src if find_tokenizer_dir(args.src) else None)
         if args.command == "hf-to-jax":
-            model = load_hf_model(args.src, dtype="float32", param_dtype=args.dtype)
-            save_params(model, args.dst, overwrite=args.overwrite)
+            model = load_hf_model(src, dtype="float32", param_dtype=args.dtype)
+            save_params(model, args.dst, overwrite=args.overwrite, tokenizer_dir=tokenizer)
             reload = lambda: load_params(args.dst, dtype="float32")
         else:
-            model = load_params(args.src, dtype="float32")
+            model = load_params(src, dtype="float32")
             save_hf(model, args.dst, dtype=args.dtype, overwrite=args.overwrite, max_shard_bytes=args.shard_size,
-                    tokenizer_dir=args.tokenizer)
+                    tokenizer_dir=tokenizer)
             reload = lambda: load_hf_model(args.dst, dtype="float32", param_dtype=args.dtype)
         print(f"{args.command}: wrote {args.dst} in {time.perf_counter() - t0:.1f} s")
         if args.check:
@@ -87,8 +94,11 @@ def main(argv=None) -> int:
             if err > (1e-6 if args.dtype == "float32" else 2e-2):
                 print("check FAILED", file=sys.stderr)
                 return 1
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, ConfigError, TokenizerError, cli.UserError, FileExistsError, FileNotFoundError) as e:
+        if cli.verbose(args):
+            traceback.print_exc()
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

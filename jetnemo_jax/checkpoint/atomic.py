@@ -12,7 +12,8 @@ import uuid
 def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
     """Yields a temporary directory that becomes `dst` only if the block finishes without an exception.
 
-    Nothing half-written is ever left at `dst`; on failure the temporary directory is removed.
+    Nothing half-written is ever left at `dst`; on failure the temporary directory is removed. What it
+    holds is made readable by all (see `make_readable`).
     """
     dst = os.path.abspath(os.fspath(dst))
     if os.path.exists(dst) and not overwrite:
@@ -26,6 +27,7 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    make_readable(tmp)
     if os.path.exists(dst):
         old = f"{tmp}.old"
         os.rename(dst, old)
@@ -33,3 +35,14 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dst)
+
+
+def make_readable(root: str) -> None:
+    """Files at least 0644 and directories 0755 under `root`: a checkpoint is shared data, but some writers
+    create private files (safetensors' save_file writes 0600)."""
+    os.chmod(root, os.stat(root).st_mode | 0o755)
+    for parent, dirs, files in os.walk(root):
+        for name, bits in [(d, 0o755) for d in dirs] + [(f, 0o644) for f in files]:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | bits)

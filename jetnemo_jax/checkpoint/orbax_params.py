@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jetnemo_jax.checkpoint.atomic import atomic_directory
+from jetnemo_jax.checkpoint.hf_export import copy_tokenizer, shareable_hf_config
 from jetnemo_jax.checkpoint.state_dict import CheckpointError
 from jetnemo_jax.config import ModelConfig
 from jetnemo_jax.model import JetNemotronForCausalLM
@@ -21,14 +22,17 @@ PARAMS_DIR = "params"
 
 
 def save_params(model: JetNemotronForCausalLM, directory: str | os.PathLike, *, overwrite: bool = False,
-                extra_files: dict[str, str] | None = None) -> None:
-    """Write config.json and the parameters (in their current dtypes) atomically."""
+                extra_files: dict[str, str] | None = None, tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Write config.json (no auto_map: see `shareable_hf_config`), `extra_files` ({name: text}), the tokenizer
+    files of `tokenizer_dir` and the parameters (in their current dtypes) atomically, readable by all."""
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(model.config.to_hf_dict(), f, indent=2)
+            json.dump(shareable_hf_config(model.config), f, indent=2)
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()

@@ -16,6 +16,7 @@ from jetnemo_jax import config
 from jetnemo_jax.checkpoint import load_hf_model, to_state_dict
 from jetnemo_jax.checkpoint.hf_export import save_hf
 from jetnemo_jax.checkpoint.orbax_params import load_params, save_params
+from jetnemo_jax.data.tokenizer import load_tokenizer, train_bpe
 from jetnemo_jax.model import JetNemotronForCausalLM
 from tests.oracles import rel_err
 from tests.torch_reference import JetNemotronRef
@@ -99,7 +100,10 @@ def test_qwen_export_loads_into_transformers(tmp_path, rng):
     import transformers
 
     model = random_model(QWEN.replace(dtype="float32"), rng)
-    save_hf(model, tmp_path / "hf", dtype="float32")
+    tok = train_bpe(["words for a tokenizer"] * 4, 280, tmp_path / "tok")
+    save_hf(model, tmp_path / "hf", dtype="float32", tokenizer_dir=tmp_path / "tok")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")  # no custom code, no prompt
+    assert hf_tok.encode("a tokenizer", add_special_tokens=False) == tok.encode("a tokenizer").tolist()
     ref = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     missing, unexpected = ref.load_state_dict(
         {n: torch.from_numpy(x) for n, x in read_hf_tensors(tmp_path / "hf").items()}, strict=False)
@@ -137,6 +141,30 @@ def test_cli_check_and_errors(tmp_path, rng, capsys):
     err = capsys.readouterr().err
     assert "model.safetensors" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "jax2").exists()
+
+
+def test_exports_carry_the_tokenizer_are_readable_and_name_no_custom_code(tmp_path, rng, capsys):
+    """A training workdir converts (its final/, its tokenizer); every file written is readable by all."""
+    run = tmp_path / "run"
+    tok = train_bpe(["a corpus for the tokenizer " * 3] * 5, 300, run / "tokenizer")
+    save_params(random_model(HYBRID, rng), run / "final")
+    assert convert_torch_ckpt.main(["jax-to-hf", str(run), str(tmp_path / "hf")]) == 0
+    assert convert_torch_ckpt.main(["hf-to-jax", str(tmp_path / "hf"), str(tmp_path / "jax")]) == 0
+    text = "the corpus, tokenized"
+    for d in (tmp_path / "hf", tmp_path / "jax"):
+        assert load_tokenizer(d).path == d and (load_tokenizer(d).encode(text) == tok.encode(text)).all()
+        assert "auto_map" not in json.loads((d / "config.json").read_text())
+        for path in [d, *d.rglob("*")]:
+            want = 0o755 if path.is_dir() else 0o644
+            assert path.stat().st_mode & want == want, (oct(path.stat().st_mode), path)
+    (tmp_path / "bad_tok").mkdir()
+    (tmp_path / "bad_tok" / "tokenizer.json").write_text("{")
+    capsys.readouterr()
+    assert convert_torch_ckpt.main(["jax-to-hf", str(run / "final"), str(tmp_path / "hf2"), "--tokenizer",
+                                    str(tmp_path / "bad_tok")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a readable tokenizer.json" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "hf2").exists()
 
 
 def test_qwen2_to_jet(tmp_path, rng):
