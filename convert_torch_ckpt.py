@@ -1,12 +1,14 @@
 """Convert checkpoints between PyTorch (HF safetensors directories) and jetnemo_jax (Orbax).
 
-    python convert_torch_ckpt.py hf-to-jax SRC_HF_DIR DST_JAX_DIR [--dtype bfloat16] [--check]
+    python convert_torch_ckpt.py hf-to-jax SRC_HF_DIR DST_JAX_DIR [--dtype bfloat16] [--tokenizer DIR] [--check]
     python convert_torch_ckpt.py jax-to-hf SRC_JAX_DIR DST_HF_DIR [--dtype bfloat16] [--tokenizer DIR] [--check]
     python convert_torch_ckpt.py qwen2-to-jet SRC_QWEN_DIR DST_JAX_DIR --preset jet_nemotron_2b
         [--layer-types jet,jet,...,attn] [--seed 0] [--dtype bfloat16]   (or --layout-config CONFIG.json)
 
 Both Qwen2 (all attention) and Jet-Nemotron checkpoints are understood. A_log and dt_bias stay float32.
 The destination appears only when complete (written under a temporary name, then renamed).
+hf-to-jax and jax-to-hf: SRC may be a training workdir (its final/ is read); SRC's tokenizer files travel to
+the destination unless --tokenizer names others; --verbose shows an error's traceback.
 """
 
 from __future__ import annotations
