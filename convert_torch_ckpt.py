@@ -2,8 +2,12 @@
 
     python convert_torch_ckpt.py hf-to-jax SRC_HF_DIR DST_JAX_DIR [--dtype bfloat16] [--tokenizer DIR] [--check]
     python convert_torch_ckpt.py jax-to-hf SRC_JAX_DIR DST_HF_DIR [--dtype bfloat16] [--tokenizer DIR] [--check]
-    python convert_torch_ckpt.py qwen2-to-jet SRC_QWEN_DIR DST_JAX_DIR --preset jet_nemotron_2b
+    python convert_torch_ckpt.py qwen2-to-jet SRC_QWEN_DIR DST_JAX_DIR [--preset jet_nemotron_2b]
         [--layer-types jet,jet,...,attn] [--seed 0] [--dtype bfloat16]   (or --layout-config CONFIG.json)
+
+qwen2-to-jet reads every size from SRC's config.json (any Qwen2.5-architecture model); the layout follows
+jetnemo_jax.config.jet_layout: the placement of the recipe of SRC's depth (--preset names one), the
+JetBlock by its rule; --layer-types sets the placement (needed for depths other than 28 and 36).
 
 Both Qwen2 (all attention) and Jet-Nemotron checkpoints are understood. A_log and dt_bias stay float32.
 The destination appears only when complete (written under a temporary name, then renamed).
@@ -58,9 +62,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("qwen2-to-jet", help="HF Qwen2.5 directory -> Jet-Nemotron initialisation (Orbax)")
     p.add_argument("src")
     p.add_argument("dst")
-    layout = p.add_mutually_exclusive_group(required=True)
-    layout.add_argument("--preset", help="layout of a preset, e.g. jet_nemotron_2b")
-    layout.add_argument("--layout-config", help="a Jet-Nemotron config.json whose layout (layer_types, jet, swa) to use")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--preset", help="layout recipe (placement, sliding window): jet_nemotron_2b (28 layers) or "
+                        "jet_nemotron_4b (36); default: the one of the source's depth")
+    layout.add_argument("--layout-config", help="a Jet-Nemotron config.json of the source's sizes whose layout "
+                        "(layer_types, jet, swa) to use")
     p.add_argument("--layer-types", help="comma-separated attn/swa/jet per layer, overriding the layout's")
     p.add_argument("--seed", type=int, default=0, help="seed of the JetBlock initialisation")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -112,10 +118,21 @@ def _qwen2_to_jet(args, t0) -> int:
     from jetnemo_jax.checkpoint.orbax_params import save_params
     from jetnemo_jax.checkpoint.qwen2_to_jet import qwen2_to_jet
 
-    layout = (config.preset(args.preset) if args.preset
-              else config.ModelConfig.from_hf_file(args.layout_config))
-    layer_types = args.layer_types.split(",") if args.layer_types else None
-    model, report = qwen2_to_jet(args.src, layout, layer_types=layer_types, seed=args.seed, param_dtype=args.dtype)
+    source = config.ModelConfig.from_hf_file(args.src)
+    if args.layout_config:
+        given = config.ModelConfig.from_hf_file(args.layout_config)
+        diff = config.config_diff({k: getattr(given, k) for k in config.SOURCE_SHAPE_FIELDS},
+                                  {k: getattr(source, k) for k in config.SOURCE_SHAPE_FIELDS})
+        if diff:
+            raise config.ConfigError(f"--layout-config {args.layout_config} is for another model than {args.src}: "
+                                     f"{'; '.join(diff)} (layout != source); drop --layout-config to derive the "
+                                     "layout from the source (--preset, --layer-types)")
+        layout = config.jet_layout(source, layer_types=args.layer_types or given.layer_types,
+                                   layer_types_flag="--layer-types", jet=given.jet,
+                                   sliding_window=given.sliding_window)
+    else:
+        layout = config.jet_layout(source, args.preset, args.layer_types, layer_types_flag="--layer-types")
+    model, report = qwen2_to_jet(args.src, layout, seed=args.seed, param_dtype=args.dtype)
     save_params(model, args.dst, overwrite=args.overwrite,
                 extra_files={"conversion_report.json": json.dumps(report, indent=2)})
     print(f"qwen2-to-jet: wrote {args.dst} in {time.perf_counter() - t0:.1f} s: {len(report['copied'])} tensors "

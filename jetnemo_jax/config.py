@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -374,3 +375,115 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name](**overrides)
+
+
+# ------------------------------------------------------------------------- the hybrid of a Qwen2 source
+# Fields the hybrid takes from its all-attention source that shape or give meaning to the weights it
+# inherits: neither a run nor a conversion may change them. (It also takes max_position_embeddings,
+# initializer_range and the bos/eos ids, which shape no weight: those a run may set.)
+SOURCE_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
+# Numerics and op selection: the run's choice, never a checkpoint's (config.json does not hold them).
+NUMERICS_FIELDS = ("dtype", "param_dtype", "gdr_impl", "conv_impl")
+# The PostNAS results (section 4 of the paper): presets whose placement and window a hybrid can reuse.
+JET_RECIPES = ("jet_nemotron_2b", "jet_nemotron_4b")
+
+
+def parse_layer_types(value) -> tuple[str, ...]:
+    """layer_types from a tuple or a comma-separated string ("jet,jet,attn,swa"; a command line gives one)."""
+    items = [value] if isinstance(value, str) else list(value)
+    types = tuple(t.strip() for item in items for t in str(item).split(",") if t.strip())
+    for i, t in enumerate(types):
+        if t not in LAYER_TYPES:
+            raise ConfigError(f"layer_types[{i}]={t!r}: expected one of {', '.join(LAYER_TYPES)}")
+    return types
+
+
+def jet_block_for(source: ModelConfig) -> JetBlockConfig:
+    """The JetBlock that replaces `source`'s attention. A source with a released model's attention shape
+    (hidden, heads, head dim of Qwen2.5-1.5B or -3B) gets that model's searched block (12/96/256,
+    16/128/256). Any other: one JetBlock head per attention head, value dim dv = 2 x the attention head dim
+    (both released models), key dim dk = 3/4 of the head dim rounded to a multiple of 16 (the 2B's ratio,
+    the one the paper's hardware-aware search picked: a smaller state [dk, dv] decodes faster), generator
+    reduction 8 (or the largest power of two dividing the value dim Dv = heads x dv, if 8 does not)."""
+    for name in JET_RECIPES:
+        p = preset(name)
+        if (p.hidden_size, p.num_attention_heads, p.head_dim) == (
+                source.hidden_size, source.num_attention_heads, source.head_dim):
+            return p.jet
+    dk = max(16, 16 * int(0.75 * source.head_dim / 16 + 0.5))
+    dv = 2 * source.head_dim
+    return JetBlockConfig(num_heads=source.num_attention_heads, head_dim=dk, head_v_dim=dv,
+                          generator_reduction=math.gcd(8, source.num_attention_heads * dv))
+
+
+def jet_layout(source: ModelConfig, recipe: str | None = None, layer_types=None, *,
+               layer_types_flag: str = "--config.model.layer_types", **overrides) -> ModelConfig:
+    """The Jet-Nemotron hybrid of an all-attention Qwen2 `source`: every size from the source; from the
+    recipe what PostNAS decides.
+
+    - Sizes (vocab, hidden, MLP, heads, kv heads, head dim, eps, RoPE theta, tying, max positions, bos/eos):
+      the source's. Overriding a SOURCE_SHAPE_FIELDS one with another value is an error.
+    - Placement (`layer_types`, a tuple or "jet,jet,attn,..."): given, else the recipe's when the source has
+      its depth (jet_nemotron_2b: 28 layers, jet_nemotron_4b: 36). `recipe` None picks the recipe of the
+      source's depth. Any other depth is not guessed: ConfigError asking for layer_types.
+    - Sliding window: the recipe's (2B 1152, 4B 2048; jet_nemotron_2b's where no recipe fits).
+    - JetBlock: `jet_block_for(source)`, conv_size 4, norm eps 1e-5.
+    `overrides`: any other ModelConfig field; `jet` as a JetBlockConfig or a mapping of some of its fields
+    (the rest by the rule). `layer_types_flag` names the option that sets layer_types in the error.
+    """
+    if set(source.layer_types) != {"attn"}:
+        raise ConfigError(f"the source must be an all-attention Qwen2 model, it has layer types "
+                          f"{sorted(set(source.layer_types))}")
+    n = source.num_hidden_layers
+    depth = {preset(name).num_hidden_layers: name for name in JET_RECIPES}
+    if recipe is not None and recipe not in JET_RECIPES:
+        raise ConfigError(f"unknown layout recipe {recipe!r}; choose from {', '.join(JET_RECIPES)}")
+    ref = preset(recipe or depth.get(n, JET_RECIPES[0]))
+    if layer_types is not None:
+        layer_types = parse_layer_types(layer_types)
+    elif ref.num_hidden_layers == n:
+        layer_types = ref.layer_types
+    else:
+        ask = (f"pass {layer_types_flag}=jet,jet,attn,... with {n} entries, each one of "
+               f"{', '.join(LAYER_TYPES)}")
+        if n in depth:  # a recipe was named whose placement is for another depth
+            raise ConfigError(f"the {recipe} placement is for {ref.num_hidden_layers} layers but the source has "
+                              f"{n}: use the {depth[n]} recipe, or {ask}")
+        known = " or ".join(f"{k} ({v})" for k, v in depth.items())
+        raise ConfigError(f"the source has {n} layers and the Jet-Nemotron placements are for {known} layers: "
+                          f"{ask}")
+    if len(layer_types) != n:
+        raise ConfigError(f"layer_types has {len(layer_types)} entries but the source has {n} layers")
+    conflicts = config_diff({k: v for k, v in overrides.items() if k in SOURCE_SHAPE_FIELDS},
+                            {k: getattr(source, k) for k in SOURCE_SHAPE_FIELDS if k in overrides})
+    if conflicts:
+        raise ConfigError(f"the hybrid keeps the source's sizes: {'; '.join(conflicts)} (given != source)")
+    jet = overrides.pop("jet", None)
+    if not isinstance(jet, JetBlockConfig):
+        jet = dataclasses.replace(jet_block_for(source), **dict(jet or {}))
+    window = overrides.pop("sliding_window", None) or ref.sliding_window
+    return source.replace(
+        layer_types=layer_types, jet=jet if "jet" in layer_types else None,
+        sliding_window=window if "swa" in layer_types else None, **overrides)
+
+
+def config_diff(a, b) -> list[str]:
+    """One "field: a != b" line per field where two configs differ (ModelConfigs, JetBlockConfigs or
+    mappings of their fields), JetBlock fields as "jet.name"; layer types written as the flag takes them."""
+    da = a if isinstance(a, Mapping) else dataclasses.asdict(a)
+    db = b if isinstance(b, Mapping) else dataclasses.asdict(b)
+    lines = []
+    for key in list(da) + [k for k in db if k not in da]:
+        va, vb = da.get(key, "<unset>"), db.get(key, "<unset>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            lines += [f"{key}.{line}" for line in config_diff(va, vb)]
+        elif va != vb:
+            lines.append(f"{key}: {_show(va)} != {_show(vb)}")
+    return lines
+
+
+def _show(value) -> str:
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return repr(value)

@@ -18,33 +18,31 @@ from flax import nnx
 
 from jetnemo_jax.checkpoint.safetensors_dir import SafetensorsDir
 from jetnemo_jax.checkpoint.state_dict import CheckpointError, param_entries
-from jetnemo_jax.config import ConfigError, ModelConfig
+from jetnemo_jax.config import SOURCE_SHAPE_FIELDS, ConfigError, ModelConfig, config_diff
 from jetnemo_jax.model import JetNemotronForCausalLM
-
-# Fields of the source model that the hybrid inherits and must not change.
-_SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                  "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
 
 
 def target_config(source: ModelConfig, layout: ModelConfig, *,
                   layer_types: Sequence[str] | None = None) -> ModelConfig:
-    """The hybrid's config: the source's dimensions with `layout`'s (a preset's) JetBlock and window, and
-    its layer types unless `layer_types` overrides them (e.g. a placement found by PostNAS)."""
-    for field in _SHARED_FIELDS:
-        if getattr(layout, field) != getattr(source, field):
-            raise ConfigError(f"{field}: the source has {getattr(source, field)!r} but the target layout expects "
-                              f"{getattr(layout, field)!r}")
+    """`layout` (the hybrid's config, e.g. `jet_layout(source)`) with `layer_types` if given, after checking
+    that it keeps every size of `source` that its weights carry (SOURCE_SHAPE_FIELDS)."""
+    diff = config_diff({k: getattr(layout, k) for k in SOURCE_SHAPE_FIELDS},
+                       {k: getattr(source, k) for k in SOURCE_SHAPE_FIELDS})
+    if diff:
+        raise ConfigError(f"the target config does not fit the source: {'; '.join(diff)} (target != source); "
+                          "derive it from the source with jetnemo_jax.config.jet_layout")
     layer_types = layout.layer_types if layer_types is None else tuple(layer_types)
     if len(layer_types) != source.num_hidden_layers:
         raise ConfigError(f"layer_types has {len(layer_types)} entries but the source has "
                           f"{source.num_hidden_layers} layers")
-    return source.replace(layer_types=tuple(layer_types), jet=layout.jet, sliding_window=layout.sliding_window)
+    return layout.replace(layer_types=tuple(layer_types))
 
 
 def qwen2_to_jet(src: str | os.PathLike, layout: ModelConfig, *,
                  layer_types: Sequence[str] | None = None, seed: int = 0,
                  param_dtype: str = "bfloat16") -> tuple[JetNemotronForCausalLM, dict]:
-    """Returns (hybrid model, report) where report lists what was copied, initialised and dropped."""
+    """Returns (hybrid model, report) where report lists what was copied, initialised and dropped.
+    `layout`: the hybrid's config, `jet_layout(ModelConfig.from_hf_file(src))` for the rule's."""
     source_cfg = ModelConfig.from_hf_file(src)
     if set(source_cfg.layer_types) != {"attn"}:
         raise ConfigError(f"{src}: the source must be an all-attention Qwen2 model, it has layer types "

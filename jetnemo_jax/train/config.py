@@ -13,6 +13,7 @@ import ml_collections
 
 from jetnemo_jax import config as model_config_lib
 from jetnemo_jax import sharding
+from jetnemo_jax.train import model_source
 
 
 def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -24,12 +25,14 @@ def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def to_model_config(section) -> model_config_lib.ModelConfig:
-    d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-    jet = d.pop("jet")
-    d["layer_types"] = tuple(d["layer_types"])
-    # The JetBlock section is always present in the config; the model gets it where it has JetBlocks.
-    d["jet"] = model_config_lib.JetBlockConfig(**jet) if "jet" in d["layer_types"] else None
-    return model_config_lib.ModelConfig(**d)
+    """config.model as it stands, no checkpoint read (unset fields of a recipe section: the preset's)."""
+    return model_source.section_config(section)
+
+
+def resolve_model_config(config) -> model_config_lib.ModelConfig:
+    """The run's ModelConfig: config.model's set fields, the unset ones from init.path's config.json
+    (jetnemo_jax/train/model_source.py says which, and which conflicts it refuses)."""
+    return model_source.resolve(config.model, config.init.mode, config.init.path)
 
 
 def default_config() -> ml_collections.ConfigDict:

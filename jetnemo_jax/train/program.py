@@ -18,7 +18,7 @@ from jetnemo_jax import sharding
 from jetnemo_jax.config import ModelConfig
 from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.train import flops, optimizer, step
-from jetnemo_jax.train.config import to_model_config
+from jetnemo_jax.train.config import resolve_model_config
 from jetnemo_jax.train.distill import Teacher
 from jetnemo_jax.train.partition import ParamSplit, path_name
 
@@ -76,7 +76,7 @@ def _with_sharding(abstract: dict, shardings: dict) -> dict:
 
 
 def build(config, mesh: Mesh) -> Program:
-    cfg = to_model_config(config.model)
+    cfg = resolve_model_config(config)  # reads init.path's config.json where config.model leaves fields unset
     rules = tuple(tuple(r) for r in config.sharding_rules)
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: JetNemotronForCausalLM(cfg, rngs=nnx.Rngs(0))))
     split = ParamSplit(graphdef, abstract_params, config.train.frozen)

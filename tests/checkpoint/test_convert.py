@@ -193,3 +193,31 @@ def test_qwen2_to_jet(tmp_path, rng):
     assert convert_torch_ckpt.main(["qwen2-to-jet", str(tmp_path / "qwen"), str(tmp_path / "jet2"),
                                     "--layout-config", str(tmp_path / "wrong.json")]) == 2
     assert not (tmp_path / "jet2").exists()
+
+
+def test_qwen2_to_jet_takes_the_sizes_from_any_source(tmp_path, rng, capsys):
+    """No --preset: the layout is jet_layout's for the source; a depth with no placement asks for --layer-types."""
+    from tests.train.test_model_source import qwen2_checkpoint
+
+    source = qwen2_checkpoint(tmp_path / "qwen", rng, weights=True)
+    capsys.readouterr()  # transformers' progress bars
+    src, dst = str(tmp_path / "qwen"), str(tmp_path / "jet")
+    assert convert_torch_ckpt.main(["qwen2-to-jet", src, dst]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "6 layers" in err and "--layer-types=jet,jet,attn,..." in err
+    assert not (tmp_path / "jet").exists()
+    types = "swa,jet,attn,jet,jet,attn"
+    assert convert_torch_ckpt.main(["qwen2-to-jet", src, dst, "--layer-types", types, "--dtype", "float32"]) == 0
+    model = load_params(tmp_path / "jet")
+    assert model.config == config.jet_layout(source, layer_types=types, param_dtype="float32")
+    dst_tensors, src_tensors = to_state_dict(model), read_hf_tensors(tmp_path / "qwen")
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight",
+                 "model.layers.2.self_attn.q_proj.bias"):
+        np.testing.assert_array_equal(dst_tensors[name], src_tensors[name], err_msg=name)
+    # A layout config of another model's sizes: the field and what to pass instead.
+    other = config.jet_layout(source, layer_types=types).replace(intermediate_size=7)
+    (tmp_path / "layout.json").write_text(json.dumps(other.to_hf_dict()))
+    assert convert_torch_ckpt.main(["qwen2-to-jet", src, str(tmp_path / "jet2"), "--layout-config",
+                                    str(tmp_path / "layout.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"intermediate_size: 7 != {source.intermediate_size}" in err and "drop --layout-config" in err
