@@ -54,5 +54,8 @@ def packed_dataset(source, encode: Callable[[str], np.ndarray], eos_id: int, *, 
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        # Batches arrive in shared memory; copy them out so no consumer (JAX on CPU aliases numpy buffers)
+        # keeps a block alive past the end of the run.
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count)).map(
+            lambda batch: {k: np.array(v) for k, v in batch.items()})
     return ds
