@@ -17,6 +17,25 @@ from absl import flags
 from grain import experimental as grain_exp
 
 
+def count_tokens_upto(source, encode: Callable[[str], np.ndarray], limit: int) -> int:
+    """Tokens the packed stream gets from `source` (each document's tokens plus its EOS), counting documents
+    in order only until `limit` is reached: the exact total when the source holds fewer than `limit`,
+    else a number >= limit. A big source costs a few documents, a big document a prefix of it."""
+    total = 0
+    for i in range(len(source)):
+        if total >= limit:
+            break
+        text = source[i]
+        # Tokens average ~4 characters, so a prefix of 16 characters per missing token almost always reaches
+        # the limit: a huge document costs only that prefix, and is tokenised whole only when it falls short.
+        prefix = text[: 16 * (limit - total)]
+        n = len(encode(prefix))
+        if n < limit - total and len(prefix) < len(text):
+            n = len(encode(text))
+        total += n + 1
+    return total
+
+
 def _packed_shard(source, encode, eos_id, *, seq_len, rows, seed, shard, num_shards, shuffle):
     ds = grain.MapDataset.source(source)
     if shuffle:

@@ -37,7 +37,7 @@ def test_every_file_format_yields_the_documents(tmp_path, rng):
 
 
 def test_bad_sources_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="matches no"):
+    with pytest.raises(sources.DataError, match="matches no"):
         sources.open_source(str(tmp_path / "missing*.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
     with pytest.raises(ValueError, match="not a JSON object with 'text'"):
