@@ -37,13 +37,19 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, *, positions, doc_ids):
-        h = self.input_layernorm(x)
-        if self.layer_type == "jet":
-            h = self.self_attn(h, segment_ids=doc_ids)
-        else:
-            h = self.self_attn(h, positions=positions, doc_ids=doc_ids)
+        # Named scopes label the HLO ops for the step's per-component profile (bench/step_profile.py).
+        with jax.named_scope("norm"):
+            h = self.input_layernorm(x)
+        with jax.named_scope(f"mixer_{self.layer_type}"):
+            if self.layer_type == "jet":
+                h = self.self_attn(h, segment_ids=doc_ids)
+            else:
+                h = self.self_attn(h, positions=positions, doc_ids=doc_ids)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        with jax.named_scope("norm"):
+            h = self.post_attention_layernorm(x)
+        with jax.named_scope("mlp"):
+            return x + self.mlp(h)
 
     def init_cache(self, batch: int, max_len: int, dtype):
         if self.layer_type == "jet":
@@ -84,13 +90,15 @@ class JetNemotronModel(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         run = _run_layer if remat == "none" else nnx.remat(_run_layer, policy=REMAT_POLICIES[remat])
-        x = constrain_batch(self.embed_tokens(input_ids))
+        with jax.named_scope("embed"):
+            x = constrain_batch(self.embed_tokens(input_ids))
         kept = {}
         for i, layer in enumerate(self.layers):
             x = constrain_batch(run(layer, x, positions, doc_ids))
             if i in keep_layers:
                 kept[i] = x
-        return self.norm(x), kept
+        with jax.named_scope("norm"):
+            return self.norm(x), kept
 
 
 # Rematerialisation of each decoder layer in the backward pass: what the forward may keep.
@@ -121,6 +129,7 @@ class JetNemotronForCausalLM(nnx.Module):
                          else positions_in_documents(doc_ids))
         return self.model(input_ids, positions=positions, doc_ids=doc_ids, remat=remat, keep_layers=keep_layers)
 
+    @jax.named_scope("lm_head")
     def logits(self, hidden):
         if self.config.tie_word_embeddings:
             out = self.model.embed_tokens.attend(hidden)

@@ -83,10 +83,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x, *, positions, doc_ids):
         B, T, _ = x.shape
-        q, k, v = self._qkv(x, positions)
-        o = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(doc_ids, self.window, T),
-                                         scale=self.head_dim ** -0.5, implementation="xla")
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+        with jax.named_scope("attn_proj"):
+            q, k, v = self._qkv(x, positions)
+        with jax.named_scope("attn_core"):
+            o = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(doc_ids, self.window, T),
+                                             scale=self.head_dim ** -0.5, implementation="xla")
+        with jax.named_scope("attn_proj"):
+            return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
     def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
         slots = min(max_len, self.window) if self.window else max_len

@@ -118,21 +118,25 @@ class JetBlock(nnx.Module):
         padding, which leaves the conv taps and the state exactly as they were."""
         B, T, _ = x.shape
         H, dk, dv = self.num_heads, self.head_k_dim, self.head_v_dim
-        q = jax.nn.silu(self.q_proj(x)).reshape(B, T, H, dk)
-        k = jax.nn.silu(self.k_proj(x)).reshape(B, T, H, dk)
-        u = self.v_proj(x)
-        g, beta = self.gates(x)
-        if valid is not None:
-            # Padding enters the conv as the zeros a sequence start sees, and with g = 0, beta = 0 the
-            # delta rule carries the state through it unchanged.
-            u = jnp.where(valid[..., None], u, 0)
-            g, beta = jnp.where(valid[..., None], g, 0.0), jnp.where(valid[..., None], beta, 0.0)
-        v, conv = self.dynamic_conv1d(u, x, segment_ids=segment_ids,
-                                      cache=None if cache is None else cache.conv, return_cache=return_cache)
-        o, state = ops.gated_delta_rule(q, k, v.reshape(B, T, H, dv), g, beta, segment_ids=segment_ids,
-                                        initial_state=None if cache is None else cache.state,
-                                        output_final_state=return_cache, impl=self.gdr_impl)
-        y = self.output(o, x)
+        with jax.named_scope("jet_proj"):  # scopes label the ops for the step's profile
+            q = jax.nn.silu(self.q_proj(x)).reshape(B, T, H, dk)
+            k = jax.nn.silu(self.k_proj(x)).reshape(B, T, H, dk)
+            u = self.v_proj(x)
+            g, beta = self.gates(x)
+            if valid is not None:
+                # Padding enters the conv as the zeros a sequence start sees, and with g = 0, beta = 0 the
+                # delta rule carries the state through it unchanged.
+                u = jnp.where(valid[..., None], u, 0)
+                g, beta = jnp.where(valid[..., None], g, 0.0), jnp.where(valid[..., None], beta, 0.0)
+        with jax.named_scope("jet_conv"):
+            v, conv = self.dynamic_conv1d(u, x, segment_ids=segment_ids,
+                                          cache=None if cache is None else cache.conv, return_cache=return_cache)
+        with jax.named_scope("jet_gdr"):
+            o, state = ops.gated_delta_rule(q, k, v.reshape(B, T, H, dv), g, beta, segment_ids=segment_ids,
+                                            initial_state=None if cache is None else cache.state,
+                                            output_final_state=return_cache, impl=self.gdr_impl)
+        with jax.named_scope("jet_proj"):
+            y = self.output(o, x)
         return (y, JetCache(conv, state)) if return_cache else y
 
     def init_cache(self, batch: int, dtype) -> JetCache:

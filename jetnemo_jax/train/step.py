@@ -48,13 +48,16 @@ def make_loss_fn(split, cfg, teacher=None, mesh=None):
         model = split.merge(trainable, frozen)
         hidden, kept = model.hidden_states(tokens, segment_ids=seg, remat=cfg.train.remat, keep_layers=keep)
         logits = model.logits(hidden)
-        sums = {"ce": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * validf)}
+        with jax.named_scope("loss"):  # scopes label the ops for the step's profile
+            sums = {"ce": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * validf)}
         if not distill:
             return sums["ce"] / n_valid, sums
-        t_model = teacher.merge(frozen, teacher_params)
-        t_hidden, t_kept = t_model.hidden_states(tokens, segment_ids=seg, keep_layers=keep)
-        t_logits = jax.lax.stop_gradient(t_model.logits(t_hidden))
-        sums["kl"] = jnp.sum(kl_per_token(t_logits, logits, cfg.distill.temperature) * validf)
+        with jax.named_scope("teacher"):
+            t_model = teacher.merge(frozen, teacher_params)
+            t_hidden, t_kept = t_model.hidden_states(tokens, segment_ids=seg, keep_layers=keep)
+            t_logits = jax.lax.stop_gradient(t_model.logits(t_hidden))
+        with jax.named_scope("loss"):
+            sums["kl"] = jnp.sum(kl_per_token(t_logits, logits, cfg.distill.temperature) * validf)
         loss = cfg.distill.ce_weight * sums["ce"] + cfg.distill.kl_weight * sums["kl"]
         if keep:
             mse = sum(jnp.mean(jnp.square(kept[i].astype(jnp.float32)
@@ -94,9 +97,10 @@ def make_train_step(split, tx, schedule, cfg, teacher=None, mesh=None):
             init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums),
                     jax.tree.map(jnp.zeros_like, params))
             (loss, sums, grads), _ = jax.lax.scan(accumulate, init, micro)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                         "opt_state": opt_state}
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    "tokens": n_valid, **{k: v / n_valid for k, v in sums.items()}}
         return new_state, metrics
