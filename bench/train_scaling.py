@@ -4,6 +4,7 @@ weights and synthetic tokens.
     python bench/train_scaling.py --preset jet_nemotron_2b --batch 2 --seq 4096 [--distill] [--remat full]
     python bench/train_scaling.py --preset qwen2_5_1_5b ...      # the Qwen2.5-1.5B shape through the same code
     python bench/train_scaling.py ... --devices 1,2,4,8 [--tensor 2]  # scaling, per-device batch held fixed
+    python bench/train_scaling.py ... --profile DIR   # also trace 2 steps: per-component table (step_profile.py)
 
 Stage-1 freezing (MLPs, embeddings, norms) unless --full-finetune. MFU uses train/flops.py (frozen-aware
 and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--out).
@@ -12,22 +13,30 @@ and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 
+from flax import nnx
+
 from jetnemo_jax import sharding
+from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.train import flops
-from jetnemo_jax.train.loop import initial_params
+from jetnemo_jax.train.config import default_config, model_section
 from jetnemo_jax.train.program import build
-from jetnemo_jax.train.recipes import stage1
+from jetnemo_jax.train.recipes import STAGE1_FROZEN
 
 
 def make_config(args, n_devices):
-    c = stage1(args.preset)
+    c = default_config()  # stage 1 (train/recipes.py) with the preset's sizes and random weights
+    c.model = model_section(args.preset)
+    c.train.frozen = STAGE1_FROZEN
     c.init.mode = "random"
     c.distill.enabled = args.distill
     c.data.seq_len = args.seq
@@ -44,20 +53,32 @@ def make_config(args, n_devices):
     return c
 
 
+def random_params(program, seed):
+    """(trainable, frozen): the model's own random initialisation, built on the host and placed as the
+    program shards it (as train/loop.py's init.mode='random')."""
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        model = JetNemotronForCausalLM(program.model_config, rngs=nnx.Rngs(seed))
+    trainable, frozen = program.split.split(nnx.state(model, nnx.Param))
+    place = lambda flat, abstract: {n: jax.device_put(np.asarray(flat[n], a.dtype), a.sharding)  # noqa: E731
+                                    for n, a in abstract.items()}
+    return place(trainable, program.abstract_state["params"]), place(frozen, program.abstract_frozen)
+
+
+def progress(what, t0):
+    print(f"[{time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def bench(args, n_devices):
+    start = time.perf_counter()
     c = make_config(args, n_devices)
     devices = jax.devices()[:n_devices]
     program = build(c, sharding.make_mesh(dict(c.mesh), devices))
-    if args.distill:  # random weights for the teacher's own attention (no Qwen checkpoint needed)
-        c.init.mode = "random"
-        c.distill.enabled = False
-        trainable, frozen, _ = initial_params(c, program)
-        c.distill.enabled = True
-        key = jax.random.key(1)
-        teacher = {n: jax.device_put(0.02 * jax.random.normal(key, a.shape, a.dtype), a.sharding)
-                   for n, a in program.abstract_teacher.items()}
-    else:
-        trainable, frozen, teacher = initial_params(c, program)
+    progress("built", start)
+    trainable, frozen = random_params(program, c.seed)
+    progress("random weights placed", start)
+    key = jax.random.key(1)  # random weights for the teacher's own attention (no Qwen checkpoint needed)
+    teacher = {n: jax.device_put(0.02 * jax.random.normal(key, a.shape, a.dtype), a.sharding)
+               for n, a in program.abstract_teacher.items()}
     state = program.init_state(trainable)
     rng = np.random.default_rng(0)
     B, T = c.data.global_batch, c.data.seq_len
@@ -65,16 +86,21 @@ def bench(args, n_devices):
                                       program.batch_sharding),
              "segment_ids": jax.device_put(np.ones((B, T), np.int32), program.batch_sharding)}
     t0 = time.perf_counter()
-    state, m = program.step_fn(state, frozen, teacher, batch)
+    compiled = program.step_fn.lower(state, frozen, teacher, batch).compile()
+    state, m = compiled(state, frozen, teacher, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
+    progress(f"compiled and ran one step ({compile_s:.0f} s)", start)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, m = program.step_fn(state, frozen, teacher, batch)
+        state, m = compiled(state, frozen, teacher, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    breakdown = None
+    if args.profile:
+        state, breakdown = profile(args.profile, compiled, state, frozen, teacher, batch, 1e3 * step_s)
     kind = devices[0].device_kind
     peak = flops.peak_flops(kind)
     fpt = program.flops_per_token
@@ -87,7 +113,35 @@ def bench(args, n_devices):
            "mfu_frozen_aware": tps / n_devices * fpt["frozen_aware"] / peak if peak else None,
            "mfu_6n": tps / n_devices * fpt["6N"] / peak if peak else None,
            "peak_memory_gib": max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30}
+    if breakdown is not None:
+        row["breakdown"] = breakdown
     return row
+
+
+PROFILE_STEPS = 2
+
+
+def profile(out_dir, compiled, state, frozen, teacher, batch, step_ms):
+    """Trace PROFILE_STEPS steps; keep the trace and the module's text (gzipped) beside the breakdown."""
+    import step_profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    trace_dir = os.path.join(out_dir, "trace")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(PROFILE_STEPS):
+            state, m = compiled(state, frozen, teacher, batch)
+            jax.block_until_ready(m)
+    xplanes = [os.path.join(d, f) for d, _, fs in os.walk(trace_dir) for f in fs if f.endswith(".xplane.pb")]
+    if not xplanes:
+        raise SystemExit(f"no .xplane.pb under {trace_dir}: the profiler wrote no trace")
+    hlo = compiled.as_text()
+    with open(xplanes[0], "rb") as f, gzip.open(os.path.join(out_dir, "step.xplane.pb.gz"), "wb") as g:
+        g.write(f.read())
+    with gzip.open(os.path.join(out_dir, "step.hlo.txt.gz"), "wt") as g:
+        g.write(hlo)
+    result = step_profile.breakdown(step_profile.load_xspace(xplanes[0]), hlo, PROFILE_STEPS)
+    print(step_profile.format_table(result, step_ms), flush=True)
+    return state, result
 
 
 def main():
@@ -102,8 +156,10 @@ def main():
     p.add_argument("--gdr-impl", default="")
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (FSDP x tensor)")
+    p.add_argument("--profile", default="", help="directory: trace 2 steps and print the per-component table")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     counts = [int(x) for x in args.devices.split(",")] if args.devices else [jax.device_count()]
     rows = [bench(args, n) for n in counts]
     base = rows[0]["tokens_per_s_per_device"]
