@@ -129,6 +129,12 @@ class JetNemotronForCausalLM(nnx.Module):
                          else positions_in_documents(doc_ids))
         return self.model(input_ids, positions=positions, doc_ids=doc_ids, remat=remat, keep_layers=keep_layers)
 
+    def lm_head_weight(self):
+        """The LM head as a [vocab, hidden] array: the tied embedding, or lm_head's kernel transposed."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.embedding[...]
+        return self.lm_head.kernel[...].T
+
     @jax.named_scope("lm_head")
     def logits(self, hidden):
         if self.config.tie_word_embeddings:

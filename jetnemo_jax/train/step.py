@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from jetnemo_jax import sharding
+from jetnemo_jax.train import fused_loss
 
 
 def next_token_targets(tokens, segment_ids):
@@ -29,8 +30,14 @@ def kl_per_token(teacher_logits, student_logits, temperature):
 
 
 def make_loss_fn(split, cfg, teacher=None, mesh=None):
-    """loss(trainable, frozen, teacher_params, batch, n_valid) -> (loss, per-term sums)."""
+    """loss(trainable, frozen, teacher_params, batch, n_valid) -> (loss, per-term sums).
+
+    cfg.train.loss_chunk (optional key, default 0): > 0 computes the LM head and its losses that many tokens
+    of every row at a time (train/fused_loss.py: no [B, T, vocab] float32 logits); 0 the plain path."""
     distill = cfg.distill.enabled
+    loss_chunk = int(cfg.train.get("loss_chunk", 0) or 0)
+    head_name = "lm_head/kernel" if "lm_head/kernel" in split.names else "model/embed_tokens/embedding"
+    head_trained = head_name not in split.frozen_names
     if distill and teacher is None:
         raise ValueError("distill.enabled needs a teacher (init.mode='qwen2' builds one)")
     keep = tuple(cfg.distill.hidden_layers) if distill and cfg.distill.mse_weight > 0 else ()
@@ -47,17 +54,30 @@ def make_loss_fn(split, cfg, teacher=None, mesh=None):
         validf = valid.astype(jnp.float32)
         model = split.merge(trainable, frozen)
         hidden, kept = model.hidden_states(tokens, segment_ids=seg, remat=cfg.train.remat, keep_layers=keep)
-        logits = model.logits(hidden)
-        with jax.named_scope("loss"):  # scopes label the ops for the step's profile
-            sums = {"ce": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * validf)}
+        if distill:
+            with jax.named_scope("teacher"):  # scopes label the ops for the step's profile
+                t_model = teacher.merge(frozen, teacher_params)
+                t_hidden, t_kept = t_model.hidden_states(tokens, segment_ids=seg, keep_layers=keep)
+        if loss_chunk:
+            with jax.named_scope("lm_head"):
+                ce, kl = fused_loss.lm_head_losses(
+                    hidden, model.lm_head_weight(), targets, chunk=loss_chunk, dtype=model.config.dtype,
+                    w_grad=head_trained, ce_grad=not distill or cfg.distill.ce_weight != 0,
+                    t_hidden=t_hidden if distill else None, t_w=t_model.lm_head_weight() if distill else None,
+                    temperature=cfg.distill.temperature)
+        else:
+            logits = model.logits(hidden)
+            with jax.named_scope("loss"):
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+            if distill:
+                with jax.named_scope("teacher"):
+                    t_logits = jax.lax.stop_gradient(t_model.logits(t_hidden))
+                with jax.named_scope("loss"):
+                    kl = kl_per_token(t_logits, logits, cfg.distill.temperature)
+        sums = {"ce": jnp.sum(ce * validf)}
         if not distill:
             return sums["ce"] / n_valid, sums
-        with jax.named_scope("teacher"):
-            t_model = teacher.merge(frozen, teacher_params)
-            t_hidden, t_kept = t_model.hidden_states(tokens, segment_ids=seg, keep_layers=keep)
-            t_logits = jax.lax.stop_gradient(t_model.logits(t_hidden))
-        with jax.named_scope("loss"):
-            sums["kl"] = jnp.sum(kl_per_token(t_logits, logits, cfg.distill.temperature) * validf)
+        sums["kl"] = jnp.sum(kl * validf)
         loss = cfg.distill.ce_weight * sums["ce"] + cfg.distill.kl_weight * sums["kl"]
         if keep:
             mse = sum(jnp.mean(jnp.square(kept[i].astype(jnp.float32)
@@ -106,3 +126,4 @@ def make_train_step(split, tx, schedule, cfg, teacher=None, mesh=None):
         return new_state, metrics
 
     return train_step
+
