@@ -87,14 +87,14 @@ class JetNemotronModel(nnx.Module):
 
     def __call__(self, input_ids, *, positions, doc_ids, remat: str = "none", keep_layers=()):
         """-> (final-normed hidden [B, T, hidden], {i: output of layer i} for i in keep_layers)."""
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        run = _run_layer if remat == "none" else nnx.remat(_run_layer, policy=REMAT_POLICIES[remat])
+        by_kind = remat_by_kind(remat)
+        runners = {name: _run_layer if name == "none" else nnx.remat(_run_layer, policy=REMAT_POLICIES[name])
+                   for name in set(by_kind.values())}
         with jax.named_scope("embed"):
             x = constrain_batch(self.embed_tokens(input_ids))
         kept = {}
         for i, layer in enumerate(self.layers):
-            x = constrain_batch(run(layer, x, positions, doc_ids))
+            x = constrain_batch(runners[by_kind[layer.layer_type]](layer, x, positions, doc_ids))
             if i in keep_layers:
                 kept[i] = x
         with jax.named_scope("norm"):
@@ -108,6 +108,25 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs
     "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
 }
+
+
+LAYER_KINDS = ("jet", "attn", "swa")
+
+
+def remat_by_kind(spec: str) -> dict[str, str]:
+    """A remat spec -> {layer kind: policy name}. The spec is one policy of REMAT_POLICIES for every layer,
+    or per kind, comma-separated "kind:policy" (e.g. "jet:none,attn:full,swa:full"); kinds it does not
+    name get "full". ValueError naming what is wrong."""
+    if spec in REMAT_POLICIES:
+        return dict.fromkeys(LAYER_KINDS, spec)
+    out = dict.fromkeys(LAYER_KINDS, "full")
+    for part in spec.split(","):
+        kind, _, name = part.strip().partition(":")
+        if kind not in LAYER_KINDS or name not in REMAT_POLICIES:
+            raise ValueError(f"remat={spec!r}: expected one of {', '.join(REMAT_POLICIES)}, or comma-separated "
+                             f"kind:policy with kind in {', '.join(LAYER_KINDS)}")
+        out[kind] = name
+    return out
 
 
 def _run_layer(layer, x, positions, doc_ids):
