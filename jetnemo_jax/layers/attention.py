@@ -30,6 +30,29 @@ def attention_mask(doc_ids, window: int | None, length: int | None = None):
     return allowed[:, None]
 
 
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def _flash_args(doc_ids, window: int | None) -> dict:
+    """attention_mask's rule as jax.nn.dot_product_attention's own causal and window arguments, plus the
+    same-document mask where rows hold packed documents (a kernel that skips masked blocks needs no [T, T]
+    mask for causality or the window)."""
+    same_doc = None if doc_ids is None else (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+    return {"mask": same_doc, "is_causal": True, "local_window_size": None if window is None else (window - 1, 0)}
+
+
+def attention_core(q, k, v, doc_ids, window: int | None, scale: float, impl: str = "xla"):
+    """Causal (sliding-window) attention of q [B,T,H,hd] over k, v [B,T,kv,hd] inside each document.
+    impl "xla": XLA with a materialised [T, T] mask (any backend; the reference). "cudnn": cuDNN flash
+    attention on NVIDIA GPUs (bf16/fp16, head_dim <= 128; rounds differently, so opt-in)."""
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(doc_ids, window, q.shape[1]), scale=scale,
+                                            implementation="xla")
+    if impl != "cudnn":
+        raise ValueError(f"attention impl={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **_flash_args(doc_ids, window))
+
+
 class KVCache(NamedTuple):
     """Keys (after RoPE) and values in S slots; token at position p lives in slot p % S. A sliding-window
     layer needs only S = W slots (the slot of position p - W is overwritten by p); `pos` is the position
@@ -66,6 +89,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         self.window, self.rope_theta = window, cfg.rope_theta
+        self.impl = getattr(cfg, "attn_impl", "xla")  # a ModelConfig field once the config has one
         d, hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = linear(d, self.num_heads * hd, (EMBED, Q_HEADS), rngs=rngs, cfg=cfg, use_bias=True)
         self.k_proj = linear(d, self.num_kv_heads * hd, (EMBED, KV_HEADS), rngs=rngs, cfg=cfg, use_bias=True)
@@ -86,8 +110,7 @@ class Attention(nnx.Module):
         with jax.named_scope("attn_proj"):
             q, k, v = self._qkv(x, positions)
         with jax.named_scope("attn_core"):
-            o = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(doc_ids, self.window, T),
-                                             scale=self.head_dim ** -0.5, implementation="xla")
+            o = attention_core(q, k, v, doc_ids, self.window, self.head_dim ** -0.5, self.impl)
         with jax.named_scope("attn_proj"):
             return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
