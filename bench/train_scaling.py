@@ -5,6 +5,7 @@ weights and synthetic tokens.
     python bench/train_scaling.py --preset qwen2_5_1_5b ...      # the Qwen2.5-1.5B shape through the same code
     python bench/train_scaling.py ... --devices 1,2,4,8 [--tensor 2]  # scaling, per-device batch held fixed
     python bench/train_scaling.py ... --profile DIR   # also trace 2 steps: per-component table (step_profile.py)
+    python bench/train_scaling.py ... --loss-chunk 1024 --attn-impl cudnn --remat jet:none,attn:full,swa:full
 
 Stage-1 freezing (MLPs, embeddings, norms) unless --full-finetune. MFU uses train/flops.py (frozen-aware
 and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--out).
@@ -13,6 +14,7 @@ and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -26,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jetnemo_jax import sharding
+from jetnemo_jax.config import ModelConfig
 from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.train import flops
 from jetnemo_jax.train.config import default_config, model_section
@@ -47,6 +50,13 @@ def make_config(args, n_devices):
         c.train.frozen = ""
     if args.gdr_impl:
         c.model.gdr_impl = args.gdr_impl
+    if args.loss_chunk:
+        c.train.loss_chunk = args.loss_chunk  # read with a default by train/step.py
+    if args.attn_impl:
+        if "attn_impl" in {f.name for f in dataclasses.fields(ModelConfig)}:
+            c.model.attn_impl = args.attn_impl
+        else:  # until ModelConfig has the field, layers/attention.py reads this class default
+            ModelConfig.attn_impl = args.attn_impl
     if n_devices % args.tensor:
         raise SystemExit(f"--tensor {args.tensor} does not divide {n_devices} devices")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, n_devices // args.tensor, args.tensor
@@ -106,8 +116,10 @@ def bench(args, n_devices):
     fpt = program.flops_per_token
     tps = B * T / step_s
     mem = [d.memory_stats() or {} for d in devices]
-    row = {"preset": args.preset, "devices": n_devices, "tensor": args.tensor, "device_kind": kind, "batch": B, "seq": T,
-           "distill": args.distill, "remat": args.remat, "frozen": c.train.frozen, "step_ms": 1e3 * step_s,
+    row = {"preset": args.preset, "devices": n_devices, "tensor": args.tensor, "device_kind": kind, "batch": B,
+           "seq": T,
+           "distill": args.distill, "remat": args.remat, "loss_chunk": args.loss_chunk,
+           "attn_impl": args.attn_impl or "xla", "frozen": c.train.frozen, "step_ms": 1e3 * step_s,
            "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_devices, "compile_s": compile_s,
            "loss": float(m["loss"]), "flops_per_token": fpt,
            "mfu_frozen_aware": tps / n_devices * fpt["frozen_aware"] / peak if peak else None,
@@ -150,7 +162,9 @@ def main():
     p.add_argument("--batch", type=int, default=2, help="rows per data-parallel (FSDP) group")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--remat", default="full")
+    p.add_argument("--remat", default="full", help="a policy, or per layer kind: jet:none,attn:full,swa:full")
+    p.add_argument("--loss-chunk", type=int, default=0, help="fused LM head + loss, tokens per row per chunk")
+    p.add_argument("--attn-impl", default="", help="xla (default) or cudnn")
     p.add_argument("--distill", action="store_true")
     p.add_argument("--full-finetune", action="store_true")
     p.add_argument("--gdr-impl", default="")

@@ -14,7 +14,8 @@ _spec.loader.exec_module(step_profile)
 
 
 @pytest.mark.parametrize("opcode, op_name, expected", [
-    ("fusion", "jit(train_step)/jvp(mixer_jet)/jet_gdr/jit(prepare)/pallas_call", ("JetBlock gated delta rule", "forward")),
+    ("fusion", "jit(train_step)/jvp(mixer_jet)/jet_gdr/jit(prepare)/pallas_call",
+     ("JetBlock gated delta rule", "forward")),
     ("fusion", "jit(train_step)/transpose(jvp(jvp()))/checkpoint/rematted_computation/mixer_swa/attn_core/dot",
      ("sliding-window attention core", "recompute")),
     ("fusion", "jit(train_step)/transpose(jvp(jvp()))/checkpoint/mixer_attn/attn_core/dot",
