@@ -101,6 +101,8 @@ def bench(args, n_devices):
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     progress(f"compiled and ran one step ({compile_s:.0f} s)", start)
+    if args.compile_only:  # e.g. to fill JAX's persistent compilation cache ahead of the timed runs
+        return None
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -171,11 +173,14 @@ def main():
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (FSDP x tensor)")
     p.add_argument("--profile", default="", help="directory: trace 2 steps and print the per-component table")
+    p.add_argument("--compile-only", action="store_true", help="compile and run one step, time nothing")
     p.add_argument("--out", default="")
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     counts = [int(x) for x in args.devices.split(",")] if args.devices else [jax.device_count()]
     rows = [bench(args, n) for n in counts]
+    if args.compile_only:
+        return
     base = rows[0]["tokens_per_s_per_device"]
     print(f"{'preset':<18}{'dev':>4}{'batch':>6}{'seq':>6}{'step ms':>9}{'tok/s':>10}{'tok/s/dev':>10}"
           f"{'MFU fa':>8}{'MFU 6N':>8}{'scaling':>8}{'peak GiB':>9}  {rows[0]['device_kind']}")
