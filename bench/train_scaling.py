@@ -14,7 +14,6 @@ and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import json
 import os
@@ -28,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 from jetnemo_jax import sharding
-from jetnemo_jax.config import ModelConfig
 from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.train import flops
 from jetnemo_jax.train.config import default_config, model_section
@@ -51,12 +49,9 @@ def make_config(args, n_devices):
     if args.gdr_impl:
         c.model.gdr_impl = args.gdr_impl
     if args.loss_chunk:
-        c.train.loss_chunk = args.loss_chunk  # read with a default by train/step.py
+        c.train.loss_chunk = args.loss_chunk
     if args.attn_impl:
-        if "attn_impl" in {f.name for f in dataclasses.fields(ModelConfig)}:
-            c.model.attn_impl = args.attn_impl
-        else:  # until ModelConfig has the field, layers/attention.py reads this class default
-            ModelConfig.attn_impl = args.attn_impl
+        c.model.attn_impl = args.attn_impl
     if n_devices % args.tensor:
         raise SystemExit(f"--tensor {args.tensor} does not divide {n_devices} devices")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, n_devices // args.tensor, args.tensor

@@ -19,9 +19,18 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[Exception], ...]:
     from jetnemo_jax.checkpoint.state_dict import CheckpointError
     from jetnemo_jax.config import ConfigError
+    from jetnemo_jax.data.sources import DataError
     from jetnemo_jax.data.tokenizer import TokenizerError
 
-    return UserError, CheckpointError, ConfigError, TokenizerError
+    return UserError, CheckpointError, ConfigError, TokenizerError, DataError
+
+
+def train_user_errors() -> tuple[type[BaseException], ...]:
+    """What train.py reports in one line: the above, and the run's checks of its config, data and checkpoints
+    (ValueError, KeyError for a misspelt key, OSError for a path that is not there)."""
+    from jetnemo_jax.train.loop import NonFiniteLoss
+
+    return (*_user_errors(), ValueError, KeyError, OSError, NonFiniteLoss)
 
 
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +38,12 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
                         help=f"show the traceback of an error (or set {VERBOSE_ENV}=1)")
 
 
+def verbose_env() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
 def verbose(args) -> bool:
-    return getattr(args, "verbose", False) or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    return getattr(args, "verbose", False) or verbose_env()
 
 
 def run(body, args):

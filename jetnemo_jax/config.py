@@ -79,6 +79,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights; A_log and dt_bias are always float32
     gdr_impl: str = "auto"  # gated delta rule: auto | pallas (TPU) | pallas_triton (GPU) | chunked | reference
     conv_impl: str = "auto"  # dynamic conv: auto | pallas | reference
+    attn_impl: str = "xla"  # attention core: xla (masked, the reference) | cudnn (flash, NVIDIA GPUs; opt-in)
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -108,7 +109,8 @@ class ModelConfig:
         for name, allowed in (("dtype", ("float32", "bfloat16", "float16")),
                               ("param_dtype", ("float32", "bfloat16")),
                               ("gdr_impl", ("auto", "pallas", "pallas_triton", "chunked", "reference")),
-                              ("conv_impl", ("auto", "pallas", "reference"))):
+                              ("conv_impl", ("auto", "pallas", "reference")),
+                              ("attn_impl", ("xla", "cudnn"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
 
@@ -384,7 +386,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 SOURCE_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                        "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
 # Numerics and op selection: the run's choice, never a checkpoint's (config.json does not hold them).
-NUMERICS_FIELDS = ("dtype", "param_dtype", "gdr_impl", "conv_impl")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "gdr_impl", "conv_impl", "attn_impl")
 # The PostNAS results (section 4 of the paper): presets whose placement and window a hybrid can reuse.
 JET_RECIPES = ("jet_nemotron_2b", "jet_nemotron_4b")
 

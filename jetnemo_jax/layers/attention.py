@@ -89,7 +89,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         self.window, self.rope_theta = window, cfg.rope_theta
-        self.impl = getattr(cfg, "attn_impl", "xla")  # a ModelConfig field once the config has one
+        self.impl = cfg.attn_impl
         d, hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = linear(d, self.num_heads * hd, (EMBED, Q_HEADS), rngs=rngs, cfg=cfg, use_bias=True)
         self.k_proj = linear(d, self.num_kv_heads * hd, (EMBED, KV_HEADS), rngs=rngs, cfg=cfg, use_bias=True)

@@ -20,6 +20,19 @@ from jax.experimental import multihost_utils
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatch(ValueError):
+    """The run's checkpoints were written by a model of other shapes."""
+
+
+class CheckpointUnreadable(ValueError):
+    """No checkpoint of the run restores."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
 class RunCheckpoints:
     def __init__(self, workdir: Path, *, every: int, keep: int, async_save: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
@@ -41,22 +54,52 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def restore_latest(self, abstract_state, data_iterator):
-        """(step, state) of the newest checkpoint that restores, or (None, None) if there is none."""
-        for s in sorted(self.manager.all_steps(), reverse=True):
+        """(step, state) of the newest checkpoint that restores, or (None, None) if there is none.
+
+        A checkpoint whose parameter shapes differ from `abstract_state` was written by another config: that
+        is an error (CheckpointMismatch), and nothing is touched. A checkpoint that fails to restore while an
+        older one restores is corrupt: it is moved aside (renamed, never deleted) and reported in one line.
+        If none restores, nothing is moved and the newest one's error is raised.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if steps:
+            self._check_shapes(steps[0], abstract_state)
+        failed = []
+        for s in steps:
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=grain.checkpoint.CheckpointRestore(data_iterator)))
-            except Exception as e:  # a corrupt or partial checkpoint: report it, use the previous one
-                aside = self._move_aside(s)
-                msg = (f"checkpoint step {s} failed to restore ({type(e).__name__}: {e}); moved to {aside}, "
-                       "trying the previous one")
-                log.error(msg)
-                if jax.process_index() == 0:
-                    print(msg, flush=True)
+            except Exception as e:  # corrupt, partial, or unreadable: decided once an older one restores
+                failed.append((s, e))
                 continue
+            for bad, err in failed:
+                aside = self._move_aside(bad)
+                if jax.process_index() == 0:
+                    print(f"checkpoint step {bad} is unreadable ({_first_line(err)}); moved it to {aside.name} "
+                          f"and resumed from step {s}", flush=True)
             return s, out["state"]
+        if failed:
+            s, e = failed[0]
+            raise CheckpointUnreadable(f"no checkpoint in {self.directory} restores (step {s}: {_first_line(e)}); "
+                                       "nothing was moved")
         return None, None
+
+    def _check_shapes(self, step: int, abstract_state) -> None:
+        """CheckpointMismatch naming the trainable parameters whose saved shape differs (or that one side lacks)."""
+        try:
+            saved = self.manager.item_metadata(step)["state"].tree
+        except Exception:  # noqa: BLE001 - unreadable metadata is corruption, handled by the restore loop
+            return
+        # The trainable parameters (a flat dict by path name) say it; optimizer state trees follow them.
+        want = {n: tuple(a.shape) for n, a in abstract_state["params"].items()}
+        have = {n: tuple(a.shape) for n, a in (saved.get("params") or {}).items() if hasattr(a, "shape")}
+        diff = [f"{n}: saved {have.get(n, '(absent)')} != model {want.get(n, '(absent)')}"
+                for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
+        if diff:
+            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise CheckpointMismatch(f"checkpoint step {step} in {self.directory} was written by a different model "
+                                     f"config; nothing was changed: " + "; ".join(diff[:3]) + more)
 
     def _move_aside(self, step: int) -> Path:
         """Rename a bad checkpoint so the run can save that step again; nothing is deleted."""
@@ -72,8 +115,10 @@ class RunCheckpoints:
         return self.frozen_directory.exists()
 
     def save_frozen(self, tree) -> None:
+        """Written at every fresh start (replacing what a run that crashed before its first checkpoint left);
+        Orbax writes to a temporary directory and renames it when complete."""
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(self.frozen_directory, tree)
+            ckptr.save(self.frozen_directory, tree, force=True)
 
     def restore_frozen(self, abstract_tree):
         with ocp.StandardCheckpointer() as ckptr:

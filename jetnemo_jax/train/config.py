@@ -57,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
         num_shards=0,  # data streams, each packed separately (0: one per process); fixing it makes the
         #               global batch independent of the process count
         worker_count=0,  # grain worker processes for tokenisation (0: in the main process)
+        eval_source="",  # held-out documents for the validation loss ("" : a split of `source`, see eval_split)
+        eval_split=0.05,  # with no eval_source: this fraction of `source`'s documents is held out (0: none)
+        check_tokenizer=True,  # refuse a tokenizer whose vocabulary or special ids cannot be the model's
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
@@ -68,12 +71,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=300,
         microbatches=1,  # gradient accumulation: global_batch is split into this many sequential parts
-        remat="none",  # none | full | dots | dots_saveable
+        remat="none",  # none | full | dots | dots_saveable, or per layer kind: "jet:none,attn:full,swa:full"
+        loss_chunk=0,  # > 0: LM head + loss in chunks of this many tokens (no [B, T, vocab] float32 logits)
         frozen="",  # regex on parameter paths (e.g. "mlp|embed_tokens"); frozen: no grads, no optimizer state
         nonfinite="stop",  # stop | skip: what a NaN/inf loss or gradient does
         log_every=10,
         sample_prompt="def ",  # printed with a short greedy sample at the end ("" to skip)
         sample_tokens=48,
+        eval_every=100,  # validation loss every N steps and at the end (0: never)
+        eval_batches=4,  # batches of data.global_batch rows per validation
     ))
 
     c.distill = ml_collections.ConfigDict(dict(
@@ -85,7 +91,12 @@ def default_config() -> ml_collections.ConfigDict:
         hidden_layers=(),
     ))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every=100, keep=3, async_save=True,
+        # Restarting a workdir compares this config with the one saved there (run_config.json); keys that
+        # change the run (model, data, optimiser, steps, ...) may differ only when listed here, comma-separated
+        # (prefixes: "optim" covers optim.lr, ...). Logging, checkpoint cadence, mesh and workers may always change.
+        allow_changes=""))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.sharding_rules = tuple(sharding.DEFAULT_RULES)
     # Multi-process GPU/CPU clusters: explicit values, else JAX's auto-detection (TPU pods, SLURM, ...).
@@ -107,3 +118,38 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
                            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(reference.keys()))}")
         if isinstance(value, ml_collections.ConfigDict) and key != "model":
             check_keys(value, reference[key], f"{prefix}{key}.")
+
+
+# (key, predicate, what it must be): checked before anything is built, so a bad value is one line naming it.
+_RANGES = (
+    ("data.global_batch", lambda v: v >= 1, "a positive integer"),
+    ("data.seq_len", lambda v: v >= 2, "an integer >= 2"),
+    ("data.eval_split", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("train.steps", lambda v: v >= 1, "a positive integer"),
+    ("train.microbatches", lambda v: v >= 1, "a positive integer"),
+    ("train.loss_chunk", lambda v: v >= 0, "0 (off) or a positive integer"),
+    ("train.log_every", lambda v: v >= 1, "a positive integer"),
+    ("train.eval_every", lambda v: v >= 0, "0 (off) or a positive integer"),
+    ("train.eval_batches", lambda v: v >= 1, "a positive integer"),
+    ("checkpoint.every", lambda v: v >= 1, "a positive integer"),
+    ("checkpoint.keep", lambda v: v >= 1, "a positive integer"),
+    ("optim.lr", lambda v: v > 0, "positive"),
+    ("optim.warmup_steps", lambda v: v >= 0, "a non-negative integer"),
+)
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the first key whose value is out of range."""
+    for key, ok, what in _RANGES:
+        section, name = key.split(".")
+        value = config[section][name]
+        if not ok(value):
+            raise ValueError(f"{key}={value!r}: must be {what}")
+    from jetnemo_jax.model import remat_by_kind
+
+    try:
+        remat_by_kind(config.train.remat)
+    except ValueError as e:
+        raise ValueError(f"train.{e}") from None
+    if config.train.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"train.nonfinite={config.train.nonfinite!r}: expected stop or skip")

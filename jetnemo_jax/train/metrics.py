@@ -19,16 +19,31 @@ def format_eta(seconds: float) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: Path, enabled: bool, tensorboard: bool = True):
+    """`resume_step`: the step a run restarts from. Rows written after it by the interrupted run are dropped
+    (they are replayed), so metrics.jsonl, TensorBoard and the plot hold each step once."""
+
+    def __init__(self, workdir: Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.jsonl = Path(workdir) / "metrics.jsonl"
         self.tb_dir = Path(workdir) / "tensorboard"
         self.png = Path(workdir) / "loss.png"
         self._tb = None
+        if enabled:
+            self._truncate_after(resume_step)
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.tb_dir))
+            # purge_step: TensorBoard hides the events this run's earlier life wrote from that step on
+            self._tb = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def _truncate_after(self, step: int) -> None:
+        rows = self.history()
+        keep = [r for r in rows if r.get("step", 0) <= step]
+        if len(keep) == len(rows):
+            return
+        tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(self.jsonl)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -37,10 +52,16 @@ class MetricsWriter:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
         if self._tb is not None:
             for k, v in scalars.items():
-                self._tb.add_scalar(f"train/{k}", v, step)
+                tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
+                self._tb.add_scalar(tag, v, step)
 
     def console(self, step: int, total: int, scalars: dict, eta_s: float) -> None:
         if not self.enabled:
+            return
+        if "loss" not in scalars:  # a validation row
+            print(f"step {step:>{len(str(total))}}/{total}  validation "
+                  + "  ".join(f"{k[5:]} {v:,.0f}" if k == "eval_tokens" else f"{k[5:]} {v:.4f}"
+                              for k, v in scalars.items() if k.startswith("eval_")), flush=True)
             return
         parts = [f"step {step:>{len(str(total))}}/{total}", f"loss {scalars['loss']:.4f}"]
         for key, fmt in (("kl", "kl {:.4f}"), ("mse", "mse {:.4f}"), ("lr", "lr {:.2e}"),
@@ -62,8 +83,10 @@ class MetricsWriter:
             return None
         if self._tb is not None:
             self._tb.close()
-        rows = [r for r in self.history() if "loss" in r]
-        if not rows:
+        rows = self.history()
+        train = [r for r in rows if "loss" in r]
+        evals = [r for r in rows if "eval_loss" in r]
+        if not train and not evals:
             return None
         import matplotlib
 
@@ -71,8 +94,11 @@ class MetricsWriter:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-        ax.set(xlabel="step", ylabel="loss", title="training loss")
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation")
+            ax.legend()
+        ax.set(xlabel="step", ylabel="loss", title="loss")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(self.png, dpi=100)

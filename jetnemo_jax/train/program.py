@@ -59,6 +59,7 @@ class Program:
     abstract_teacher: dict
     flops_per_token: dict
     step_fn: object  # jitted (state, frozen, teacher, batch) -> (state, metrics); state donated
+    eval_fn: object  # jitted (params, frozen, teacher, batch) -> {"tokens", "ce"[, "kl", "mse"]}: token sums
 
     def abstract_batch(self, global_batch: int, seq_len: int) -> dict:
         s = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=self.batch_sharding)
@@ -110,6 +111,10 @@ def build(config, mesh: Mesh) -> Program:
     step_fn = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, teacher_sh, {"tokens": batch_sh,
                                                                                     "segment_ids": batch_sh}),
                       out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+    batch_shardings = {"tokens": batch_sh, "segment_ids": batch_sh}
+    eval_fn = jax.jit(step.make_eval_step(split, config, teacher, mesh),
+                      in_shardings=(trainable_sh, frozen_sh, teacher_sh, batch_shardings),
+                      out_shardings=NamedSharding(mesh, P()))
     return Program(
         config=config, model_config=cfg, mesh=mesh, split=split, teacher=teacher, tx=tx, schedule=sched,
         state_shardings=state_sh, frozen_shardings=frozen_sh, teacher_shardings=teacher_sh,
@@ -117,4 +122,4 @@ def build(config, mesh: Mesh) -> Program:
         abstract_frozen=_with_sharding(frozen_abs, frozen_sh),
         abstract_teacher=_with_sharding(teacher_abs, teacher_sh),
         flops_per_token=flops.flops_per_token(trainable_abs, frozen_abs, cfg, config.data.seq_len),
-        step_fn=step_fn)
+        step_fn=step_fn, eval_fn=eval_fn)

@@ -32,10 +32,10 @@ def kl_per_token(teacher_logits, student_logits, temperature):
 def make_loss_fn(split, cfg, teacher=None, mesh=None):
     """loss(trainable, frozen, teacher_params, batch, n_valid) -> (loss, per-term sums).
 
-    cfg.train.loss_chunk (optional key, default 0): > 0 computes the LM head and its losses that many tokens
+    cfg.train.loss_chunk > 0 computes the LM head and its losses that many tokens
     of every row at a time (train/fused_loss.py: no [B, T, vocab] float32 logits); 0 the plain path."""
     distill = cfg.distill.enabled
-    loss_chunk = int(cfg.train.get("loss_chunk", 0) or 0)
+    loss_chunk = cfg.train.loss_chunk
     head_name = "lm_head/kernel" if "lm_head/kernel" in split.names else "model/embed_tokens/embedding"
     head_trained = head_name not in split.frozen_names
     if distill and teacher is None:
@@ -127,3 +127,15 @@ def make_train_step(split, tx, schedule, cfg, teacher=None, mesh=None):
 
     return train_step
 
+
+def make_eval_step(split, cfg, teacher=None, mesh=None):
+    """eval(params, frozen, teacher_params, batch) -> token sums {"tokens", "ce"[, "kl", "mse"]} (no gradient)."""
+    loss_fn = make_loss_fn(split, cfg, teacher, mesh)
+
+    def eval_step(params, frozen, teacher_params, batch):
+        _, valid = next_token_targets(batch["tokens"], batch["segment_ids"])
+        n_valid = jnp.sum(valid).astype(jnp.float32)
+        _, sums = loss_fn(params, frozen, teacher_params, batch, jnp.maximum(n_valid, 1))
+        return {"tokens": n_valid, **sums}
+
+    return eval_step
