@@ -1,4 +1,4 @@
-"""Continued pretraining of Jet-Nemotron models.
+r"""Continued pretraining of Jet-Nemotron models.
 
     python train.py --config configs/tiny.py [--config.train.steps=100 ...]
     python train.py --config configs/jet_nemotron_2b_stage1.py --config.init.path=/ckpt/Qwen2.5-1.5B \
@@ -12,6 +12,7 @@ config, data or checkpoints (one line; --verbose shows the traceback).
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -30,19 +31,22 @@ _SLICES = flags.DEFINE_integer("compile_only_slices", 1, "Number of TPU slices (
 
 
 def _fail(message: str, status: int = 2):
-    print(f"error: {message.strip()}", file=sys.stderr)
-    raise SystemExit(status)
+    """The one line, then exit without the interpreter's teardown: after a failed checkpoint read, Orbax's
+    abandoned asyncio tasks would log tracebacks as they are collected (the run already closed its files)."""
+    print(f"error: {message.strip()}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def _parse_flags(argv):
     """absl's parser, with a misspelt key or a bad value as one line (ml_collections raises tracebacks)."""
     from jetnemo_jax.cli import verbose_env
 
+    if any(a in ("-h", "--help", "-?", "--helpshort") for a in argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1
     try:
         rest = flags.FLAGS(argv)
-        if flags.FLAGS.helpfull or flags.FLAGS["help"].value:
-            return rest
-        _CONFIG.value  # noqa: B018 - loads the config file and applies the overrides now
+        _CONFIG.value.keys()  # a config file that failed to load raises on first use: use it here
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
         if verbose_env():
             raise
@@ -51,16 +55,18 @@ def _parse_flags(argv):
 
 
 def _flag_error(e: Exception) -> str:
-    text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e).strip("'\" ")
-    text = text.replace("\\n", " ").replace('\\"', '"').replace("\\'", "'")
-    if "earlier failure to load" in text or "Failed loading config file" in text:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(e, AttributeError):  # ml_collections names only the last part of a misspelt key: find it
+        from jetnemo_jax.train.config import unknown_key
+
+        for arg in sys.argv[1:]:
+            if arg.startswith("--config."):
+                message = unknown_key(arg[len("--config."):].split("=", 1)[0])
+                if message:
+                    return f"{message} (--print_config lists every key)"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, OSError) and "config file" in str(e):  # the last line is the reason (no such file, ...)
         return f"--config: cannot load the config file ({lines[-1]})"
-    if isinstance(e, AttributeError):  # ml_collections: "'stpes'\nDid you mean "steps" instead of "stpes"?"
-        key, _, hint = text.partition("Did you mean")
-        return f"unknown config key {key.strip(' ' + chr(39))!r} on the command line" + (
-            f"; did you mean{hint.rstrip()}" if hint else "") + " (--print_config lists every key)"
-    return " ".join(text.split())
+    return " ".join(lines)
 
 
 def main(argv):

@@ -8,7 +8,10 @@ ones, reporting each one that fails.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +29,30 @@ class CheckpointMismatch(ValueError):
 
 class CheckpointUnreadable(ValueError):
     """No checkpoint of the run restores."""
+
+
+@contextlib.contextmanager
+def _native_noise_to(log: Path):
+    """Send file descriptor 2 to `log` while a restore runs (the log is kept if anything was written). When a
+    read fails, TensorStore's threads go on completing the other reads into Orbax's closed event loop, each
+    printing a traceback ("Event loop is closed"): hundreds of lines the one-line report says better."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        # Abandoned reads finish after the failure: wait until the log stops growing before restoring fd 2.
+        size, deadline = -1, time.monotonic() + 20
+        while log.stat().st_size and log.stat().st_size != size and time.monotonic() < deadline:
+            size = log.stat().st_size
+            time.sleep(0.5)
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if log.stat().st_size == 0:
+            log.unlink()
 
 
 def _first_line(e: BaseException) -> str:
@@ -62,14 +89,17 @@ class RunCheckpoints:
         If none restores, nothing is moved and the newest one's error is raised.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
-        if steps:
+        if not steps:
+            return None, None
+        failed, log = [], self.directory.parent / "restore_errors.log"
+        with _native_noise_to(log):
             self._check_shapes(steps[0], abstract_state)
-        failed = []
         for s in steps:
             try:
-                out = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                with _native_noise_to(log):
+                    out = self.manager.restore(s, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator)))
             except Exception as e:  # corrupt, partial, or unreadable: decided once an older one restores
                 failed.append((s, e))
                 continue
@@ -79,16 +109,15 @@ class RunCheckpoints:
                     print(f"checkpoint step {bad} is unreadable ({_first_line(err)}); moved it to {aside.name} "
                           f"and resumed from step {s}", flush=True)
             return s, out["state"]
-        if failed:
-            s, e = failed[0]
-            raise CheckpointUnreadable(f"no checkpoint in {self.directory} restores (step {s}: {_first_line(e)}); "
-                                       "nothing was moved")
-        return None, None
+        s, e = failed[0]
+        raise CheckpointUnreadable(f"no checkpoint in {self.directory} restores (step {s}: {_first_line(e)}); "
+                                   f"nothing was moved (details: {log})")
 
     def _check_shapes(self, step: int, abstract_state) -> None:
         """CheckpointMismatch naming the trainable parameters whose saved shape differs (or that one side lacks)."""
         try:
-            saved = self.manager.item_metadata(step)["state"].tree
+            with ocp.StandardCheckpointer() as ckptr:
+                saved = ckptr.metadata(self.directory / str(step) / "state").item_metadata.tree
         except Exception:  # noqa: BLE001 - unreadable metadata is corruption, handled by the restore loop
             return
         # The trainable parameters (a flat dict by path name) say it; optimizer state trees follow them.

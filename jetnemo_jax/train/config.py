@@ -112,12 +112,28 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
     reference = default_config() if reference is None else reference
     for key, value in config.items():
         if key not in reference:
-            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise KeyError(f"unknown config key '{prefix}{key}'{hint}; valid keys under "
-                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(reference.keys()))}")
+            raise KeyError(_unknown_key(prefix, key, reference))
         if isinstance(value, ml_collections.ConfigDict) and key != "model":
             check_keys(value, reference[key], f"{prefix}{key}.")
+
+
+def unknown_key(dotted: str, reference: ml_collections.ConfigDict | None = None) -> str | None:
+    """The error for a dotted key (e.g. from --config.train.stpes) that the defaults lack, else None."""
+    node, prefix = default_config() if reference is None else reference, ""
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return None
+        if part not in node:
+            return _unknown_key(prefix, part, node)
+        node, prefix = node[part], f"{prefix}{part}."
+    return None
+
+
+def _unknown_key(prefix: str, key: str, reference) -> str:
+    close = difflib.get_close_matches(key, list(reference.keys()), n=3)
+    hint = f" (did you mean {' or '.join(repr(prefix + c) for c in close)}?)" if close else ""
+    return (f"unknown config key '{prefix}{key}'{hint}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(reference.keys()))}")
 
 
 # (key, predicate, what it must be): checked before anything is built, so a bad value is one line naming it.
