@@ -5,9 +5,9 @@
 
 For each model and context (4K, 16K, 64K, then doubling while batch 1 still fits, up to --max-context):
 - the largest decode batch that fits (from XLA's memory analysis of the compiled decode loop, starting at
-  the cache estimate; nothing is allocated until it fits), and decode tokens/s at that batch: caches filled with a synthetic state (only the
-  positions matter for the work done), `--steps` steps of the jitted decode loop of jetnemo_jax.generate
-  (greedy) after a warm-up run, timed with block_until_ready;
+  the cache estimate; nothing is allocated until it fits), and decode tokens/s at that batch: caches filled with a
+  synthetic state (only the positions matter for the work done), `--steps` steps of the jitted decode loop of
+  jetnemo_jax.generate (greedy) after a warm-up run, timed with block_until_ready;
 - bytes moved per decode step (every weight once, the tied embedding again as the LM head, every cache
   read in full and the JetBlock states written back) and the fraction of the HBM roofline that implies;
 - prefill tokens/s at batch 1 through the chunked prefill (--prefill-chunk tokens per call; smaller at long

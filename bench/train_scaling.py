@@ -23,7 +23,6 @@ import time
 
 import jax
 import numpy as np
-
 from flax import nnx
 
 from jetnemo_jax import sharding

@@ -161,7 +161,8 @@ def test_batch_generates_at_bfloat16(rng, model):
     from jetnemo_jax.layers.attention import cached_attention
 
     B, T, H, kv, S, hd = 3, 4, 6, 2, 9, 16
-    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((B, T, H, hd), (B, kv, S, hd), (B, kv, S, hd)))
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in ((B, T, H, hd), (B, kv, S, hd), (B, kv, S, hd)))
     qpos = jnp.asarray(np.arange(T)[None] + rng.integers(0, S - T, (B, 1)), jnp.int32)
     kpos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     attend = jax.jit(cached_attention, static_argnames=("window", "scale"))

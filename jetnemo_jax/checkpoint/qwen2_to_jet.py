@@ -74,7 +74,8 @@ def qwen2_to_jet(src: str | os.PathLike, layout: ModelConfig, *,
         "source": os.path.abspath(os.fspath(src)), "seed": seed, "param_dtype": param_dtype,
         "layer_types": list(cfg.layer_types), "copied": copied, "initialised": initialised, "dropped": dropped,
         "jet_block_init": "official: Linear N(0, initializer_range); kernel generator W2 = 0, "
-                          "W1 and b2 ~ N(0, initializer_range) (the official W1 = 0 never trains); A = U(0, 16), A_log = log A; dt log-uniform "
+                          "W1 and b2 ~ N(0, initializer_range) (the official W1 = 0 never trains); A = U(0, 16), "
+                          "A_log = log A; dt log-uniform "
                           "[1e-3, 1e-1] clamped >= 1e-4, dt_bias = softplus^-1(dt); o_norm weight 1",
     }
     return model, report

@@ -89,7 +89,8 @@ def load_tokenizer(directory: str | Path, eos_token: str | None = None, *, requi
         try:
             tok = tokenizers.Tokenizer.from_file(str(found / "tokenizer.json"))
         except Exception as e:  # the Rust side raises a plain Exception
-            raise TokenizerError(f"{found / 'tokenizer.json'}: not a readable tokenizer.json ({_first_line(e)})") from None
+            raise TokenizerError(f"{found / 'tokenizer.json'}: not a readable tokenizer.json "
+                                 f"({_first_line(e)})") from None
     else:
         tok = _from_vocab_and_merges(found, config, special_map)
 

@@ -9,4 +9,5 @@ from jetnemo_jax.ops.dispatch import (
                                       l2_normalize,
 )
 
-__all__ = ["dynamic_conv", "dynamic_conv_step", "gated_delta_rule", "gated_delta_rule_step", "generated_dynamic_conv", "l2_normalize"]
+__all__ = ["dynamic_conv", "dynamic_conv_step", "gated_delta_rule", "gated_delta_rule_step", "generated_dynamic_conv",
+           "l2_normalize"]

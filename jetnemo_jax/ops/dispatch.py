@@ -212,7 +212,8 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
     Returns dynamic_conv's pair.
     """
     B, T, D = u.shape
-    if h.ndim != 3 or h.shape[:2] != (B, T) or w2.shape[0] != h.shape[-1] or w2.shape[1] % D or b2.shape != w2.shape[1:]:
+    if (h.ndim != 3 or h.shape[:2] != (B, T) or w2.shape[0] != h.shape[-1] or w2.shape[1] % D
+            or b2.shape != w2.shape[1:]):
         raise ValueError(f"u {u.shape}, h {h.shape}, w2 {w2.shape}, b2 {b2.shape}: expected [B,T,D], [B,T,G], "
                          "[G, D*W], [D*W]")
     W = w2.shape[1] // D

@@ -23,7 +23,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from jetnemo_jax.ops import shard

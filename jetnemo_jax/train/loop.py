@@ -28,9 +28,8 @@ from jetnemo_jax.data import tokenizer as tokenizer_lib
 from jetnemo_jax.data.pipeline import count_tokens_upto, packed_dataset
 from jetnemo_jax.data.splits import split_documents
 from jetnemo_jax.model import JetNemotronForCausalLM
-from jetnemo_jax.train import flops
+from jetnemo_jax.train import flops, run_config
 from jetnemo_jax.train.checkpointing import RunCheckpoints
-from jetnemo_jax.train import run_config
 from jetnemo_jax.train.config import check_keys, check_values
 from jetnemo_jax.train.metrics import MetricsWriter, Throughput
 from jetnemo_jax.train.program import Program, build
@@ -322,8 +321,8 @@ def run(config) -> dict:
             print(f"sample: {sample!r}", flush=True)
         result["sample"] = sample
     if main:
-        print(f"checkpoints: {result['checkpoint']}\nfinal weights: {final}\nmetrics: {result['metrics']} (TensorBoard: "
-              f"{result['tensorboard']})\nloss plot: {result['plot']}", flush=True)
+        print(f"checkpoints: {result['checkpoint']}\nfinal weights: {final}\nmetrics: {result['metrics']} "
+              f"(TensorBoard: {result['tensorboard']})\nloss plot: {result['plot']}", flush=True)
     return result
 
 

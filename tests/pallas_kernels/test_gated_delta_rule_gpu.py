@@ -16,8 +16,7 @@ import pytest
 
 from jetnemo_jax import ops
 from jetnemo_jax.ops import dispatch, pallas_gdr, triton_gdr
-from tests.ops.test_gated_delta_rule import (check_forward, check_gradients, kernel_segments,
-                                             make_inputs)
+from tests.ops.test_gated_delta_rule import check_forward, check_gradients, kernel_segments, make_inputs
 from tests.oracles import gdr_numpy, rel_err
 from tests.pallas_kernels import triton_resources
 from tests.pallas_kernels.test_gated_delta_rule_tpu import run_sharded_check

@@ -13,8 +13,7 @@ import jax
 import pytest
 
 from jetnemo_jax import ops
-from tests.ops.test_gated_delta_rule import (check_forward, check_gradients, kernel_segments,
-                                             make_inputs)
+from tests.ops.test_gated_delta_rule import check_forward, check_gradients, kernel_segments, make_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

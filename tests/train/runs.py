@@ -37,7 +37,8 @@ def cli_flags(**overrides) -> list[str]:
 
 def small_flags(workdir, **overrides) -> list[str]:
     base = {"workdir": workdir, "model.dtype": "float32", "data.seq_len": 32, "data.global_batch": 8,
-            "train.steps": 6, "train.log_every": 1, "train.sample_tokens": 0, "train.eval_every": 0, "checkpoint.every": 3,
+            "train.steps": 6, "train.log_every": 1, "train.sample_tokens": 0, "train.eval_every": 0,
+            "checkpoint.every": 3,
             "optim.warmup_steps": 2}
     return cli_flags(**{**base, **overrides})
 
