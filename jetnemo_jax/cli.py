@@ -104,3 +104,75 @@ def check_tokenizer_fits(tokenizer, model) -> None:
     if tokenizer.vocab_size > rows:
         raise UserError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} tokens but the model has "
                         f"{rows:,} embedding rows: pass the tokenizer the model was trained with (--tokenizer)")
+
+
+# ------------------------------------------------------------------------- absl + ml_collections apps
+def fail(message: str, status: int = 2):
+    """The one line, then exit without the interpreter's teardown: after a failed checkpoint read, Orbax's
+    abandoned asyncio tasks would log tracebacks as they are collected (the run has closed its files)."""
+    print(f"error: {message.strip()}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
+
+
+def define_config_flag(default: str, help_text: str, reference=None):
+    """ml_collections' --config flag. Its default file is loaded, and --config.* overrides applied, as the flag is
+    defined (at import): a mistake there is one line too. `reference` as for `config_flags_parser`."""
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+    except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+        if verbose_env():
+            raise
+        fail(_flag_error(e, sys.argv, reference() if callable(reference) else reference))
+
+
+def config_flags_parser(config_flag, reference=None):
+    """A `flags_parser` for absl's app.run: --help on stdout with status 0, and a misspelt --config.* key, a bad
+    value or a config file that does not load as one line (ml_collections raises tracebacks). `reference`:
+    the default config whose keys a misspelt one is matched against (train's defaults if None)."""
+    from absl import app, flags
+
+    def parse(argv):
+        if any(a in ("-h", "--help", "-?", "--helpshort") for a in argv[1:]):
+            app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1
+        try:
+            rest = flags.FLAGS(argv)
+            config_flag.value.keys()  # a config file that failed to load raises on first use: use it here
+        except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+            if verbose_env():
+                raise
+            fail(_flag_error(e, argv, reference))
+        return rest
+
+    return parse
+
+
+def _flag_error(e: Exception, argv, reference) -> str:
+    if isinstance(e, AttributeError):  # ml_collections names only the last part of a misspelt key: find it
+        from jetnemo_jax.train.config import unknown_key
+
+        for arg in argv[1:]:
+            if arg.startswith("--config."):
+                message = unknown_key(arg[len("--config."):].split("=", 1)[0], reference)
+                if message:
+                    return f"{message} (--print_config lists every key)"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, OSError) and "config file" in str(e):  # the last line is the reason (no such file, ...)
+        return f"--config: cannot load the config file ({lines[-1]})"
+    return " ".join(lines)
+
+
+def run_app(body, *, verbose_flag: bool):
+    """body() for train.py-like apps: a user error (train_user_errors) is one line and status 2, Ctrl-C before
+    anything was saved is one line and status 130."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        fail("interrupted before a checkpoint could be saved (the newest saved one is kept)", 130)
+    except train_user_errors() as e:
+        if verbose_flag or verbose_env():
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        fail(message + ("" if "\n" in message else "  (--verbose for the traceback)"))

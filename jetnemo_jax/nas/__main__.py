@@ -1,18 +1,26 @@
-"""python -m jetnemo_jax.nas --config configs/postnas_tiny.py [--config.seeds=0,1,2 ...]"""
+"""python -m jetnemo_jax.nas --config configs/postnas_tiny.py [--config.seeds=0,1,2 ...] [--print_config] [--verbose]"""
 
-from absl import app
-from ml_collections import config_flags
+from absl import app, flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/postnas_tiny.py", "PostNAS config.", lock_config=True)
+from jetnemo_jax import cli
+from jetnemo_jax.nas.config import default_config
+
+_CONFIG = cli.define_config_flag("configs/postnas_tiny.py", "PostNAS config (ml_collections); list every key with "
+                                 "--print_config.", default_config)
+_PRINT_CONFIG = flags.DEFINE_boolean("print_config", False, "Print the config (every key) and exit.")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, "Show the traceback of an error (or set JETNEMO_VERBOSE=1).")
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (config keys are set as --config.a.b=value)")
+    if _PRINT_CONFIG.value:
+        print(_CONFIG.value)
+        return
     from jetnemo_jax.nas.pipeline import run
 
-    run(_CONFIG.value)
+    cli.run_app(lambda: run(_CONFIG.value), verbose_flag=_VERBOSE.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.config_flags_parser(_CONFIG, default_config()))

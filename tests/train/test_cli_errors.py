@@ -41,6 +41,12 @@ def test_a_missing_config_file_and_verbose(tmp_path):
     assert missing.returncode == 2 and _error_lines(missing.stderr) == [
         f"error: --config: cannot load the config file ([Errno 2] No such file or directory: "
         f"'{tmp_path / 'nope.py'}')"], missing.stderr
+    # With the default config file the overrides apply as the flag is defined; PostNAS shares the parser.
+    for module, key in ((["train.py"], "train.stpes"), (["-m", "jetnemo_jax.nas"], "supernet.stepz")):
+        cmd = [sys.executable, *(str(ROOT / m) if m.endswith(".py") else m for m in module), f"--config.{key}=1"]
+        out = subprocess.run(cmd, env=env(JAX_PLATFORMS="cpu"), capture_output=True, text=True, cwd=ROOT, timeout=300)
+        lines = _error_lines(out.stderr)
+        assert out.returncode == 2 and len(lines) == 1 and f"unknown config key '{key}'" in lines[0], out.stderr
     verbose = run_train(small_flags(tmp_path / "v", **{"data.global_batch": -1}) + ["--verbose"],
                         JAX_PLATFORMS="cpu")
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "data.global_batch" in verbose.stderr
