@@ -23,7 +23,7 @@ def losses(workdir: Path) -> dict[int, float]:
     out = {}
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        out[row["step"]] = row["loss"]  # a resumed run rewrites the steps it repeats: keep the last
+        out[row["step"]] = row["loss"]
     return out
 
 
@@ -59,6 +59,8 @@ def test_kill_9_then_resume_reproduces_the_loss_trajectory(tmp_path):
     assert f"resumed from {crashed / 'checkpoints'}/{steps[-2]}" in resumed.stdout
     assert (crashed / "frozen").is_dir()
     assert losses(crashed) == losses(ref)  # exact: same data stream, same state, same program
+    logged = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)), "replayed steps are logged once"
     assert (crashed / "final" / "config.json").is_file() and (crashed / "loss.png").is_file()
 
 
