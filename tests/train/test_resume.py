@@ -55,6 +55,8 @@ def test_kill_9_then_resume_reproduces_the_loss_trajectory(tmp_path):
     resumed = run_train(small_flags(crashed, **FLAGS))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"checkpoint step {max(steps)} is unreadable" in resumed.stdout
+    said = resumed.stdout + resumed.stderr  # one line, not a TensorStore dump or asyncio noise
+    assert said.count("unreadable") == 1 and "Traceback" not in said and "Event loop is closed" not in said, said
     assert f"and resumed from step {steps[-2]}" in resumed.stdout
     assert f"resumed from {crashed / 'checkpoints'}/{steps[-2]}" in resumed.stdout
     assert (crashed / "frozen").is_dir()
