@@ -90,3 +90,21 @@ def test_small_data_warns_and_validation_is_logged_everywhere(tmp_path):
                     JAX_PLATFORMS="cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fewer than one batch (8 x 32 = 256)" in out.stdout, out.stdout
+
+
+def test_a_crash_before_the_first_checkpoint_restarts_with_the_same_command(tmp_path):
+    """Everything written before training (run config, frozen weights) is atomic or reused on restart."""
+    workdir = tmp_path / "run"
+    flags = small_flags(workdir, **{"train.steps": 4, "checkpoint.every": 1000, "train.frozen": "/mlp/"})
+    proc = subprocess.Popen(train_cmd(flags), env=env(JAX_PLATFORMS="cpu"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (workdir / "frozen").is_dir():
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL after the frozen weights are written, before any checkpoint
+    proc.wait()
+    assert (workdir / "frozen").is_dir() and not list((workdir / "checkpoints").glob("[0-9]*"))
+    again = run_train(flags, JAX_PLATFORMS="cpu")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already exists" not in again.stderr and (workdir / "final" / "config.json").is_file()
+    assert _metric_steps(workdir) == [1, 2, 3, 4]
