@@ -27,6 +27,8 @@ _COMPILE_ONLY = flags.DEFINE_string(
     "compile_only", "", "Compile the train step ahead of time for a TPU topology (e.g. v5p:4x4x4) on this "
     "machine, print per-chip memory and exit.")
 _SLICES = flags.DEFINE_integer("compile_only_slices", 1, "Number of TPU slices (multislice) for --compile_only.")
+_WARM = flags.DEFINE_boolean("compile_only_warm", False, "With --compile_only: compile a second time after "
+                             "clearing JAX's in-memory caches, to time the compile the persistent cache serves.")
 
 
 def main(argv):
@@ -40,10 +42,13 @@ def main(argv):
         return
 
     def body():
+        from jetnemo_jax import compilation_cache
+
+        compilation_cache.setup_from_config(config.get("compilation_cache"))  # before anything compiles
         if _COMPILE_ONLY.value:
             from jetnemo_jax.train.compile_only import compile_for_topology
 
-            compile_for_topology(config, _COMPILE_ONLY.value, num_slices=_SLICES.value)
+            compile_for_topology(config, _COMPILE_ONLY.value, num_slices=_SLICES.value, warm=_WARM.value)
             return {}
         from jetnemo_jax.train.loop import run
 

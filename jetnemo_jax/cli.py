@@ -38,6 +38,19 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
                         help=f"show the traceback of an error (or set {VERBOSE_ENV}=1)")
 
 
+def add_compilation_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compilation-cache", default="", metavar="DIR|off",
+                        help="JAX's persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else "
+                             "~/.cache/jetnemo_jax/jax_compilation_cache); off to compile everything afresh")
+
+
+def setup_compilation_cache(args) -> None:
+    """The cache --compilation-cache names (jetnemo_jax/compilation_cache.py), before anything compiles."""
+    from jetnemo_jax import compilation_cache
+
+    compilation_cache.setup(getattr(args, "compilation_cache", ""))
+
+
 def verbose_env() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 

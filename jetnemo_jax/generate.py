@@ -219,11 +219,13 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="activation dtype (default: the checkpoint config's)")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill call")
+    cli.add_compilation_cache_flag(parser)
     cli.add_verbose_flag(parser)
     cli.run(_main, parser.parse_args(argv))
 
 
 def _main(args):
+    cli.setup_compilation_cache(args)
     prompts = read_prompts(args)
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)

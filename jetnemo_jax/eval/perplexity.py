@@ -93,11 +93,13 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="activation dtype (default: the checkpoint config's)")
+    cli.add_compilation_cache_flag(parser)
     cli.add_verbose_flag(parser)
     cli.run(_main, parser.parse_args(argv))
 
 
 def _main(args):
+    cli.setup_compilation_cache(args)
     if not 1 <= args.stride < args.seq_len:
         raise cli.UserError(f"need 1 <= --stride < --seq-len (got --seq-len {args.seq_len}, --stride {args.stride})")
     if args.batch_size < 1:

@@ -17,9 +17,12 @@ def main(argv):
     if _PRINT_CONFIG.value:
         print(_CONFIG.value)
         return
+    from jetnemo_jax import compilation_cache
     from jetnemo_jax.nas.pipeline import run
 
-    cli.run_app(lambda: run(_CONFIG.value), verbose_flag=_VERBOSE.value)
+    config = _CONFIG.value
+    compilation_cache.setup_from_config(config.get("compilation_cache"))  # before anything compiles
+    cli.run_app(lambda: run(config), verbose_flag=_VERBOSE.value)
 
 
 if __name__ == "__main__":

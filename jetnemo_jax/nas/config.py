@@ -6,8 +6,8 @@ import ml_collections
 
 from jetnemo_jax.config import JetBlockConfig
 from jetnemo_jax.nas.blocks import BLOCKS
+from jetnemo_jax.train.config import compilation_cache_section, model_section
 from jetnemo_jax.train.config import default_config as train_defaults
-from jetnemo_jax.train.config import model_section
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -59,4 +59,5 @@ def default_config() -> ml_collections.ConfigDict:
         preset="",  # a recipes.stage1 preset for full size; "" writes the model section itself
         overrides=ml_collections.ConfigDict(dict(  # train config values, by section
             data=dict(seq_len=64), train=dict(steps=300)))))
+    c.compilation_cache = compilation_cache_section()  # enabled, dir: as train.py's
     return c

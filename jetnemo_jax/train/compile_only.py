@@ -2,15 +2,23 @@
 
 Proves that the sharding, the step and its kernels lower for a pod, multi-host and multislice included,
 and reports per-chip memory before any TPU is used. Needs libtpu (`pip install 'jax[tpu]'`).
+
+Compile times: cold (the first compile) and, with `warm=True`, warm (the same program again after JAX's
+in-memory caches are cleared: what the persistent compilation cache serves, as a restart would get it). JAX
+0.10 writes a topology-compiled program to the persistent cache but cannot load it back without the TPU
+client ("PjRtCompiler must be constructed with a Client"): the warm compile then compiles again, and the
+report says so. Without `warm` the persistent cache is off here (nothing could read what it would write).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
+import jax
 from jax.experimental import topologies
 
-from jetnemo_jax import sharding
+from jetnemo_jax import compilation_cache, sharding
 from jetnemo_jax.train.config import check_keys
 from jetnemo_jax.train.program import build
 
@@ -27,17 +35,52 @@ def topology_devices(topology: str, num_slices: int = 1):
     return topo.devices
 
 
-def compile_for_topology(config, topology: str, *, num_slices: int = 1, verbose: bool = True) -> dict:
+def timed_compile(lower) -> tuple[object, float, dict]:
+    """(compiled, seconds, what compiling did: compilation_cache.since, plus "read_error": JAX's warning when
+    it found the program in the persistent cache but could not load it) of lower().compile()."""
+    before = compilation_cache.counters()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = lower().compile()
+    seconds = time.perf_counter() - t0
+    delta = compilation_cache.since(before)
+    delta["read_error"] = None
+    for w in caught:
+        text = str(w.message)
+        if "persistent compilation cache" in text and "Error reading" in text:
+            delta["read_error"] = text.split(": ", 1)[-1].splitlines()[0]
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return compiled, seconds, delta
+
+
+def served(delta: dict) -> str:
+    if not delta["requests"]:
+        return "persistent cache off"
+    if delta["misses"] == 0:
+        return "from the persistent cache"
+    if delta["read_error"]:
+        return f"compiled: the persistent cache holds it but JAX could not load it ({delta['read_error']})"
+    return "compiled: not in the persistent cache"
+
+
+def compile_for_topology(config, topology: str, *, num_slices: int = 1, verbose: bool = True,
+                         warm: bool = False) -> dict:
     check_keys(config)
+    if not warm:
+        compilation_cache.setup(enabled=False)
     devices = topology_devices(topology, num_slices)
     mesh = sharding.make_mesh(dict(config.mesh), devices)
     program = build(config, mesh)
     d = config.data
     args = (program.abstract_state, program.abstract_frozen, program.abstract_teacher,
             program.abstract_batch(d.global_batch, d.seq_len))
-    t0 = time.perf_counter()
-    compiled = program.step_fn.lower(*args).compile()
-    seconds = time.perf_counter() - t0
+    compiled, seconds, cold = timed_compile(lambda: program.step_fn.lower(*args))
+    warm_s, warm_d = None, None
+    if warm:
+        jax.clear_caches()  # in-memory: the second compile goes to the persistent cache (or XLA again)
+        _, warm_s, warm_d = timed_compile(lambda: program.step_fn.lower(*args))
     mem = compiled.memory_analysis()
     per_chip = {k: getattr(mem, f"{k}_size_in_bytes") for k in ("argument", "output", "temp", "alias",
                                                                  "generated_code")}
@@ -45,10 +88,15 @@ def compile_for_topology(config, topology: str, *, num_slices: int = 1, verbose:
     hosts = len({dev.process_index for dev in devices})
     report = {"topology": topology, "slices": num_slices, "chips": len(devices), "hosts": hosts,
               "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "compile_s": seconds,
+              "compile_s_cold": seconds, "cold_from_cache": cold["requests"] > 0 and cold["misses"] == 0,
+              "compile_s_warm": warm_s, "warm_from_cache": None if warm_d is None else
+              (warm_d["requests"] > 0 and warm_d["misses"] == 0), "compilation_cache": compilation_cache.active(),
               "per_chip_bytes": per_chip, "pallas_calls": compiled.as_text().count("tpu_custom_call")}
     if verbose:
         print(f"compiled the train step for {topology} x{num_slices} slice(s): {len(devices)} chips "
               f"({devices[0].device_kind}) on {hosts} hosts, mesh {dict(mesh.shape)}, in {seconds:.1f} s")
+        print(f"compile cold {seconds:.1f} s ({served(cold)})" + ("" if warm_d is None else
+              f", warm {warm_s:.1f} s ({served(warm_d)})") + f"; cache {compilation_cache.active() or 'off'}")
         print("per chip: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in per_chip.items()))
         print(f"Pallas (Mosaic) kernel calls in the step: {report['pallas_calls']}")
     return report

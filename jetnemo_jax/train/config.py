@@ -103,7 +103,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(dict(
         mode="auto",  # auto (initialise on multi-host TPU or with a coordinator address) | on | off
         coordinator_address="", num_processes=0, process_id=-1, cpu_collectives="gloo"))
+    c.compilation_cache = compilation_cache_section()
     return c
+
+
+def compilation_cache_section() -> ml_collections.ConfigDict:
+    """JAX's persistent compilation cache (jetnemo_jax/compilation_cache.py): a restart, or another run of the
+    same config, reads its compiled programs instead of compiling them."""
+    return ml_collections.ConfigDict(dict(
+        enabled=True,
+        dir="",  # "": $JAX_COMPILATION_CACHE_DIR, else ~/.cache/jetnemo_jax/jax_compilation_cache (XDG_CACHE_HOME);
+        #          shared by runs; a pod can name shared storage (gs://...)
+    ))
 
 
 def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
