@@ -7,6 +7,7 @@ the same position, so a killed run loses only the steps since its last save.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -28,7 +29,7 @@ from jetnemo_jax.data import tokenizer as tokenizer_lib
 from jetnemo_jax.data.pipeline import count_tokens_upto, packed_dataset
 from jetnemo_jax.data.splits import split_documents
 from jetnemo_jax.model import JetNemotronForCausalLM
-from jetnemo_jax.train import flops, run_config
+from jetnemo_jax.train import flops, run_config, startup
 from jetnemo_jax.train.checkpointing import RunCheckpoints
 from jetnemo_jax.train.config import check_keys, check_values
 from jetnemo_jax.train.metrics import MetricsWriter, Throughput
@@ -252,7 +253,9 @@ def restore_or_init(config, program: Program, ckpt: RunCheckpoints, data_iterato
 
 def run(config) -> dict:
     """Train per `config`; returns {"workdir", "checkpoint", "final", "metrics", "plot", "final_loss", "steps",
-    "signal"} ("signal": the signal number that stopped the run after saving, else None)."""
+    "signal", "startup"} ("signal": the signal number that stopped the run after saving, else None; "startup":
+    the time to first step, train/startup.py)."""
+    clock = startup.StartupClock()
     check_keys(config)
     check_values(config)
     initialize_distributed(config.distributed)
@@ -276,7 +279,8 @@ def run(config) -> dict:
                           async_save=config.checkpoint.async_save)
     try:
         accepted = run_config.check(workdir, config, cfg, has_checkpoint=ckpt.latest_step() is not None)
-        data = open_data(config, program, workdir)
+        with clock.phase("data"):
+            data = open_data(config, program, workdir)
         start, state, frozen, teacher_own = restore_or_init(config, program, ckpt, data.train)
         if main:  # only once the checkpoints are known to fit this config
             run_config.save(workdir, config, cfg)
@@ -300,7 +304,8 @@ def run(config) -> dict:
     writer = MetricsWriter(workdir, enabled=main, resume_step=start)
     signals = _Signals()
     try:
-        step_no, state = _train(config, program, ckpt, writer, signals, data, start, state, frozen, teacher_own)
+        step_no, state = _train(config, program, ckpt, writer, signals, data, start, state, frozen, teacher_own,
+                                clock)
     finally:
         signals.restore()
         ckpt.wait()
@@ -313,7 +318,8 @@ def run(config) -> dict:
     final = export_final(program, state, frozen, data.tokenizer, workdir / "final") if step_no == total else None
     result = {"workdir": str(workdir), "checkpoint": str(ckpt.directory), "final": final,
               "metrics": str(writer.jsonl), "tensorboard": str(writer.tb_dir), "plot": str(plot) if plot else None,
-              "steps": step_no, "final_loss": history[-1]["loss"] if history else None, "signal": stopped}
+              "steps": step_no, "final_loss": history[-1]["loss"] if history else None, "signal": stopped,
+              "startup": clock.result}
     if step_no == total and config.train.sample_prompt and config.train.sample_tokens > 0:
         sample = greedy_sample(program, state, frozen, data.tokenizer, config.train.sample_prompt,
                                config.train.sample_tokens)
@@ -323,6 +329,8 @@ def run(config) -> dict:
     if main:
         print(f"checkpoints: {result['checkpoint']}\nfinal weights: {final}\nmetrics: {result['metrics']} "
               f"(TensorBoard: {result['tensorboard']})\nloss plot: {result['plot']}", flush=True)
+        if clock.result is not None:
+            print(startup.line(clock.result), flush=True)
     return result
 
 
@@ -333,8 +341,9 @@ def _close(iterator) -> None:
 
 
 def _train(config, program: Program, ckpt: RunCheckpoints, writer: MetricsWriter, signals: _Signals,
-           data: RunData, start: int, state, frozen, teacher_own):
-    """The loop from `start` to train.steps (or a signal); returns (last step, state)."""
+           data: RunData, start: int, state, frozen, teacher_own, clock: startup.StartupClock):
+    """The loop from `start` to train.steps (or a signal); returns (last step, state). The first step's row is
+    always logged, with the time to first step (`clock`)."""
     d = config.data
     main = jax.process_index() == 0
     n_proc = jax.process_count()
@@ -357,17 +366,18 @@ def _train(config, program: Program, ckpt: RunCheckpoints, writer: MetricsWriter
         return m
 
     def report(step_no, m):
-        if step_no > start + 1:  # the first step's time is mostly compilation
+        first = step_no == start + 1
+        if not first:  # the first step's time is mostly compilation
             throughput.add(tokens_per_step)
-        if step_no % config.train.log_every and step_no != total:
+        if step_no % config.train.log_every and step_no != total and not first:
             return
-        tps, step_s = throughput.report()
+        tps, step_s = throughput.report() if not first else (0.0, 0.0)
         if tps > 0:
             m.update(tokens_per_s=tps, step_s=step_s)
         if peak and tps > 0:
             per_chip = tps / jax.device_count()
             m.update(mfu_frozen_aware=per_chip * fpt["frozen_aware"] / peak, mfu_6n=per_chip * fpt["6N"] / peak)
-        writer.write(step_no, m)
+        writer.write(step_no, m, extra=clock.finish() if first else None)
         elapsed = time.perf_counter() - t_start if t_start else float("nan")
         eta = elapsed / max(steps_timed, 1) * (total - step_no)
         writer.console(step_no, total, m, eta)
@@ -387,14 +397,21 @@ def _train(config, program: Program, ckpt: RunCheckpoints, writer: MetricsWriter
 
     step_no = start
     while step_no < total:
-        batch = _global_batch(program, next(data.train))
-        state, metrics = program.step_fn(state, frozen, teacher_own, batch)
+        with clock.phase("data") if t_start is None else contextlib.nullcontext():
+            batch = _global_batch(program, next(data.train))
+        if t_start is None:  # the first step: compiled, then run
+            with clock.phase("compile"):
+                state, metrics = program.step_fn(state, frozen, teacher_own, batch)
+                jax.block_until_ready(metrics)
+            if main:
+                print(startup.line(clock.finish()), flush=True)
+        else:
+            state, metrics = program.step_fn(state, frozen, teacher_own, batch)
         step_no += 1
         if pending is not None:
             report(pending[0], finish(*pending))
         pending = (step_no, metrics)
         if t_start is None:  # time from the end of the first (compiling) step
-            jax.block_until_ready(metrics)
             t_start = time.perf_counter()
             throughput = Throughput()
         else:

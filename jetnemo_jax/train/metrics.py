@@ -45,11 +45,12 @@ class MetricsWriter:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         tmp.replace(self.jsonl)
 
-    def write(self, step: int, scalars: dict) -> None:
+    def write(self, step: int, scalars: dict, extra: dict | None = None) -> None:
+        """`extra`: fields for metrics.jsonl only (not TensorBoard), such as the first step's startup times."""
         if not self.enabled:
             return
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+            f.write(json.dumps({"step": step, **scalars, **(extra or {})}) + "\n")
         if self._tb is not None:
             for k, v in scalars.items():
                 tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
