@@ -9,6 +9,12 @@ weights and synthetic tokens.
 
 Stage-1 freezing (MLPs, embeddings, norms) unless --full-finetune. MFU uses train/flops.py (frozen-aware
 and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--out).
+
+Start-up, per row: compile_s_cold (lowering + compiling the step; compile_cold_from_cache says whether JAX's
+persistent compilation cache already held it), compile_s_warm (--warm-compile: the same program again after
+jax.clear_caches(), which the persistent cache serves; None when not measured) and time_to_first_step_s (from
+the process's start for the first device count, from its own start for the others, to the end of its first
+step). The cache: --compilation-cache DIR|off (default $JAX_COMPILATION_CACHE_DIR, else ~/.cache/jetnemo_jax/...).
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jetnemo_jax import sharding
+from jetnemo_jax import compilation_cache, sharding
 from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.train import flops
 from jetnemo_jax.train.config import default_config, model_section
 from jetnemo_jax.train.program import build
 from jetnemo_jax.train.recipes import STAGE1_FROZEN
+from jetnemo_jax.train.startup import process_start
 
 
 def make_config(args, n_devices):
@@ -72,7 +79,8 @@ def progress(what, t0):
     print(f"[{time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
-def bench(args, n_devices):
+def bench(args, n_devices, since: float):
+    """One row; `since`: the time.time() its time to first step counts from."""
     start = time.perf_counter()
     c = make_config(args, n_devices)
     devices = jax.devices()[:n_devices]
@@ -90,11 +98,24 @@ def bench(args, n_devices):
                                       program.batch_sharding),
              "segment_ids": jax.device_put(np.ones((B, T), np.int32), program.batch_sharding)}
     t0 = time.perf_counter()
+    before = compilation_cache.counters()
     compiled = program.step_fn.lower(state, frozen, teacher, batch).compile()
+    cold = compilation_cache.since(before)
+    compile_s_cold = time.perf_counter() - t0
     state, m = compiled(state, frozen, teacher, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    progress(f"compiled and ran one step ({compile_s:.0f} s)", start)
+    time_to_first_step_s = time.time() - since
+    progress(f"compiled and ran one step ({compile_s:.0f} s; compile {compile_s_cold:.1f} s, "
+             f"{'from the persistent cache' if cold['requests'] and not cold['misses'] else 'compiled'})", start)
+    compile_s_warm = None
+    if args.warm_compile:  # the same program again, JAX's in-memory caches cleared: the persistent cache's turn
+        jax.clear_caches()
+        before, t0 = compilation_cache.counters(), time.perf_counter()
+        program.step_fn.lower(state, frozen, teacher, batch).compile()
+        compile_s_warm, warm = time.perf_counter() - t0, compilation_cache.since(before)
+        progress(f"warm compile {compile_s_warm:.1f} s ({warm['hits']} of {warm['requests']} programs from the "
+                 "persistent cache)", start)
     if args.compile_only:  # e.g. to fill JAX's persistent compilation cache ahead of the timed runs
         return None
     times = []
@@ -117,6 +138,8 @@ def bench(args, n_devices):
            "distill": args.distill, "remat": args.remat, "loss_chunk": args.loss_chunk,
            "attn_impl": args.attn_impl or "xla", "frozen": c.train.frozen, "step_ms": 1e3 * step_s,
            "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_devices, "compile_s": compile_s,
+           "compile_s_cold": compile_s_cold, "compile_cold_from_cache": bool(cold["requests"] and not cold["misses"]),
+           "compile_s_warm": compile_s_warm, "time_to_first_step_s": time_to_first_step_s,
            "loss": float(m["loss"]), "flops_per_token": fpt,
            "mfu_frozen_aware": tps / n_devices * fpt["frozen_aware"] / peak if peak else None,
            "mfu_6n": tps / n_devices * fpt["6N"] / peak if peak else None,
@@ -168,11 +191,17 @@ def main():
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (FSDP x tensor)")
     p.add_argument("--profile", default="", help="directory: trace 2 steps and print the per-component table")
     p.add_argument("--compile-only", action="store_true", help="compile and run one step, time nothing")
+    p.add_argument("--warm-compile", action="store_true",
+                   help="compile the step a second time after jax.clear_caches(): the persistent cache's compile")
+    p.add_argument("--compilation-cache", default="", metavar="DIR|off",
+                   help="JAX's persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else "
+                        "~/.cache/jetnemo_jax/jax_compilation_cache)")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    compilation_cache.setup(args.compilation_cache)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     counts = [int(x) for x in args.devices.split(",")] if args.devices else [jax.device_count()]
-    rows = [bench(args, n) for n in counts]
+    rows = [bench(args, n, process_start() if i == 0 else time.time()) for i, n in enumerate(counts)]
     if args.compile_only:
         return
     base = rows[0]["tokens_per_s_per_device"]
