@@ -1,5 +1,7 @@
 import os
 import secrets
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -21,6 +23,20 @@ def pytest_configure(config):
 
     # Parity tests compare float32 to 1e-5: no TF32 / bf16-pass matmuls on accelerators.
     jax.config.update("jax_default_matmul_precision", "highest")
+    # The command lines keep JAX's persistent compilation cache (jetnemo_jax/compilation_cache.py): the suite's
+    # runs share one in a temporary directory, never the user's. Set after JAX's import: this process's JAX
+    # caches nothing unless a command line's main() runs in it.
+    global _CACHE_DIR
+    _CACHE_DIR = tempfile.mkdtemp(prefix="jetnemo-jax-test-compilation-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+
+
+_CACHE_DIR = None
+
+
+def pytest_unconfigure(config):
+    if _CACHE_DIR:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 QWEN_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "qwen2.5-tokenizer")

@@ -42,6 +42,7 @@ def test_tiny_model_multislice():
     chips, _, hosts, _, out = compile_only("tiny.py", "v5e:2x2", "--config.mesh.data=2", "--config.mesh.fsdp=4",
                                            "--config.data.global_batch=16", slices=2)
     assert chips == 8 and "2 slice(s)" in out
+    assert re.search(r"compile cold [\d.]+ s \(persistent cache off\)", out), out  # off: nothing would read it
 
 
 def test_2b_stage1_on_v5p_4x4x4():
