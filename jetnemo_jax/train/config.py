@@ -74,6 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
         remat="none",  # none | full | dots | dots_saveable, or per layer kind: "jet:none,attn:full,swa:full"
         loss_chunk=0,  # > 0: LM head + loss in chunks of this many tokens (no [B, T, vocab] float32 logits)
         frozen="",  # regex on parameter paths (e.g. "mlp|embed_tokens"); frozen: no grads, no optimizer state
+        frozen_dtype="compute",  # compute: frozen (and teacher) matmul/embedding weights held in model.dtype,
+        # bit-exact as the layers cast them to it at every use anyway; param: held in model.param_dtype
         nonfinite="stop",  # stop | skip: what a NaN/inf loss or gradient does
         log_every=10,
         sample_prompt="def ",  # printed with a short greedy sample at the end ("" to skip)
@@ -155,6 +157,7 @@ _RANGES = (
     ("train.steps", lambda v: v >= 1, "a positive integer"),
     ("train.microbatches", lambda v: v >= 1, "a positive integer"),
     ("train.loss_chunk", lambda v: v >= 0, "0 (off) or a positive integer"),
+    ("train.frozen_dtype", lambda v: v in ("compute", "param"), "compute or param"),
     ("train.log_every", lambda v: v >= 1, "a positive integer"),
     ("train.eval_every", lambda v: v >= 0, "0 (off) or a positive integer"),
     ("train.eval_batches", lambda v: v >= 1, "a positive integer"),

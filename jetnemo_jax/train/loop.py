@@ -445,6 +445,8 @@ def export_final(program: Program, state, frozen, tok, directory: Path) -> str:
 
     from jetnemo_jax.checkpoint.orbax_params import PARAMS_DIR, save_params
 
+    _, param_dtypes = program.split.abstract()  # frozen weights held in the compute dtype go out as stored
+    frozen = {n: v.astype(param_dtypes[n].dtype) for n, v in frozen.items()}
     model = program.split.merge(state["params"], frozen)
     if model.config.eos_token_id is None and tok.eos_id is not None:  # a model trained here: its tokenizer's EOS
         model.config = model.config.replace(eos_token_id=tok.eos_id)

@@ -20,7 +20,7 @@ from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.train import flops, optimizer, step
 from jetnemo_jax.train.config import resolve_model_config
 from jetnemo_jax.train.distill import Teacher
-from jetnemo_jax.train.partition import ParamSplit, path_name
+from jetnemo_jax.train.partition import ParamSplit, in_compute_dtype, path_name
 
 
 def _by_name(abstract_state, mesh, rules) -> dict[str, NamedSharding]:
@@ -85,6 +85,8 @@ def build(config, mesh: Mesh) -> Program:
     trainable_abs, frozen_abs = split.abstract()
     trainable_abs = {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in trainable_abs.items()}
     frozen_abs = {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in frozen_abs.items()}
+    if config.train.frozen_dtype == "compute":
+        frozen_abs = in_compute_dtype(frozen_abs, cfg.dtype)
 
     teacher, teacher_abs, teacher_sh = None, {}, {}
     if config.distill.enabled:
@@ -93,6 +95,8 @@ def build(config, mesh: Mesh) -> Program:
                                                                                    rngs=nnx.Rngs(0))))
         t_sh = _by_name(t_state, mesh, rules)
         teacher_abs = {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in teacher.abstract_own().items()}
+        if config.train.frozen_dtype == "compute":
+            teacher_abs = in_compute_dtype(teacher_abs, cfg.dtype)
         teacher_sh = {n: t_sh[n] for n in teacher_abs}
 
     total = config.train.steps

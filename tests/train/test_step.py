@@ -84,3 +84,28 @@ def test_nonfinite_skip_drops_the_update(tmp_path, rng, mode):
     assert not np.isfinite(float(metrics["grad_norm"]))
     unchanged = all(np.array_equal(np.asarray(state["params"][n]), before[n]) for n in before)
     assert unchanged == (mode == "skip")
+
+
+def test_frozen_weights_in_the_compute_dtype_train_bit_exactly(tmp_path, rng):
+    """train.frozen_dtype='compute' holds frozen matmul/embedding weights in bf16: the same steps bit for bit."""
+    runs = {}
+    for mode in ("param", "compute"):
+        c, program, trainable, frozen, teacher = _program(
+            tmp_path / mode, **{"train.frozen": "/mlp/|embed_tokens|norm", "model.dtype": "bfloat16",
+                                "train.frozen_dtype": mode})
+        dtypes = {n: a.dtype for n, a in frozen.items()}
+        state = program.init_state(trainable)
+        batches = np.random.default_rng(0).integers(0, 512, (2, 8, 32)).astype(np.int32)
+        losses = []
+        for tokens in batches:
+            state, metrics = program.step_fn(state, frozen, teacher, {"tokens": tokens,
+                                                                      "segment_ids": np.ones_like(tokens)})
+            losses.append(float(metrics["loss"]))
+        runs[mode] = dtypes, losses, {n: np.asarray(a) for n, a in state["params"].items()}
+    (p_dt, p_loss, p_params), (c_dt, c_loss, c_params) = runs["param"], runs["compute"]
+    assert all(d == jnp.float32 for d in p_dt.values())
+    norms = {n for n in c_dt if n.endswith("/weight")}  # read in float32 by RMSNorm: kept as they are
+    assert norms and all(c_dt[n] == jnp.float32 for n in norms)
+    assert all(c_dt[n] == jnp.bfloat16 for n in set(c_dt) - norms)
+    assert c_loss == p_loss
+    assert all(np.array_equal(c_params[n], p_params[n]) for n in p_params)
