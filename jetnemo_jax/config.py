@@ -80,6 +80,9 @@ class ModelConfig:
     gdr_impl: str = "auto"  # gated delta rule: auto | pallas (TPU) | pallas_triton (GPU) | chunked | reference
     conv_impl: str = "auto"  # dynamic conv: auto | pallas | reference
     attn_impl: str = "xla"  # attention core: xla (masked, the reference) | cudnn (flash, NVIDIA GPUs; opt-in)
+    # Training/prefill forward: each run of consecutive layers of one kind is a lax.scan over its stacked
+    # weights (one compiled layer body per run) instead of unrolled layers; parameters and numerics unchanged.
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -113,6 +116,8 @@ class ModelConfig:
                               ("attn_impl", ("xla", "cudnn"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"scan_layers={self.scan_layers!r}: expected True or False")
 
     @property
     def num_hidden_layers(self) -> int:
@@ -386,7 +391,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 SOURCE_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                        "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
 # Numerics and op selection: the run's choice, never a checkpoint's (config.json does not hold them).
-NUMERICS_FIELDS = ("dtype", "param_dtype", "gdr_impl", "conv_impl", "attn_impl")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "gdr_impl", "conv_impl", "attn_impl", "scan_layers")
 # The PostNAS results (section 4 of the paper): presets whose placement and window a hybrid can reuse.
 JET_RECIPES = ("jet_nemotron_2b", "jet_nemotron_4b")
 

@@ -85,18 +85,25 @@ class JetNemotronModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.layer_types])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
 
-    def __call__(self, input_ids, *, positions, doc_ids, remat: str = "none", keep_layers=()):
-        """-> (final-normed hidden [B, T, hidden], {i: output of layer i} for i in keep_layers)."""
+    def __call__(self, input_ids, *, positions, doc_ids, remat: str = "none", keep_layers=(), scan: bool = False):
+        """-> (final-normed hidden [B, T, hidden], {i: output of layer i} for i in keep_layers).
+        scan: each run of identical layers (`layer_runs`) is one lax.scan instead of unrolled layers."""
         by_kind = remat_by_kind(remat)
         runners = {name: _run_layer if name == "none" else nnx.remat(_run_layer, policy=REMAT_POLICIES[name])
                    for name in set(by_kind.values())}
         with jax.named_scope("embed"):
             x = constrain_batch(self.embed_tokens(input_ids))
         kept = {}
-        for i, layer in enumerate(self.layers):
-            x = constrain_batch(runners[by_kind[layer.layer_type]](layer, x, positions, doc_ids))
-            if i in keep_layers:
-                kept[i] = x
+        runs = layer_runs(self.layers, keep_layers) if scan else [(i, i + 1) for i in range(len(self.layers))]
+        for start, stop in runs:
+            policy = by_kind[self.layers[start].layer_type]
+            if stop - start == 1:
+                x = constrain_batch(runners[policy](self.layers[start], x, positions, doc_ids))
+            else:
+                with jax.named_scope(f"scan_layers_{start}_{stop - 1}"):
+                    x = _scan_layers([self.layers[i] for i in range(start, stop)], x, positions, doc_ids, policy)
+            if stop - 1 in keep_layers:
+                kept[stop - 1] = x
         with jax.named_scope("norm"):
             return self.norm(x), kept
 
@@ -133,6 +140,50 @@ def _run_layer(layer, x, positions, doc_ids):
     return layer(x, positions=positions, doc_ids=doc_ids)
 
 
+# Scanned layers (ModelConfig.scan_layers). The parameters keep their per-layer layout (model/layers/{i}/...,
+# the one checkpoints, PyTorch conversion, sharding rules, freezing regexes, the distillation teacher, PostNAS
+# and decoding use): a run's weights are stacked along a new leading axis inside the jitted step and scanned.
+# So either form's checkpoint is the other's, at the price of one copy of the run's weights per step
+# (jnp.stack; and the trainable ones' gradients are sliced back), instead of MaxText's stacked storage with
+# conversions at every boundary. Decoding (prefill/decode_step) always runs the layers unrolled.
+def _signature(layer):
+    """Layers with equal signatures scan together: same module (kind, static attributes) and weights of the
+    same tree, shapes and dtypes (frozen and trainable weights may differ in dtype: train.frozen_dtype)."""
+    graphdef, state = nnx.split(layer)
+    leaves, treedef = jax.tree.flatten(state)
+    return graphdef, treedef, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves)
+
+
+def layer_runs(layers, keep_layers=()) -> list[tuple[int, int]]:
+    """[start, stop) of each maximal run of consecutive layers with one signature (a kept layer ends its run,
+    as its output is needed); a run of one layer is called unrolled."""
+    runs, prev = [], None
+    for i, layer in enumerate(layers):
+        sig = _signature(layer)
+        if runs and sig == prev and runs[-1][1] - 1 not in keep_layers:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+        prev = sig
+    return runs
+
+
+def _scan_layers(layers, x, positions, doc_ids, policy: str):
+    """x through `layers` (one signature) as a lax.scan over their stacked weights; remat `policy` (a
+    REMAT_POLICIES name) inside the scanned body, the batch sharding constraint on the carry."""
+    graphdef, state = nnx.split(layers[0])
+    treedef = jax.tree.structure(state)
+    stacked = [jnp.stack(ws) for ws in zip(*(jax.tree.leaves(nnx.state(layer)) for layer in layers))]
+
+    def body(x, weights):
+        layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+        return constrain_batch(layer(x, positions=positions, doc_ids=doc_ids)), None
+
+    if policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    return jax.lax.scan(body, x, stacked)[0]
+
+
 class JetNemotronForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -140,13 +191,16 @@ class JetNemotronForCausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), rngs=rngs, cfg=cfg)
 
-    def hidden_states(self, input_ids, *, positions=None, segment_ids=None, remat="none", keep_layers=()):
-        """Final-normed hidden states [B, T, hidden], and {i: output of layer i} for i in keep_layers."""
+    def hidden_states(self, input_ids, *, positions=None, segment_ids=None, remat="none", keep_layers=(),
+                      scan: bool | None = None):
+        """Final-normed hidden states [B, T, hidden], and {i: output of layer i} for i in keep_layers.
+        scan: layers as scanned runs (None: config.scan_layers); the same parameters either way."""
         doc_ids = None if segment_ids is None else doc_ids_from_segments(segment_ids, input_ids.shape)
         if positions is None:
             positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape) if doc_ids is None
                          else positions_in_documents(doc_ids))
-        return self.model(input_ids, positions=positions, doc_ids=doc_ids, remat=remat, keep_layers=keep_layers)
+        return self.model(input_ids, positions=positions, doc_ids=doc_ids, remat=remat, keep_layers=keep_layers,
+                          scan=self.config.scan_layers if scan is None else scan)
 
     def lm_head_weight(self):
         """The LM head as a [vocab, hidden] array: the tied embedding, or lm_head's kernel transposed."""
