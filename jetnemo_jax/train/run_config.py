@@ -20,7 +20,7 @@ ALWAYS_CHANGEABLE = (
     "workdir", "train.log_every", "train.sample_prompt", "train.sample_tokens", "train.eval_every",
     "train.eval_batches", "checkpoint.keep", "checkpoint.async_save", "checkpoint.allow_changes",
     "data.worker_count", "distributed.", "mesh.", "sharding_rules", "model.gdr_impl", "model.conv_impl",
-    "compilation_cache.",
+    "model.scan_layers", "compilation_cache.",
 )
 
 
