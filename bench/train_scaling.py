@@ -59,6 +59,7 @@ def make_config(args, n_devices):
     if args.attn_impl:
         c.model.attn_impl = args.attn_impl
     c.train.frozen_dtype = args.frozen_dtype
+    c.model.scan_layers = args.scan_layers
     if n_devices % args.tensor:
         raise SystemExit(f"--tensor {args.tensor} does not divide {n_devices} devices")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, n_devices // args.tensor, args.tensor
@@ -188,6 +189,7 @@ def main():
     p.add_argument("--distill", action="store_true")
     p.add_argument("--full-finetune", action="store_true")
     p.add_argument("--frozen-dtype", default="compute", help="compute (bf16 frozen weights) or param (fp32)")
+    p.add_argument("--scan-layers", action="store_true", help="one lax.scan per run of identical layers")
     p.add_argument("--gdr-impl", default="")
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (FSDP x tensor)")
