@@ -125,32 +125,38 @@ def batch_divisor(mesh: Mesh, rules) -> int:
 
 # Activations: the batch dimension over the batch rule's mesh axes, set while a train step is traced. Without
 # these constraints XLA may resolve the conflict between FSDP-sharded weights and the batch by gathering
-# the batch onto every device.
-_activation_batch: contextvars.ContextVar = contextvars.ContextVar("activation_batch", default=None)
+# the batch onto every device. The ops' kernels read the same mesh and rules (`jetnemo_jax.ops.mesh`).
+_activation: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)
 
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules):
-    token = _activation_batch.set((mesh, _rules_dict(rules).get(BATCH, ())))
+    token = _activation.set((mesh, _rules_dict(rules)))
     try:
         yield
     finally:
-        _activation_batch.reset(token)
+        _activation.reset(token)
 
 
 def active_mesh() -> Mesh | None:
     """The concrete mesh of the enclosing `activation_sharding` (kernels shard_map over it)."""
-    active = _activation_batch.get()
+    active = _activation.get()
     return None if active is None else active[0]
+
+
+def active_rules() -> dict[str, tuple[str, ...]]:
+    """{logical axis: mesh axes} of the enclosing `activation_sharding`, else of `DEFAULT_RULES`."""
+    active = _activation.get()
+    return _rules_dict(DEFAULT_RULES) if active is None else active[1]
 
 
 def constrain_batch(x):
     """Shard x's leading (batch) dim as the active rules say; a no-op outside `activation_sharding`."""
-    active = _activation_batch.get()
+    active = _activation.get()
     if active is None:
         return x
-    mesh, axes = active
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    mesh, rules = active
+    axes = tuple(a for a in rules.get(BATCH, ()) if mesh.shape[a] > 1)
     if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1)))))
