@@ -21,9 +21,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jetnemo_jax.ops.dispatch import doc_ids_from_segments
+from jetnemo_jax.ops.documents import doc_ids_from_segments, document_starts, to_chunks
 
-IMPLS = ("auto", "chunked", "reference")
+IMPLS = ("auto", "xla", "reference")  # the names of `ops.IMPLS` this op has: xla runs `chunked`
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -39,7 +39,7 @@ def step_reference(state, q, k, v, g, scale):
 
 def reference(q, k, v, g, scale, initial_state, doc_ids):
     """Token recurrence (`lax.scan`). q, k, g [B,T,H,dk]; v [B,T,H,dv]; state [B,H,dk,dv]; doc_ids [B,T]."""
-    starts = jnp.concatenate([jnp.zeros_like(doc_ids[:, :1], bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    starts = document_starts(doc_ids)
 
     def step(state, xs):
         q_t, k_t, v_t, g_t, start_t = xs
@@ -56,19 +56,9 @@ def chunked(q, k, v, g, scale, initial_state, doc_ids, chunk_size=16):
     B, T, H, _ = q.shape
     dv = v.shape[-1]
     C = chunk_size
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:  # padded tokens (k = 0, g = 0) leave the state unchanged; they continue the last document
-        zpad = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        q, k, v, g = map(zpad, (q, k, v, g))
-        doc_ids = jnp.pad(doc_ids, [(0, 0), (0, pad)], mode="edge")
-
-    def to_chunks(x):  # [B, N*C, H, ...] -> [B, H, N, C, ...]
-        return jnp.moveaxis(x.reshape(B, N, C, H, *x.shape[3:]), 3, 1)
-
-    q, k, v, g = map(to_chunks, (q, k, v, g))
-    docs = doc_ids.reshape(B, 1, N, C)
-    prev_doc = jnp.concatenate([docs[:, :, :1, 0], docs[:, :, :-1, -1]], axis=2)  # doc of the entering state
+    # padded tokens (k = 0, g = 0) leave the state unchanged; prev_doc: the entering state's document
+    (q, k, v, g), docs, prev_doc = to_chunks(C, doc_ids, q, k, v, g)  # [B, H, N, C, ...]
+    N = docs.shape[2]
     idx = jnp.arange(C)
     strict = idx[:, None] > idx[None, :]
     # seg[i, j] = sum_{j<m<=i} g_m as a cumsum down each column (a difference of cumsums cancels badly).
@@ -109,7 +99,7 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output
     """q, k [B,T,H,dk]; v [B,T,H,dv]; g (log decay <= 0) [B,T,H] or [B,T,H,dk]; initial_state [B,H,dk,dv].
 
     Returns (o [B,T,H,dv] in v's dtype, final state float32 or None). No normalisation of q or k: the
-    blocks choose their own feature maps. impl: auto (= chunked) | chunked | reference.
+    blocks choose their own feature maps. impl: auto (= xla) | xla (`chunked`) | reference.
     """
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: expected [B,T,H,dk] twice and [B,T,H,dv]")

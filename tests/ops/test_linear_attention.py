@@ -50,7 +50,7 @@ CASES = [  # B, T, H, dk, dv, gate, chunk
 ]
 
 
-@pytest.mark.parametrize("impl", ["chunked", "reference"])
+@pytest.mark.parametrize("impl", ["xla", "reference"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("B,T,H,dk,dv,gate,chunk", CASES)
 def test_matches_float64_recurrence(rng, impl, dtype, B, T, H, dk, dv, gate, chunk):
@@ -76,7 +76,7 @@ def test_gradients_chunked_match_reference(rng):
         return jnp.sum(o * jnp.cos(o)) + jnp.sum(s ** 2)
 
     want = jax.grad(lambda *xs: loss("reference", *xs), argnums=(0, 1, 2, 3))(q, k, v, g)
-    got = jax.grad(lambda *xs: loss("chunked", *xs), argnums=(0, 1, 2, 3))(q, k, v, g)
+    got = jax.grad(lambda *xs: loss("xla", *xs), argnums=(0, 1, 2, 3))(q, k, v, g)
     for name, a, b in zip("qkvg", got, want):
         assert rel_err(a, b) < 1e-4, name
 
