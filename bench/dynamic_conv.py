@@ -4,7 +4,8 @@
                                  [--rows 2b,4b] [--tokens 32768]
 
 For the 2B and 4B shapes (B*T tokens, bf16, packed documents) times the forward and the forward+backward
-of  v = dynamic_conv(u, kernels = silu(x W1) W2 + b2)  with impl="pallas" and impl="reference", checks
+of  v = dynamic_conv(u, kernels = silu(x W1) W2 + b2)  with the fused kernels ("pallas": impl="auto" on a GPU,
+which takes "mosaic_gpu" for 16-bit inputs on sm_90, else "triton") and impl="reference", checks
 that they agree, and reports the activation memory the forward keeps for the backward (the vjp residuals),
 and each time as a fraction of the HBM and bf16 matmul rooflines. Bytes that must move (the kernels never
 materialised): forward reads x, u, writes and reads h, writes v; forward+backward adds reading x, h, u, dv,
@@ -21,6 +22,7 @@ kernels reaches its power cap and lowers its clock, so the one timed second woul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -45,6 +47,8 @@ def make(rng, tokens, hidden, gen, dv, dtype, seq=4096):
 
 
 def value_path(impl, seg):
+    impl = "auto" if impl == "pallas" else impl  # the fused kernels, on a GPU
+
     def f(x, u, w1, w2, b2):
         h = jax.nn.silu(x @ w1)
         return ops.generated_dynamic_conv(u, h, w2, b2, segment_ids=seg, impl=impl)[0]
@@ -196,12 +200,12 @@ def profile(rng, tokens, shape="2b"):
     """Each piece of the value path at one shape, with a block-size sweep of every kernel: XLA's
     h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
     the kernels replace), the forward and the three backward kernels (Triton, and on sm_90 also the Mosaic GPU
-    ones). Leaves the fastest blocks of each kernel in `gpu`'s and `hopper`'s tables for
+    ones). Leaves the fastest blocks of each kernel in `triton`'s and `mosaic_gpu`'s tables for
     the runs that follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the
     Pallas backward three (it regenerates the taps)."""
-    from pallas_kernels.dynamic_conv import gpu, hopper
+    from pallas_kernels.dynamic_conv import mosaic_gpu, triton
     s = SHAPES[shape]
-    N, G, D, P = tokens, s["gen"], s["dv"], gpu.PAD
+    N, G, D, P = tokens, s["gen"], s["dv"], triton.PAD
     f = lambda *dims: jnp.asarray(rng.standard_normal(dims) * 0.1, jnp.bfloat16)
     h, w2t, u, dy, dc = f(N, G), f(W, G, D), f(N, D), f(N, D), f(N, D)
     b2t = jnp.zeros((W, D), jnp.float32)
@@ -217,32 +221,26 @@ def profile(rng, tokens, shape="2b"):
                                    h, dk)
     del dk
     print(out, flush=True)
-    runs = {
-        "fwd": (gpu.FWD, FWD_CONFIGS, lambda cfg: (lambda *a: gpu.forward(*a, **cfg), (h, w2t, b2t, u, pos))),
-        "grad_u": (gpu.GRAD_U, GRAD_U_CONFIGS,
-                   lambda cfg: (lambda *a: gpu.grad_u(*a, **cfg), (h, w2t, b2t, dy, u, pos))),
-        "grad_h": (gpu.GRAD_H, GRAD_H_CONFIGS, lambda cfg: (lambda *a: gpu.grad_h(*a, **cfg), (dc, u, w2t, pos))),
-        "grad_w2": (gpu.GRAD_W2, GRAD_W2_CONFIGS,
-                    lambda cfg: (lambda *a: gpu.grad_w2(*a, W, **cfg), (h, dc, u, pos))),
-    }
-    if hopper.supported(jax.devices()[0], jnp.bfloat16):
-        runs.update({
-            "fwd_hopper": (hopper.FWD, HOPPER_FWD_CONFIGS,
-                           lambda cfg: (lambda *a: hopper.forward(*a, **cfg), (h, w2t, b2t, u, pos))),
-            "grad_u_hopper": (hopper.GRAD_U, HOPPER_GRAD_U_CONFIGS,
-                              lambda cfg: (lambda *a: hopper.grad_u(*a, **cfg), (h, w2t, b2t, dy, u, pos))),
-            "grad_h_hopper": (hopper.GRAD_H, HOPPER_GRAD_H_CONFIGS,
-                              lambda cfg: (lambda *a: hopper.grad_h(*a, **cfg), (dc, u, w2t, pos))),
-            "grad_w2_hopper": (hopper.GRAD_W2, HOPPER_GRAD_W2_CONFIGS,
-                               lambda cfg: (lambda *a: hopper.grad_w2(*a, W, **cfg), (h, dc, u, pos))),
-        })
-    for name, (table, configs, make_fn) in runs.items():
+    piece_args = {"fwd": (h, w2t, b2t, u, pos), "grad_u": (h, w2t, b2t, dy, u, pos), "grad_h": (dc, u, w2t, pos),
+                  "grad_w2": (h, dc, u, pos)}
+    sweeps = [(triton, "", (FWD_CONFIGS, GRAD_U_CONFIGS, GRAD_H_CONFIGS, GRAD_W2_CONFIGS))]
+    if mosaic_gpu.supported(jax.devices()[0], jnp.bfloat16):
+        sweeps.append((mosaic_gpu, "_hopper", (HOPPER_FWD_CONFIGS, HOPPER_GRAD_U_CONFIGS, HOPPER_GRAD_H_CONFIGS,
+                                               HOPPER_GRAD_W2_CONFIGS)))
+    runs = {}  # name: (module, its tile table's name, configs, make_fn)
+    for module, suffix, configs in sweeps:
+        for piece, piece_configs in zip(piece_args, configs):
+            fn = getattr(module, "forward" if piece == "fwd" else piece)
+            width = (W,) if piece == "grad_w2" else ()
+            runs[piece + suffix] = (module, piece.upper(), piece_configs, lambda cfg, fn=fn, width=width, piece=piece: (
+                lambda *a: fn(*a, *width, **cfg), piece_args[piece]))
+    for name, (module, table, configs, make_fn) in runs.items():
         def time_one(cfg, iters, make_fn=make_fn):
             fn, args = make_fn(cfg)
             return throughput(jax.jit(fn), *args, iters=4 * iters)
         best = _best(out, name, time_one, configs)
         if best is not None:
-            table.update(best[1])
+            setattr(module, table, dataclasses.replace(getattr(module, table), **best[1]))
             out[f"best {name}"] = {"ms": best[0], "cfg": best[1], "mxu_frac": unit / BF16_FLOPS_S / (best[0] * 1e-3)}
     return out
 
@@ -299,10 +297,10 @@ def main():
     if args.profile:
         report["profile"] = profile(rng, args.tokens, args.shape)
         dump(report, args.out)
-    from pallas_kernels.dynamic_conv import gpu, hopper
-    report["gpu_blocks"] = {"fwd": gpu.FWD, "grad_u": gpu.GRAD_U, "grad_h": gpu.GRAD_H, "grad_w2": gpu.GRAD_W2,
-                            "fwd_hopper": hopper.FWD, "grad_u_hopper": hopper.GRAD_U, "grad_h_hopper": hopper.GRAD_H,
-                            "grad_w2_hopper": hopper.GRAD_W2}
+    from pallas_kernels.dynamic_conv import mosaic_gpu, triton
+    report["gpu_blocks"] = {f"{name}{suffix}": dataclasses.asdict(getattr(module, name.upper()))
+                            for module, suffix in ((triton, ""), (mosaic_gpu, "_hopper"))
+                            for name in ("fwd", "grad_u", "grad_h", "grad_w2")}
     print("blocks", report["gpu_blocks"], flush=True)
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
         with jax.default_matmul_precision("float32"):  # else the XLA path's float32 matmuls use TF32 on GPU

@@ -1,6 +1,6 @@
-"""Gated delta rule on one GPU: the Pallas-Triton kernels (impl="auto" -> "pallas_triton") against the
-pure-XLA chunked op, fla's `chunk_gated_delta_rule` (torch + Triton) and jax-linear-attention's Mosaic GPU
-kernel, each when importable (else skipped with the reason).
+"""Gated delta rule on one GPU: the Pallas-Triton kernels (impl="auto" -> "triton") against the
+pure-XLA chunked op (impl="xla", labelled "chunked"), fla's `chunk_gated_delta_rule` (torch + Triton) and
+jax-linear-attention's Mosaic GPU kernel, each when importable (else skipped with the reason).
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/gated_delta_rule.py --out gdr.json
     python bench/gated_delta_rule.py --check      # first run the GPU correctness tests (pytest)
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jetnemo_jax import ops
-from jetnemo_jax.ops import triton_gdr
+from pallas_kernels.gated_delta_rule import triton as triton_gdr
 
 SHAPES = {"2b": (8, 4096, 12, 96, 256), "4b": (4, 8192, 16, 128, 256), "long": (1, 32768, 12, 96, 256)}
 C = 64
@@ -85,11 +85,11 @@ def jax_runners(fn, x, do):
 
 def ours(block_v=None):
     if block_v is None:
-        return lambda **x: ops.gated_delta_rule(**x, impl="pallas_triton")[0]
+        return lambda **x: ops.gated_delta_rule(**x, impl="triton")[0]
     return lambda q, k, v, g, beta: triton_gdr.gated_delta_rule(
         q, k, v, g, beta, q.shape[-1] ** -0.5, jnp.zeros((*q.shape[:1], q.shape[2], q.shape[3], v.shape[3]),
                                                           jnp.float32),
-        jnp.zeros(q.shape[:2], jnp.int32), l2norm=True, interpret=False, block_v=block_v)[0]
+        jnp.zeros(q.shape[:2], bool), l2norm=True, interpret=False, block_v=block_v)[0]
 
 
 def jla_fn():
@@ -133,7 +133,8 @@ def profile_kernels(name, reps, warps, block_vs, only, stages=(None,)):
     """Each kernel of the op alone (bf16; those named in `only`, or all) at num_warps in `warps`, pipeline
     stages in `stages` (None: the kernels' default) and the default dv block, then at the other dv blocks in
     `block_vs`: where time goes."""
-    from pallas_kernels.gated_delta_rule import gpu as kern
+    from pallas_kernels.gated_delta_rule import triton_backward as kern_bwd
+    from pallas_kernels.gated_delta_rule import triton_forward as kern
 
     B, T, H, dk, dv = SHAPES[name]
     x, do = jax_inputs(B, T, H, dk, dv, seed=1)
@@ -144,20 +145,20 @@ def profile_kernels(name, reps, warps, block_vs, only, stages=(None,)):
     scale, fd = dk ** -0.5, jnp.bfloat16
     t, w, u, kd, e = kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, block_v=bv0)
     st, vn, fin = kern.chunk_states(w, u, kd, e, h0, block_v=bv0)
-    eq, dvl = kern.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True, fast_dtype=fd, block_v=bv0)
-    dst, dvn, _ = kern.state_grads(w, kd, e, eq, dvl, do, fin, block_v=bv0)
+    eq, dvl = kern_bwd.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True, fast_dtype=fd, block_v=bv0)
+    dst, dvn, _ = kern_bwd.state_grads(w, kd, e, eq, dvl, do, fin, block_v=bv0)
 
     def runs(nw, bv, ns):
         flags = dict(block_v=bv, num_warps=nw, num_stages=ns)
         return {
             "prepare": lambda: kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, **flags),
-            "prepare_backward": lambda: kern.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True,
-                                                              fast_dtype=fd, **flags),
+            "prepare_backward": lambda: kern_bwd.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True,
+                                                                  fast_dtype=fd, **flags),
             "chunk_states": lambda: kern.chunk_states(w, u, kd, e, h0, **flags),
             "output": lambda: kern.output(q, k, v, g, starts, vn, st, scale=scale, l2norm=True, **flags),
-            "state_grads": lambda: kern.state_grads(w, kd, e, eq, dvl, do, fin, **flags),
-            "input_grads": lambda: kern.input_grads(q, k, v, g, beta, starts, t, vn, dvn, st, do, dst,
-                                                    scale=scale, l2norm=True, **flags),
+            "state_grads": lambda: kern_bwd.state_grads(w, kd, e, eq, dvl, do, fin, **flags),
+            "input_grads": lambda: kern_bwd.input_grads(q, k, v, g, beta, starts, t, vn, dvn, st, do, dst,
+                                                        scale=scale, l2norm=True, **flags),
         }
 
     out = {}
@@ -187,7 +188,7 @@ def bench_shape(name, reps, block_vs, wanted):
     sync = jax.block_until_ready
     impls = {"ours": ours(), **{f"ours_bv{bv}": ours(bv) for bv in block_vs}}
     if "chunked" in wanted:
-        impls["chunked"] = lambda **x: ops.gated_delta_rule(**x, impl="chunked")[0]
+        impls["chunked"] = lambda **x: ops.gated_delta_rule(**x, impl="xla")[0]
     try:
         if "jla" not in wanted:
             raise RuntimeError("not asked for (--impls)")
@@ -255,9 +256,9 @@ def main():
     p.add_argument("--profile-stages", default="", help="profile at these num_stages (default: the kernels')")
     p.add_argument("--out", default="gdr_bench.json")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO)  # dispatch logs the implementation impl="auto" picked
+    logging.basicConfig(level=logging.INFO)  # ops.backends logs the row impl="auto" picked
     if args.check:
-        tests = ["tests/pallas_kernels/test_gated_delta_rule_gpu.py", "-k", "not shard_map and not lowers"]
+        tests = ["tests/pallas_kernels/gated_delta_rule/test_triton.py", "-k", "not shard_map and not lowers"]
         rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests])
         print("GPU correctness tests:", "passed" if rc == 0 else f"FAILED (exit {rc})", flush=True)
     device = jax.devices()[0]

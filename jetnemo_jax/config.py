@@ -77,8 +77,8 @@ class ModelConfig:
     # Numerics and op selection (not part of the HF schema).
     dtype: str = "bfloat16"  # activation / matmul dtype
     param_dtype: str = "float32"  # master weights; A_log and dt_bias are always float32
-    gdr_impl: str = "auto"  # gated delta rule: auto | pallas (TPU) | pallas_triton (GPU) | chunked | reference
-    conv_impl: str = "auto"  # dynamic conv: auto | pallas | reference
+    gdr_impl: str = "auto"  # gated delta rule: auto | tpu | triton (GPU) | xla | reference (ops.delta_rule)
+    conv_impl: str = "auto"  # dynamic conv: auto | mosaic_gpu | triton (GPU) | tpu | xla | reference (ops.conv)
     attn_impl: str = "xla"  # attention core: xla (masked, the reference) | cudnn (flash, NVIDIA GPUs; opt-in)
     # Training/prefill forward: each run of consecutive layers of one kind is a lax.scan over its stacked
     # weights (one compiled layer body per run) instead of unrolled layers; parameters and numerics unchanged.
@@ -111,8 +111,8 @@ class ModelConfig:
             raise ConfigError("layer_types has 'jet' layers but the jet block config is missing")
         for name, allowed in (("dtype", ("float32", "bfloat16", "float16")),
                               ("param_dtype", ("float32", "bfloat16")),
-                              ("gdr_impl", ("auto", "pallas", "pallas_triton", "chunked", "reference")),
-                              ("conv_impl", ("auto", "pallas", "reference")),
+                              ("gdr_impl", ("auto", "tpu", "triton", "xla", "reference")),
+                              ("conv_impl", ("auto", "mosaic_gpu", "triton", "tpu", "xla", "reference")),
                               ("attn_impl", ("xla", "cudnn"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")

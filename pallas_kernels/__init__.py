@@ -1,1 +1,2 @@
-"""Raw Pallas kernels (no Flax). The gated delta rule and dynamic conv kernels land here (issues 4, 5)."""
+"""Raw Pallas kernels (jax only, no Flax), one folder per op and one module per backend; the ops that run them
+are in `jetnemo_jax.ops` (docs/architecture.md)."""

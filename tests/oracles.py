@@ -95,3 +95,30 @@ def dynamic_conv_numpy(x, kernels, *, segment_ids=None, cache=None):
                 if src >= doc_start:
                     y[b, t] += kernels[b, t, :, w] * xp[b, src + W - 1]
     return y / (1.0 + np.exp(-y))
+
+
+def generated_conv_torch(u, h, w2, b2, seg, cache, dy):
+    """float64 torch: y = silu(conv(u, h @ w2 + b2)) and the gradients of sum(y * dy) (of u, h, w2, b2 and the
+    cache, if any): the oracle of the fused generated-conv kernels."""
+    import torch
+
+    t64 = lambda a: torch.tensor(np.asarray(a, np.float64), requires_grad=True)
+    u_, h_, w2_, b2_ = map(t64, (u, h, w2, b2))
+    B, T, D = u_.shape
+    W = w2_.shape[1] // D
+    c_ = t64(np.zeros((B, W - 1, D)) if cache is None else cache)
+    k = (h_ @ w2_ + b2_).reshape(B, T, D, W)
+    up = torch.cat([c_, u_], 1)
+    starts = doc_starts(seg, B, T)
+    rows = []
+    for b in range(B):
+        doc_start, out = -(W - 1), []
+        for t in range(T):
+            doc_start = t if starts[b, t] else doc_start
+            taps = [k[b, t, :, w] * up[b, t + w] for w in range(W) if t - W + 1 + w >= doc_start]
+            out.append(sum(taps))
+        rows.append(torch.stack(out))
+    y = torch.nn.functional.silu(torch.stack(rows))
+    (y * torch.tensor(np.asarray(dy, np.float64))).sum().backward()
+    grads = [x.grad.numpy() for x in (u_, h_, w2_, b2_)] + ([c_.grad.numpy()] if cache is not None else [])
+    return y.detach().numpy(), grads

@@ -20,8 +20,7 @@ from flax import nnx
 from jetnemo_jax.config import ModelConfig
 from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.nas.blocks import make_block
-from jetnemo_jax.ops.dispatch import doc_ids_from_segments
-from jetnemo_jax.ops.positions import positions_in_documents
+from jetnemo_jax.ops import doc_ids_from_segments, positions_in_documents
 from jetnemo_jax.train import optimizer
 from jetnemo_jax.train.partition import ParamSplit
 from jetnemo_jax.train.step import kl_per_token, next_token_targets

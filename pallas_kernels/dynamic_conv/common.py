@@ -1,6 +1,6 @@
 """Tile math shared by the GPU (Triton) and TPU (Mosaic) kernels of the generated causal convolution.
 
-Layout (built by jetnemo_jax/ops/pallas_conv.py): tokens of all batch rows flattened to one row axis; pos
+Layout (built by `layout`): tokens of all batch rows flattened to one row axis; pos
 [rows] int32, with `PAD` zero rows before and after (on TPU u too, `U_PAD` = PAD; the GPU kernels read u
 with masked loads instead), is a token's position in its document, so tap w (reading row t - (W-1) + w)
 is live iff pos_t >= W-1-w: one compare masks sequence starts, batch-row starts and document boundaries alike, in the

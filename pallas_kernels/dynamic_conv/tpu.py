@@ -1,6 +1,6 @@
 """Mosaic TPU kernels of the generated causal convolution; layout in `common`.
 
-Same contract as `gpu` (`forward`, `forward_with_residual`, `backward`): `forward` generates the taps per
+Same contract as `triton` (`forward`, `forward_with_residual`, `backward`): `forward` generates the taps per
 (channel tile, token tile) with h @ w2t[w] + b2t[w] in VMEM, convolves and applies SiLU; `backward`
 regenerates the taps with one XLA matmul and runs `conv_backward`, the conv-only backward kernel. Blocks
 cannot overlap, so the rows a tile reads before (W-1) and after (W-1, backward) come from HALO-row blocks

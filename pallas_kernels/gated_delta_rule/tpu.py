@@ -1,11 +1,16 @@
-"""Mosaic TPU kernels for the chunked gated delta rule (chunk C = 64, fp32 state and arithmetic).
+"""Mosaic TPU kernels for the chunked gated delta rule (chunk C = 64, fp32 state and arithmetic), their layout
+and their custom VJP: `gated_delta_rule` is the entry point.
 
-Layout (the caller pads and transposes): q, k [BH, Tp, dk] float32, already L2-normalised; v [BH, Tp, dv]
-in any float dtype; g, beta [BH, Tp, 1] float32; starts [B, Tp, 1] float32, 1.0 where a new document
-starts (never at t = 0: the initial state continues the first document); h0 [BH, dk, dv] float32.
-Tp is a multiple of C; dk and dv are 64 or multiples of 128. Row b of the BH axis is batch b // heads.
+Layout (`gated_delta_rule` builds it): [B, T, H, d] -> [B*H, Tp, d'] with T padded to a multiple of 64 by
+tokens with g = 0, beta = 0 and zero q, k, v (they leave the state untouched), and dk, dv zero-padded to 64 or a
+multiple of 128 (zero key columns change no dot product and zero value columns stay zero in the state and the
+output, so the padding is exact; the scale comes from the true dk). The kernels then see q, k [BH, Tp, dk]
+float32, already L2-normalised (the ops layer fuses the norm with this transpose); v [BH, Tp, dv] in any float
+dtype (read as is, computed in float32); g, beta [BH, Tp, 1] float32; starts [B, Tp, 1] float32, 1.0 where a
+new document starts (never at t = 0: the initial state continues the first document); h0 [BH, dk, dv]
+float32. Row b of the BH axis is batch b // heads.
 
-Per chunk (see shared/spec/gated_delta_rule.md and jetnemo_jax/ops/chunked.py, the XLA twin):
+Per chunk (see shared/spec/gated_delta_rule.md and `jetnemo_jax.ops.delta_rule.chunked`, the XLA twin):
   D_ij = exp(G_i - G_j) for j <= i with no document start in (j, i], else 0 (masked before exp);
   e_i = exp(G_i) while token i is still in the entering state's document, else 0;
   T = (I + strict_lower(beta_i k_i.k_j D_ij))^-1;  W = T diag(beta e) K;  U = T diag(beta) V;
@@ -14,10 +19,10 @@ A document start thus needs no branch: it zeroes e and cuts D. The grid is (BH, 
 axis sequential and the state (or its gradient) carried in VMEM scratch, so W, U and V_new never reach HBM.
 
 Kernels: `forward` (o and the final state), `chunk_states` (the state entering every chunk, recomputed
-for the backward instead of being kept from the forward: it costs one state pass but no activation
-memory between forward and backward), and `backward` (one reverse pass over chunks carrying dS).
-All quantities stay 2D with C rows, so per-token scalars are [C, 1] columns; sums over token ranges
-are matmuls with 0/1 triangular matrices, which keeps every operation a plain Mosaic op.
+for the backward instead of being kept from the forward: it costs one state pass at backward time, the same
+HBM traffic, but no activation memory between forward and backward), and `backward` (one reverse pass over
+chunks carrying dS). All quantities stay 2D with C rows, so per-token scalars are [C, 1] columns; sums over
+token ranges are matmuls with 0/1 triangular matrices, which keeps every operation a plain Mosaic op.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 CHUNK = 64
+MAX_HEAD_DIM = 256  # the VMEM budget of the kernels is worked out up to dk = dv = 256
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -284,3 +290,56 @@ def backward(q, k, v, g, beta, starts, states, do, d_final, *, scale, interpret=
     kernel = functools.partial(_bwd_kernel, scale=scale, n_chunks=n_chunks)
     return tuple(_call(kernel, n_chunks, in_specs, out_specs, out_shape, [pltpu.VMEM((dk, dv), _F32)],
                        interpret, q, k, v, g, beta, starts, states, do, d_final))
+
+
+def check_supported(dk, dv):
+    for name, size in (("dk", dk), ("dv", dv)):
+        if not 1 <= size <= MAX_HEAD_DIM:
+            raise ValueError(f"the Mosaic TPU kernels support {name} up to {MAX_HEAD_DIM}, got {name}={size}")
+
+
+def _padded(d):
+    return 64 if d <= 64 else -(-d // 128) * 128
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _core(q, k, v, g, beta, starts, h0, scale, interpret):
+    return forward(q, k, v, g, beta, starts, h0, scale=scale, interpret=interpret)
+
+
+def _core_fwd(q, k, v, g, beta, starts, h0, scale, interpret):
+    return _core(q, k, v, g, beta, starts, h0, scale, interpret), (q, k, v, g, beta, starts, h0)
+
+
+def _core_bwd(scale, interpret, res, cts):
+    q, k, v, g, beta, starts, h0 = res
+    do, d_final = cts
+    states = chunk_states(q, k, v, g, beta, starts, h0, interpret=interpret)
+    dq, dk, dv, dg, dbeta, dh0 = backward(q, k, v, g, beta, starts, states, do, d_final, scale=scale,
+                                          interpret=interpret)
+    return dq, dk, dv.astype(v.dtype), dg, dbeta, None, dh0
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def gated_delta_rule(q, k, v, g, beta, scale, initial_state, starts, *, interpret=False):
+    """q, k [B,T,H,dk] L2-normalised float32; v [B,T,H,dv] any float dtype; g, beta [B,T,H] float32;
+    initial_state [B,H,dk,dv] float32; starts [B,T] bool (`jetnemo_jax.ops.documents.document_starts`).
+    Returns (o [B,T,H,dv] in v's dtype, final state float32), differentiable in all but `starts`."""
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    check_supported(dk, dv)
+    dkp, dvp = _padded(dk), _padded(dv)
+    Tp = -(-T // CHUNK) * CHUNK
+
+    def rows(x, width):  # [B, T, H, d] -> [B*H, Tp, width]
+        x = jnp.pad(x, [(0, 0), (0, Tp - T), (0, 0), (0, width - x.shape[-1])])
+        return jnp.swapaxes(x, 1, 2).reshape(B * H, Tp, width)
+
+    starts = jnp.pad(starts.astype(jnp.float32), [(0, 0), (0, Tp - T)])[..., None]
+    h0 = jnp.pad(initial_state, [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)]).reshape(B * H, dkp, dvp)
+    o, final = _core(rows(q, dkp), rows(k, dkp), rows(v, dvp), rows(g[..., None], 1),
+                     rows(beta[..., None], 1), starts, h0, scale, interpret)
+    o = jnp.swapaxes(o.reshape(B, H, Tp, dvp)[:, :, :T, :dv], 1, 2)
+    return o, final.reshape(B, H, dkp, dvp)[:, :, :dk, :dv]

@@ -26,9 +26,10 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from jetnemo_jax.ops import pallas_conv, triton_gdr
-from pallas_kernels.dynamic_conv import gpu as conv_kernels
-from pallas_kernels.gated_delta_rule import gpu as kernels
+from jetnemo_jax.ops import conv
+from pallas_kernels.dynamic_conv import triton as conv_kernels
+from pallas_kernels.gated_delta_rule import triton as kernels
+from pallas_kernels.gated_delta_rule import triton_forward
 
 H100_SHARED_KIB = 227
 
@@ -100,25 +101,26 @@ def kernel_resources(dtype, dk, dv, block_v, num_warps=None, num_stages=None):
     B, T, H = 1, 128, 1  # sizes other than dk, dv and the dv block do not change a kernel
     spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
 
-    def loss(q, k, v, g, beta, h0, seg):
-        o, s = triton_gdr.gated_delta_rule(q, k, v, g, beta, dk ** -0.5, h0, seg, l2norm=True, interpret=False,
-                                           block_v=block_v)
+    def loss(q, k, v, g, beta, h0, starts):
+        o, s = kernels.gated_delta_rule(q, k, v, g, beta, dk ** -0.5, h0, starts, l2norm=True, interpret=False,
+                                        block_v=block_v)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
     # The op's size check refuses what this helper is there to measure (fp32 at dk = 256).
-    check, triton_gdr.check_supported = triton_gdr.check_supported, lambda *_: None
+    check, kernels.check_supported = kernels.check_supported, lambda *_: None
     try:
         modules = _triton_modules(
             jax.value_and_grad(loss, argnums=range(6)), spec((B, T, H, dk)), spec((B, T, H, dk)),
             spec((B, T, H, dv)), spec((B, T, H), jnp.float32), spec((B, T, H)), spec((B, H, dk, dv), jnp.float32),
-            spec((B, T), jnp.int32))
+            spec((B, T), jnp.bool_))
     finally:
-        triton_gdr.check_supported = check
+        kernels.check_supported = check
     if len(modules) != 7:
         raise RuntimeError(f"expected the op's 7 Triton kernels, captured {sorted(modules)}")
-    stages = num_stages or (kernels.NUM_STAGES if dtype == jnp.bfloat16 else 1)
+    launch = lambda name: triton_forward.INPUT_GRADS_LAUNCH if name.startswith("_grads") else triton_forward.LAUNCH
     return _compile(modules, lambda name: (
-        num_warps or (kernels.WIDE_WARPS if name.startswith("_grads") else kernels.NUM_WARPS), stages))
+        num_warps or launch(name).num_warps,
+        num_stages or (launch(name).num_stages if dtype == jnp.bfloat16 else 1)))
 
 
 def shared_memory_kib(dtype, dk, dv, block_v):
@@ -128,12 +130,12 @@ def shared_memory_kib(dtype, dk, dv, block_v):
 
 def conv_resources(G=384, D=3072, dtype=jnp.bfloat16):
     """The dynamic conv's 4 kernels (forward, grad_u, grad_h, grad_w2) at their default blocks and launch
-    options (`pallas_kernels.dynamic_conv.gpu`), as `kernel_resources`; sizes of the 2B model by default."""
+    options (`pallas_kernels.dynamic_conv.triton`), as `kernel_resources`; sizes of the 2B model by default."""
     B, T = 1, 4096  # enough rows that grad_w2's row loop runs several steps (pipelined), as at full size
     spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
 
     def loss(u, h, w2, b2, doc_ids):
-        y = pallas_conv.generated_conv(u, h, w2, b2, doc_ids, None, backend="gpu")
+        y = conv.generated_conv(conv_kernels, u, h, w2, b2, doc_ids, None)
         return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
     modules = _triton_modules(jax.value_and_grad(loss, argnums=range(4)), spec((B, T, D)), spec((B, T, G)),
@@ -142,7 +144,7 @@ def conv_resources(G=384, D=3072, dtype=jnp.bfloat16):
               "dynamic_conv_grad_h": conv_kernels.GRAD_H, "dynamic_conv_grad_w2": conv_kernels.GRAD_W2}
     if sorted(modules) != sorted(tables):
         raise RuntimeError(f"expected the conv's 4 Triton kernels, captured {sorted(modules)}")
-    return _compile(modules, lambda name: (tables[name]["num_warps"], tables[name]["num_stages"]))
+    return _compile(modules, lambda name: (tables[name].num_warps, tables[name].num_stages))
 
 
 if __name__ == "__main__":

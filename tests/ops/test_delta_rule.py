@@ -1,4 +1,5 @@
-"""jetnemo_jax.ops.gated_delta_rule (chunked and reference) against the float64 token recurrence."""
+"""jetnemo_jax.ops.delta_rule: gated_delta_rule (impl "xla", the chunked XLA path, and "reference") against the
+float64 token recurrence, and how "auto" reads the table of backends."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,8 @@ import numpy as np
 import pytest
 
 from jetnemo_jax import ops
+from jetnemo_jax.ops import backends, delta_rule
+from jetnemo_jax.ops import mesh as kernel_mesh
 from tests.oracles import gdr_numpy, gdr_torch_grads, rel_err
 
 # fla's tolerances (relative RMS) for 16-bit inputs; float32 runs must match to 1e-5.
@@ -49,7 +52,7 @@ CASES = [  # (B, T, H, dk, dv, gates)
 ]
 
 
-@pytest.mark.parametrize("impl", ["chunked", "reference"])
+@pytest.mark.parametrize("impl", ["xla", "reference"])
 @pytest.mark.parametrize("B,T,H,dk,dv,gates", CASES)
 def test_forward_fp32_matches_float64_recurrence(rng, impl, B, T, H, dk, dv, gates):
     x = make_inputs(rng, B, T, H, dk, dv, gates=gates)
@@ -63,7 +66,7 @@ def test_forward_fp32_matches_float64_recurrence(rng, impl, B, T, H, dk, dv, gat
 
 
 @pytest.mark.parametrize("impl,dtype,B,T,H,dk,dv,gates", [
-    *[("chunked", dtype, *case) for dtype in ("bfloat16", "float32")
+    *[("xla", dtype, *case) for dtype in ("bfloat16", "float32")
       for case in (CASES[0], CASES[2], (1, 70, 2, 64, 128, "zero"))],
     ("reference", "float32", 1, 70, 2, 96, 64, "normal"),
 ])
@@ -118,10 +121,10 @@ def check_gradients(rng, impl, dtype, B, T, H, dk, dv, gates, seg, tol=None):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_chunked_and_reference_agree(rng, dtype):
+def test_xla_and_reference_agree(rng, dtype):
     x = make_inputs(rng, 2, 150, 2, 96, 256, dtype=dtype)
     seg = packed_segments(rng, 2, 150)
-    o1, s1 = ops.gated_delta_rule(**x, segment_ids=seg, output_final_state=True, impl="chunked")
+    o1, s1 = ops.gated_delta_rule(**x, segment_ids=seg, output_final_state=True, impl="xla")
     o2, s2 = ops.gated_delta_rule(**x, segment_ids=seg, output_final_state=True, impl="reference")
     assert o1.dtype == o2.dtype == jnp.dtype(dtype)
     assert rel_err(o1, o2) <= (5e-3 if dtype == "bfloat16" else 1e-5)
@@ -132,10 +135,10 @@ def test_documents_are_independent(rng):
     """A packed row equals its documents run one by one (the state resets at every document start)."""
     x = make_inputs(rng, 1, 140, 2, 64, 64)
     seg = np.array([[0] * 50 + [1] * 90], np.int32)
-    o, _ = ops.gated_delta_rule(**x, segment_ids=seg, impl="chunked")
+    o, _ = ops.gated_delta_rule(**x, segment_ids=seg, impl="xla")
     for lo, hi in ((0, 50), (50, 140)):
         part = {n: a[:, lo:hi] for n, a in x.items()}
-        o_part, _ = ops.gated_delta_rule(**part, impl="chunked")
+        o_part, _ = ops.gated_delta_rule(**part, impl="xla")
         assert rel_err(o[:, lo:hi], o_part) <= 1e-6
 
 
@@ -143,7 +146,7 @@ def test_decode_steps_reproduce_the_sequence(rng):
     B, T, H, dk, dv = 2, 70, 2, 96, 128
     x = make_inputs(rng, B, T, H, dk, dv)
     h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
-    o_full, s_full = ops.gated_delta_rule(**x, initial_state=h0, output_final_state=True, impl="chunked")
+    o_full, s_full = ops.gated_delta_rule(**x, initial_state=h0, output_final_state=True, impl="xla")
     step = jax.jit(ops.gated_delta_rule_step)
     state, outs = h0, []
     for t in range(T):
@@ -156,11 +159,11 @@ def test_decode_steps_reproduce_the_sequence(rng):
 def test_prefill_then_continue_with_state(rng):
     """Splitting a sequence and carrying the final state gives the same outputs (also across chunk edges)."""
     x = make_inputs(rng, 1, 200, 2, 64, 64)
-    o_full, _ = ops.gated_delta_rule(**x, impl="chunked")
+    o_full, _ = ops.gated_delta_rule(**x, impl="xla")
     first = {n: a[:, :90] for n, a in x.items()}
     rest = {n: a[:, 90:] for n, a in x.items()}
-    o1, s = ops.gated_delta_rule(**first, output_final_state=True, impl="chunked")
-    o2, _ = ops.gated_delta_rule(**rest, initial_state=s, impl="chunked")
+    o1, s = ops.gated_delta_rule(**first, output_final_state=True, impl="xla")
+    o2, _ = ops.gated_delta_rule(**rest, initial_state=s, impl="xla")
     assert rel_err(jnp.concatenate([o1, o2], 1), o_full) <= 1e-5
 
 
@@ -178,9 +181,23 @@ def test_bad_inputs_name_the_problem(rng):
         ops.gated_delta_rule(**x, impl="pallas_typo")
 
 
+def test_auto_reads_the_table_of_backends(rng, monkeypatch):
+    """"auto" takes the first row of BACKENDS that this platform runs (kernels only where a mesh or one device
+    makes the layout known) and that supports the call; a name the op has no row for fails."""
+    call = delta_rule.Call(64, 64, (jnp.float32,) * 3, 64)
+    pick = lambda call: backends.select("gated_delta_rule", delta_rule.BACKENDS, "auto", call, None)[0].name
+    assert pick(call) == "xla"  # on CPU
+    monkeypatch.setattr(kernel_mesh, "platform", lambda mesh: "tpu")
+    assert pick(call) == "tpu" and pick(call._replace(dk=320)) == "xla" and pick(call._replace(chunk_size=32)) == "xla"
+    monkeypatch.setattr(kernel_mesh, "layout_known", lambda mesh: False)
+    assert pick(call) == "xla"
+    with pytest.raises(ValueError, match="no such backend"):
+        ops.gated_delta_rule(**make_inputs(rng, 1, 10, 1, 16, 16), impl="mosaic_gpu")
+
+
 @pytest.mark.parametrize("C", [1, 2, 16, 64])
 def test_unit_lower_inverse(rng, C):
-    from jetnemo_jax.ops.chunked import unit_lower_inverse
+    from jetnemo_jax.ops.delta_rule import unit_lower_inverse
 
     k = rng.standard_normal((3, C, 32))
     k /= np.linalg.norm(k, axis=-1, keepdims=True)

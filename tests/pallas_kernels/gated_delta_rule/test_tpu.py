@@ -1,4 +1,4 @@
-"""impl="pallas" (the Mosaic TPU kernels, run in interpret mode on CPU) against the float64 recurrence.
+"""impl="tpu" (the Mosaic TPU kernels, run in interpret mode on CPU) against the float64 recurrence.
 
 Float32 inputs must match the float64 oracle to 1e-5 (measured ~3e-7: interpret mode computes the kernels'
 float32 matmuls exactly in float32); 16-bit inputs use fla's tolerances.
@@ -13,9 +13,9 @@ import jax
 import pytest
 
 from jetnemo_jax import ops
-from tests.ops.test_gated_delta_rule import check_forward, check_gradients, kernel_segments, make_inputs
+from tests.ops.test_delta_rule import check_forward, check_gradients, kernel_segments, make_inputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 # Every dk in {64, 96, 128, 256} and dv in {64, 128, 256} appears in each test; T is never a multiple
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("bfloat16", 1, 64, 2, 256, 64, "normal"),
 ])
 def test_forward_matches_float64_recurrence(rng, dtype, B, T, H, dk, dv, gates):
-    check_forward(rng, "pallas", dtype, B, T, H, dk, dv, gates)
+    check_forward(rng, "tpu", dtype, B, T, H, dk, dv, gates)
 
 
 @pytest.mark.parametrize("dtype,B,T,H,dk,dv,gates", [
@@ -37,23 +37,23 @@ def test_forward_matches_float64_recurrence(rng, dtype, B, T, H, dk, dv, gates):
     ("bfloat16", 1, 70, 2, 128, 128, "normal"),
 ])
 def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
-    check_gradients(rng, "pallas", dtype, B, T, H, dk, dv, gates, kernel_segments(rng, B, T))
+    check_gradients(rng, "tpu", dtype, B, T, H, dk, dv, gates, kernel_segments(rng, B, T))
 
 
-def test_auto_stays_chunked_off_tpu(rng):
+def test_auto_stays_xla_off_tpu(rng):
     x = make_inputs(rng, 1, 20, 1, 64, 64)
     jaxpr = str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x))(x))
     assert "pallas_call" not in jaxpr
-    assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x, impl="pallas"))(x))
+    assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.gated_delta_rule(**x, impl="tpu"))(x))
 
 
 def test_unsupported_shapes_raise(rng):
     x = make_inputs(rng, 1, 20, 1, 320, 64)
     with pytest.raises(ValueError, match="dk up to 256"):
-        ops.gated_delta_rule(**x, impl="pallas")
+        ops.gated_delta_rule(**x, impl="tpu")
     x = make_inputs(rng, 1, 20, 1, 64, 64)
     with pytest.raises(ValueError, match="chunk_size=64"):
-        ops.gated_delta_rule(**x, impl="pallas", chunk_size=32)
+        ops.gated_delta_rule(**x, impl="tpu", chunk_size=32)
 
 
 _SHARDED = textwrap.dedent("""
@@ -104,4 +104,4 @@ def run_sharded_check(rng, impl):
 
 
 def test_runs_under_shard_map_on_a_mesh(rng):
-    run_sharded_check(rng, "pallas")
+    run_sharded_check(rng, "tpu")

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of impl="pallas" for TPU topologies on this CPU host (libtpu, no TPU needed).
+"""Ahead-of-time compilation of impl="tpu" for TPU topologies on this CPU host (libtpu, no TPU needed).
 
 A jitted value-and-grad of the op inside `jax.shard_map` (batch over "data", heads over "tensor") must
 compile with Mosaic for v5e, v5p and v6e: this proves the kernels lower, fit VMEM under the default scoped
@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed (pip install 'jax[tpu]')")
@@ -31,8 +31,8 @@ _COMPILE = textwrap.dedent("""
     mesh = Mesh(devices.reshape(devices.size // 2, 2), ("data", "tensor"))
     B, H = 2 * mesh.shape["data"], 8
     # Odd T, the padded head sizes (96 -> 128), both input dtypes; "auto" must pick the kernels for a TPU mesh.
-    for T, dk, dv, dtype, impl in ((300, 128, 128, jnp.bfloat16, "auto"), (333, 96, 256, jnp.float32, "pallas"),
-                                   (130, 64, 64, jnp.bfloat16, "pallas"), (200, 256, 256, jnp.bfloat16, "auto")):
+    for T, dk, dv, dtype, impl in ((300, 128, 128, jnp.bfloat16, "auto"), (333, 96, 256, jnp.float32, "tpu"),
+                                   (130, 64, 64, jnp.bfloat16, "tpu"), (200, 256, 256, jnp.bfloat16, "auto")):
         tok = NamedSharding(mesh, P("data", None, "tensor"))  # also fits [B, T, H]
         spec = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=s)
         args = (spec((B, T, H, dk), dtype, tok), spec((B, T, H, dk), dtype, tok), spec((B, T, H, dv), dtype, tok),
@@ -58,7 +58,7 @@ _COMPILE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("topology", ["v5e:4x4", "v5p:2x2x2", "v6e:4x4"])
-def test_pallas_gdr_compiles_for_tpu(topology):
+def test_tpu_kernels_compile_for_tpu(topology):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
                TPU_WORKER_ID="0", TPU_ACCELERATOR_TYPE="v5litepod-4",
                # libtpu takes a machine-wide lock; compiling needs no TPU, so other processes may hold it.

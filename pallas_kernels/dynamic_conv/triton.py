@@ -1,4 +1,5 @@
-"""Triton (Pallas GPU) kernels of the generated causal convolution; layout in `common`.
+"""Pallas GPU kernels of the generated causal convolution compiled through Triton (any CUDA GPU; interpreted
+on CPU for tests); tile math in `common`, layout and custom VJP in `layout`.
 
 No kernel tensor ([rows, W, Dv]) and no tap gradient ever reaches HBM, forward or backward:
 - `forward`: per (token tile, channel tile) program, generates the tile's W taps h @ w2t[w] + b2t[w] in
@@ -18,6 +19,7 @@ need no padded copies). Block sizes are powers of two with dot dims >= 16 (the c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -32,13 +34,28 @@ PAD = 128  # zero rows before and after pos's token rows (>= any token block and
 U_PAD = 0  # u is read as is: rows before a tile come from masked loads
 ROWS, DIM = 128, 128  # the caller pads the token rows and channels to multiples of these
 
-# Block sizes and launch parameters of each kernel: the fastest of `python bench/dynamic_conv.py --profile`'s
-# sweep on an H100 at the 2B shape (BENCHMARKS.md). gtiles: G blocks per program, sharing each tap-gradient
-# tile (fewer elementwise passes, more registers); splits: programs per grad_w2 output block over the rows.
-FWD = {"bt": 128, "bd": 32, "bg": 64, "num_warps": 8, "num_stages": 3}
-GRAD_U = {"bt": 128, "bd": 64, "bg": 64, "num_warps": 8, "num_stages": 3}
-GRAD_H = {"bt": 64, "bg": 128, "bk": 64, "gtiles": 3, "num_warps": 4, "num_stages": 3}
-GRAD_W2 = {"bn": 64, "bg": 128, "bd": 64, "gtiles": 3, "splits": 4, "num_warps": 8, "num_stages": 3}
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Block sizes and launch options of one kernel: bt (or bn) token rows, bd channels, bg G columns and bk a
+    K step per block; gtiles G blocks per program, sharing each tap-gradient tile (fewer elementwise passes,
+    more registers); splits programs per grad_w2 output block over the rows. `measured`: where they won."""
+    num_warps: int
+    num_stages: int
+    bt: int = 0
+    bn: int = 0
+    bd: int = 0
+    bg: int = 0
+    bk: int = 0
+    gtiles: int = 1
+    splits: int = 1
+    measured: str = "the fastest of `python bench/dynamic_conv.py --profile`'s sweep, H100, 2B shape (BENCHMARKS.md)"
+
+
+FWD = Tiles(bt=128, bd=32, bg=64, num_warps=8, num_stages=3)
+GRAD_U = Tiles(bt=128, bd=64, bg=64, num_warps=8, num_stages=3)
+GRAD_H = Tiles(bt=64, bg=128, bk=64, gtiles=3, num_warps=4, num_stages=3)
+GRAD_W2 = Tiles(bn=64, bg=128, bd=64, gtiles=3, splits=4, num_warps=8, num_stages=3)
 
 _ANY = pl.BlockSpec(memory_space=pl.ANY)
 _F32 = common.F32
@@ -75,7 +92,7 @@ def _load_rows(ref, start, size, cols, front=0, n=None):
     return plgpu.load(ref.at[pl.ds(front + start, size), cols], mask=mask, other=0)
 
 
-def _wide_layout(w2t, b2t, bd):
+def wide_layout(w2t, b2t, bd):
     """w2t [W, G, D] -> [G, D / bd, Wp * bd] and b2t [W, D] -> [D / bd, Wp * bd]: each channel block's taps
     side by side (for `_wide_taps`), zero taps up to Wp, the next power of two (Triton splits in halves)."""
     width, G, D = w2t.shape
@@ -87,7 +104,7 @@ def _wide_layout(w2t, b2t, bd):
 
 def _wide_taps(h_ref, w2_ref, b2_ref, start, bt, j, bg, width, precision, n=None):
     """The W taps h[rows] @ w2t[w, :, cols] + b2t[w, cols] of channel block j at rows start + (0..bt), float32
-    [bt, bd] each, as one [bt, Wp * bd] matmul (`_wide_layout`: wide warpgroup MMAs) in a `fori_loop` over G
+    [bt, bd] each, as one [bt, Wp * bd] matmul (`wide_layout`: wide warpgroup MMAs) in a `fori_loop` over G
     blocks (Triton software-pipelines its loads), split by tap. h rows from n on read as zeros."""
     def body(g, acc):
         gs = pl.ds(pl.multiple_of(g * bg, bg), bg)
@@ -120,19 +137,19 @@ def _front_padded(u, interpret):
 def forward(h, w2t, b2t, u, pos, *, interpret=False, **blocks):
     """h [N, G]; w2t [W, G, D]; b2t [W, D] float32; u [N, D]; pos [PAD + N + PAD] int32. N a multiple of
     ROWS, D of DIM. Returns y = silu(conv) [N, D] in u's dtype."""
-    cfg = {**FWD, **blocks}
+    cfg = dataclasses.replace(FWD, **blocks)
     N, G = h.shape
     width, _, D = w2t.shape
-    bt, bd, bg = cfg["bt"], _block(cfg["bd"], D), _block(cfg["bg"], G)
+    bt, bd, bg = cfg.bt, _block(cfg.bd, D), _block(cfg.bg, G)
     u, front = _front_padded(u, interpret)
     kernel = functools.partial(_fwd_kernel, bt=bt, bd=bd, bg=bg, width=width, precision=_precision(h.dtype),
                                front=front)
     return pl.pallas_call(
         kernel, grid=(N // bt, D // bd), in_specs=[_ANY] * 5,
         out_specs=pl.BlockSpec((bt, bd), lambda i, j: (i, j)), out_shape=jax.ShapeDtypeStruct((N, D), u.dtype),
-        compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
+        compiler_params=_params(cfg.num_warps, cfg.num_stages), interpret=interpret,
         name="dynamic_conv_fwd",
-    )(h, *_wide_layout(w2t, b2t, bd), u, pos)
+    )(h, *wide_layout(w2t, b2t, bd), u, pos)
 
 
 def forward_with_residual(h, w2t, b2t, u, pos, *, interpret=False):
@@ -212,39 +229,39 @@ def _grad_w2_kernel(h_ref, dc_ref, u_ref, pos_ref, dw_ref, db_ref, *, bn, bg, bd
 def grad_u(h, w2t, b2t, dy, u, pos, *, interpret=False, **blocks):
     """(du, dc) [N, D] in dy's dtype, dc = dy silu'(c) (c: the forward's conv). h [N, G]; dy, u [N, D]; the
     rest as in `forward`."""
-    cfg = {**GRAD_U, **blocks}
+    cfg = dataclasses.replace(GRAD_U, **blocks)
     N, G = h.shape
     width, _, D = w2t.shape
-    bt, bd, bg = cfg["bt"], _block(cfg["bd"], D), _block(cfg["bg"], G)
+    bt, bd, bg = cfg.bt, _block(cfg.bd, D), _block(cfg.bg, G)
     stride = bt - (width - 1)  # tiles overlap by W - 1 rows
     if stride < 1:
         raise ValueError(f"grad_u: a token block of {bt} rows is too small for kernel width {width}")
-    w2t, b2t = _wide_layout(w2t, b2t, bd)
+    w2t, b2t = wide_layout(w2t, b2t, bd)
     u, front = _front_padded(u, interpret)
     return pl.pallas_call(
         functools.partial(_grad_u_kernel, bt=bt, bd=bd, bg=bg, stride=stride, width=width,
                           precision=_precision(h.dtype), front=front),
         grid=(-(-N // stride), D // bd), in_specs=[_ANY] * 6, out_specs=(_ANY, _ANY),
         out_shape=(jax.ShapeDtypeStruct((N, D), dy.dtype),) * 2,
-        compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
+        compiler_params=_params(cfg.num_warps, cfg.num_stages), interpret=interpret,
         name="dynamic_conv_grad_u",
     )(h, w2t, b2t, dy, u, pos)
 
 
 def grad_h(dc, u, w2t, pos, *, interpret=False, **blocks):
     """dh [N, G] = sum_w (dc * U_w) w2t[w]^T in w2t's dtype; dc, u [N, D]; pos as in `forward`."""
-    cfg = {**GRAD_H, **blocks}
+    cfg = dataclasses.replace(GRAD_H, **blocks)
     N, D = dc.shape
     width, G, _ = w2t.shape
-    bt, bg, bk = cfg["bt"], _block(cfg["bg"], G), _block(cfg["bk"], D)
-    gtiles = _divisor(cfg["gtiles"], G // bg)
+    bt, bg, bk = cfg.bt, _block(cfg.bg, G), _block(cfg.bk, D)
+    gtiles = _divisor(cfg.gtiles, G // bg)
     u, front = _front_padded(u, interpret)
     return pl.pallas_call(
         functools.partial(_grad_h_kernel, bt=bt, bg=bg, bk=bk, gtiles=gtiles, width=width,
                           precision=_precision(w2t.dtype), front=front),
         grid=(N // bt, G // bg // gtiles), in_specs=[_ANY] * 4, out_specs=_ANY,
         out_shape=jax.ShapeDtypeStruct((N, G), w2t.dtype),
-        compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
+        compiler_params=_params(cfg.num_warps, cfg.num_stages), interpret=interpret,
         name="dynamic_conv_grad_h",
     )(dc, u, w2t, pos)
 
@@ -252,12 +269,12 @@ def grad_h(dc, u, w2t, pos, *, interpret=False, **blocks):
 def grad_w2(h, dc, u, pos, width, *, interpret=False, **blocks):
     """dw2t [W, G, D] and db2t [W, D], float32: dw2t[w] = h^T (dc * U_w), db2t[w] its column sums. The token
     rows are split over `splits` programs per output block (partial sums added here) to fill the GPU."""
-    cfg = {**GRAD_W2, **blocks}
+    cfg = dataclasses.replace(GRAD_W2, **blocks)
     N, G = h.shape
     D = dc.shape[1]
-    bn, bg, bd = cfg["bn"], _block(cfg["bg"], G), _block(cfg["bd"], D)
-    gtiles, chunks = _divisor(cfg["gtiles"], G // bg), N // bn
-    splits = _divisor(cfg["splits"], chunks)
+    bn, bg, bd = cfg.bn, _block(cfg.bg, G), _block(cfg.bd, D)
+    gtiles, chunks = _divisor(cfg.gtiles, G // bg), N // bn
+    splits = _divisor(cfg.splits, chunks)
     gprogs = G // bg // gtiles
     u, front = _front_padded(u, interpret)
     dw2, db2 = pl.pallas_call(
@@ -266,7 +283,7 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, **blocks):
         grid=(splits, width, D // bd, gprogs), in_specs=[_ANY] * 4, out_specs=(_ANY, _ANY),
         out_shape=(jax.ShapeDtypeStruct((splits, width, D, G), _F32),
                    jax.ShapeDtypeStruct((splits, width, D, gprogs * 16), _F32)),
-        compiler_params=_params(cfg["num_warps"], cfg["num_stages"]), interpret=interpret,
+        compiler_params=_params(cfg.num_warps, cfg.num_stages), interpret=interpret,
         name="dynamic_conv_grad_w2",
     )(h, dc, u, pos)
     # every column of every G program holds db2
