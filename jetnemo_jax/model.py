@@ -85,23 +85,27 @@ class JetNemotronModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.layer_types])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
 
-    def __call__(self, input_ids, *, positions, doc_ids, remat: str = "none", keep_layers=(), scan: bool = False):
+    def __call__(self, input_ids, *, positions, doc_ids, remat: str = "none", keep_layers=(), scan: bool = False,
+                 split_at=()):
         """-> (final-normed hidden [B, T, hidden], {i: output of layer i} for i in keep_layers).
-        scan: each run of identical layers (`layer_runs`) is one lax.scan instead of unrolled layers."""
+        scan: each run of identical layers (`layer_runs`, also split before each layer of split_at) is one
+        lax.scan instead of unrolled layers."""
         by_kind = remat_by_kind(remat)
         runners = {name: _run_layer if name == "none" else nnx.remat(_run_layer, policy=REMAT_POLICIES[name])
                    for name in set(by_kind.values())}
         with jax.named_scope("embed"):
             x = constrain_batch(self.embed_tokens(input_ids))
         kept = {}
-        runs = layer_runs(self.layers, keep_layers) if scan else [(i, i + 1) for i in range(len(self.layers))]
+        runs = (layer_runs(self.layers, keep_layers, split_at) if scan else
+                [(i, i + 1) for i in range(len(self.layers))])
         for start, stop in runs:
             policy = by_kind[self.layers[start].layer_type]
             if stop - start == 1:
                 x = constrain_batch(runners[policy](self.layers[start], x, positions, doc_ids))
             else:
                 with jax.named_scope(f"scan_layers_{start}_{stop - 1}"):
-                    x = _scan_layers([self.layers[i] for i in range(start, stop)], x, positions, doc_ids, policy)
+                    x = _scan_layers([self.layers[i] for i in range(start, stop)], x, positions, doc_ids, policy,
+                                     self.embed_tokens.dtype)
             if stop - 1 in keep_layers:
                 kept[stop - 1] = x
         with jax.named_scope("norm"):
@@ -143,9 +147,12 @@ def _run_layer(layer, x, positions, doc_ids):
 # Scanned layers (ModelConfig.scan_layers). The parameters keep their per-layer layout (model/layers/{i}/...,
 # the one checkpoints, PyTorch conversion, sharding rules, freezing regexes, the distillation teacher, PostNAS
 # and decoding use): a run's weights are stacked along a new leading axis inside the jitted step and scanned.
-# So either form's checkpoint is the other's, at the price of one copy of the run's weights per step
-# (jnp.stack; and the trainable ones' gradients are sliced back), instead of MaxText's stacked storage with
-# conversions at every boundary. Decoding (prefill/decode_step) always runs the layers unrolled.
+# So either form's checkpoint is the other's, instead of MaxText's stacked storage with conversions at every
+# boundary (checkpoints, HF names, frozen/teacher sharing by name, decode). The price is one copy of the
+# run's weights per step (the stack; for the 2B stage-1 step about 3.5 GB written); Linear kernels and biases
+# are stacked in the compute dtype, as each layer would cast them at use (bit-exact: the cast the unrolled
+# layers do in their forward and again in their recompute happens once, in the stack). Decoding
+# (prefill/decode_step) always runs the layers unrolled.
 def _signature(layer):
     """Layers with equal signatures scan together: same module (kind, static attributes) and weights of the
     same tree, shapes and dtypes (frozen and trainable weights may differ in dtype: train.frozen_dtype)."""
@@ -154,13 +161,14 @@ def _signature(layer):
     return graphdef, treedef, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves)
 
 
-def layer_runs(layers, keep_layers=()) -> list[tuple[int, int]]:
-    """[start, stop) of each maximal run of consecutive layers with one signature (a kept layer ends its run,
-    as its output is needed); a run of one layer is called unrolled."""
+def layer_runs(layers, keep_layers=(), split_at=()) -> list[tuple[int, int]]:
+    """[start, stop) of each maximal run of consecutive layers with one signature; a kept layer ends its run
+    (its output is needed), and a run also ends before each layer of `split_at`. A run of one layer is called
+    unrolled."""
     runs, prev = [], None
     for i, layer in enumerate(layers):
         sig = _signature(layer)
-        if runs and sig == prev and runs[-1][1] - 1 not in keep_layers:
+        if runs and sig == prev and runs[-1][1] - 1 not in keep_layers and i not in split_at:
             runs[-1] = (runs[-1][0], i + 1)
         else:
             runs.append((i, i + 1))
@@ -168,12 +176,27 @@ def layer_runs(layers, keep_layers=()) -> list[tuple[int, int]]:
     return runs
 
 
-def _scan_layers(layers, x, positions, doc_ids, policy: str):
+def _stacked_weights(layers, compute_dtype) -> list:
+    """Each weight of `layers` (one signature) stacked on a new leading axis, in tree-leaf order; Linear
+    kernels and biases (which the layers only use cast to the compute dtype) cast to it first."""
+    dt = jnp.dtype(compute_dtype)
+    out = []
+    for leaves in zip(*(jax.tree_util.tree_flatten_with_path(nnx.state(layer))[0] for layer in layers)):
+        path, ws = leaves[0][0], [w for _, w in leaves]
+        if (any(getattr(k, "key", None) in ("kernel", "bias") for k in path)
+                and jnp.dtype(ws[0].dtype).itemsize > dt.itemsize):
+            ws = [w.astype(dt) for w in ws]
+        out.append(jnp.stack(ws))
+    return out
+
+
+def _scan_layers(layers, x, positions, doc_ids, policy: str, compute_dtype):
     """x through `layers` (one signature) as a lax.scan over their stacked weights; remat `policy` (a
     REMAT_POLICIES name) inside the scanned body, the batch sharding constraint on the carry."""
     graphdef, state = nnx.split(layers[0])
     treedef = jax.tree.structure(state)
-    stacked = [jnp.stack(ws) for ws in zip(*(jax.tree.leaves(nnx.state(layer)) for layer in layers))]
+    with jax.named_scope("stack_weights"):
+        stacked = _stacked_weights(layers, compute_dtype)
 
     def body(x, weights):
         layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
@@ -192,15 +215,21 @@ class JetNemotronForCausalLM(nnx.Module):
             self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), rngs=rngs, cfg=cfg)
 
     def hidden_states(self, input_ids, *, positions=None, segment_ids=None, remat="none", keep_layers=(),
-                      scan: bool | None = None):
+                      scan: bool | None = None, split_at=()):
         """Final-normed hidden states [B, T, hidden], and {i: output of layer i} for i in keep_layers.
-        scan: layers as scanned runs (None: config.scan_layers); the same parameters either way."""
+        scan: layers as scanned runs (None: config.scan_layers); the same parameters either way. split_at:
+        layers that start a run (the distillation teacher takes its student's run starts, so that XLA stacks
+        the frozen weights both share once)."""
         doc_ids = None if segment_ids is None else doc_ids_from_segments(segment_ids, input_ids.shape)
         if positions is None:
             positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape) if doc_ids is None
                          else positions_in_documents(doc_ids))
         return self.model(input_ids, positions=positions, doc_ids=doc_ids, remat=remat, keep_layers=keep_layers,
-                          scan=self.config.scan_layers if scan is None else scan)
+                          scan=self.config.scan_layers if scan is None else scan, split_at=split_at)
+
+    def layer_runs(self, keep_layers=()) -> list[tuple[int, int]]:
+        """The runs of layers that `hidden_states` scans when scanning (model.layer_runs)."""
+        return layer_runs(self.model.layers, keep_layers)
 
     def lm_head_weight(self):
         """The LM head as a [vocab, hidden] array: the tied embedding, or lm_head's kernel transposed."""
