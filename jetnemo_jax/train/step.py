@@ -57,7 +57,10 @@ def make_loss_fn(split, cfg, teacher=None, mesh=None):
         if distill:
             with jax.named_scope("teacher"):  # scopes label the ops for the step's profile
                 t_model = teacher.merge(frozen, teacher_params)
-                t_hidden, t_kept = t_model.hidden_states(tokens, segment_ids=seg, keep_layers=keep)
+                # With scan_layers, the teacher's runs start where the student's do: both stack the frozen
+                # weights they share (MLPs, norms) alike, and XLA computes each stack once.
+                split_at = [start for start, _ in model.layer_runs(keep)] if model.config.scan_layers else ()
+                t_hidden, t_kept = t_model.hidden_states(tokens, segment_ids=seg, keep_layers=keep, split_at=split_at)
         if loss_chunk:
             with jax.named_scope("lm_head"):
                 ce, kl = fused_loss.lm_head_losses(
