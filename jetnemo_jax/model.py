@@ -16,8 +16,7 @@ from jetnemo_jax.layers.jet_block import JetBlock
 from jetnemo_jax.layers.mlp import MLP
 from jetnemo_jax.layers.norms import RMSNorm
 from jetnemo_jax.layers.params import EMBED, VOCAB, linear, normal
-from jetnemo_jax.ops.dispatch import doc_ids_from_segments
-from jetnemo_jax.ops.positions import positions_in_documents
+from jetnemo_jax.ops import doc_ids_from_segments, positions_in_documents
 from jetnemo_jax.sharding import constrain_batch
 
 

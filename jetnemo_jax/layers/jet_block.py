@@ -6,7 +6,6 @@ recurrent state are float32; the output norm is float32 and gated by silu(g_proj
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -15,11 +14,9 @@ from flax import nnx
 
 from jetnemo_jax import ops
 from jetnemo_jax.layers.norms import RMSNorm
-from jetnemo_jax.layers.params import EMBED, JET_HEADS, linear, param
+from jetnemo_jax.layers.params import EMBED, JET_HEADS, init_a_log, init_dt_bias, linear, param
 
 # Mamba2-style initialisation of the decay parametrisation (as the official block).
-_A_INIT_RANGE = (0.0, 16.0)
-_DT_MIN, _DT_MAX, _DT_FLOOR = 1e-3, 1e-1, 1e-4
 
 
 class JetCache(NamedTuple):
@@ -68,17 +65,6 @@ class DynamicConv(nnx.Module):
         return ops.dynamic_conv_step(u, self.kernels(x), cache)
 
 
-def _init_a_log(key, shape, dtype=jnp.float32):
-    return jnp.log(jax.random.uniform(key, shape, dtype, *_A_INIT_RANGE))
-
-
-def _init_dt_bias(key, shape, dtype=jnp.float32):
-    u = jax.random.uniform(key, shape, dtype)
-    dt = jnp.exp(u * (math.log(_DT_MAX) - math.log(_DT_MIN)) + math.log(_DT_MIN))
-    dt = jnp.maximum(dt, _DT_FLOOR)
-    return dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
-
-
 class JetBlock(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         j = cfg.jet
@@ -93,8 +79,8 @@ class JetBlock(nnx.Module):
         self.a_proj = lin(d, j.num_heads, (EMBED, None))
         self.b_proj = lin(d, j.num_heads, (EMBED, None))
         self.o_proj = lin(j.value_dim, d, (JET_HEADS, EMBED))
-        self.A_log = param(_init_a_log(rngs.params(), (j.num_heads,)), (None,))
-        self.dt_bias = param(_init_dt_bias(rngs.params(), (j.num_heads,)), (None,))
+        self.A_log = param(init_a_log(rngs.params(), (j.num_heads,)), (None,))
+        self.dt_bias = param(init_dt_bias(rngs.params(), (j.num_heads,)), (None,))
         self.o_norm = RMSNorm(j.head_v_dim, j.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
         self.dynamic_conv1d = DynamicConv(cfg, rngs=rngs)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -9,6 +11,10 @@ from flax import nnx
 # Logical axes used on parameters.
 EMBED, MLP, VOCAB, Q_HEADS, KV_HEADS, JET_HEADS, NORM = (
     "embed", "mlp", "vocab", "q_heads", "kv_heads", "jet_heads", "norm")
+
+# Decay-gate initialisation of the gated-delta-rule heads (Mamba2 / fla's GatedDeltaNet).
+A_INIT_RANGE = (0.0, 16.0)
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 
 
 def normal(std: float):
@@ -30,3 +36,16 @@ def linear(in_dim: int, out_dim: int, axes: tuple, *, rngs: nnx.Rngs, cfg, use_b
 
 def param(value, axes: tuple) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def init_a_log(key, shape, dtype=jnp.float32):
+    """A_log = log(A), A ~ U(A_INIT_RANGE)."""
+    return jnp.log(jax.random.uniform(key, shape, dtype, *A_INIT_RANGE))
+
+
+def init_dt_bias(key, shape, dtype=jnp.float32):
+    """softplus^-1 of dt, dt log-uniform in [DT_MIN, DT_MAX] and at least DT_FLOOR."""
+    u = jax.random.uniform(key, shape, dtype)
+    dt = jnp.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN))
+    dt = jnp.maximum(dt, DT_FLOOR)
+    return dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jetnemo_jax import ops
-from jetnemo_jax.layers.jet_block import JetBlock, _init_a_log, _init_dt_bias
+from jetnemo_jax.layers.jet_block import JetBlock
 from jetnemo_jax.layers.norms import RMSNorm
-from jetnemo_jax.layers.params import EMBED, JET_HEADS, linear, param
+from jetnemo_jax.layers.params import EMBED, JET_HEADS, init_a_log, init_dt_bias, linear, param
 from jetnemo_jax.ops.linear_attention import (
     gated_linear_attention,
     gated_linear_attention_step,
@@ -70,8 +70,8 @@ class LinearMixer(nnx.Module):
             self.b_proj = lin(d, H, (EMBED, None))
         if kind in ("gated_deltanet", "mamba2"):
             self.a_proj = lin(d, H, (EMBED, None))
-            self.A_log = param(_init_a_log(rngs.params(), (H,)), (None,))
-            self.dt_bias = param(_init_dt_bias(rngs.params(), (H,)), (None,))
+            self.A_log = param(init_a_log(rngs.params(), (H,)), (None,))
+            self.dt_bias = param(init_dt_bias(rngs.params(), (H,)), (None,))
         if kind == "mamba2":
             self.D = param(jnp.ones((H,), jnp.float32), (None,))
         if kind == "gla":
