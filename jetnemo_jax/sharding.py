@@ -1,7 +1,9 @@
-"""Device mesh (data, fsdp, tensor) and logical-axis -> mesh-axis rules.
+"""Device mesh (data, fsdp, context, tensor) and logical-axis -> mesh-axis rules.
 
 Parameters carry logical axis names (layers/params.py); the rules, kept in the training config, map them
-onto mesh axes. A dimension a mesh axis does not divide stays replicated on that axis (logged once): that
+onto mesh axes. Activations [B, T, ...] split their batch over the `batch` rule's axes and their tokens over
+the `length` rule's (`context`: every sequence in contiguous shards, for sequences one device cannot hold).
+A dimension a mesh axis does not divide stays replicated on that axis (logged once): that
 changes memory, never numerics.
 """
 
@@ -22,11 +24,13 @@ from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH = "batch"  # logical axis of activations' leading dimension
+LENGTH = "length"  # logical axis of activations' token dimension (context parallelism)
 # MaxText-style defaults: weights sharded over fsdp on the model dim and over tensor on the head/MLP dims.
 DEFAULT_RULES = (
     (BATCH, ("data", "fsdp")),
+    (LENGTH, "context"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
@@ -38,7 +42,7 @@ DEFAULT_RULES = (
 
 
 def mesh_shape(axes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
-    """Sizes for (data, fsdp, tensor); one of them may be -1 (takes the remaining devices)."""
+    """Sizes for (data, fsdp, context, tensor); one of them may be -1 (takes the remaining devices)."""
     unknown = [k for k in axes if k not in MESH_AXES]
     if unknown:
         raise ValueError(f"mesh axes {unknown} unknown; expected {MESH_AXES}")
@@ -57,7 +61,8 @@ def mesh_shape(axes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(axes: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh. Across TPU slices (multislice), `data` spans the slices over DCN."""
+    """The (data, fsdp, context, tensor) mesh. Across TPU slices (multislice), `data` spans the slices over
+    DCN; context and tensor are the innermost axes (ICI, or NVLink within a host)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(axes, len(devices))
     n_slices = len({getattr(d, "slice_index", 0) for d in devices})
@@ -65,7 +70,7 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
         if shape[0] % n_slices:
             raise ValueError(f"{n_slices} slices: the data axis ({shape[0]}) must be a multiple of it")
         ici = (shape[0] // n_slices, *shape[1:])
-        grid = mesh_utils.create_hybrid_device_mesh(ici, (n_slices, 1, 1), devices)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (n_slices, 1, 1, 1), devices)
     else:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(np.asarray(grid), MESH_AXES)
@@ -114,9 +119,16 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> dict[tuple,
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
-    """Activations and token batches: leading dim over the batch rule's axes, the rest replicated."""
-    axes = _rules_dict(rules).get(BATCH, ())
-    return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
+    """Token batches [B, T, ...]: rows over the batch rule's axes, tokens over the length rule's, the rest
+    replicated."""
+    table = _rules_dict(rules)
+    spec = [table.get(BATCH, ()), table.get(LENGTH, ())][:ndim]
+    return NamedSharding(mesh, P(*(a if a else None for a in spec), *([None] * (ndim - len(spec)))))
+
+
+def context_size(mesh: Mesh, rules) -> int:
+    """How many shards every sequence is split into (the length rule's mesh axes)."""
+    return math.prod(mesh.shape[a] for a in _rules_dict(rules).get(LENGTH, ()))
 
 
 def batch_divisor(mesh: Mesh, rules) -> int:
@@ -151,12 +163,32 @@ def active_rules() -> dict[str, tuple[str, ...]]:
 
 
 def constrain_batch(x):
-    """Shard x's leading (batch) dim as the active rules say; a no-op outside `activation_sharding`."""
+    """Shard an activation [B, T, ...]: rows as the active rules' batch rule says, tokens as their length rule
+    (a dim the axes do not divide stays whole); a no-op outside `activation_sharding`."""
     active = _activation.get()
     if active is None:
         return x
     mesh, rules = active
-    axes = tuple(a for a in rules.get(BATCH, ()) if mesh.shape[a] > 1)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    spec = []
+    for dim, name in zip(x.shape, (BATCH, LENGTH)):
+        axes = tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1)
+        spec.append(axes if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+    if not any(spec):
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1)))))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec, *([None] * (x.ndim - len(spec))))))
+
+
+def gather_length(x):
+    """x [B, T, ...] with its tokens whole on every device, rows still split (the keys and values that every
+    query shard of context-parallel attention reads: an all-gather over the context axes, so the scores are
+    [T/N, T] per device); a no-op without context axes or outside `activation_sharding`."""
+    active = _activation.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    if not any(mesh.shape[a] > 1 for a in rules.get(LENGTH, ())):
+        return x
+    batch = tuple(a for a in rules.get(BATCH, ()) if mesh.shape[a] > 1)
+    rows = batch if batch and x.shape[0] % math.prod(mesh.shape[a] for a in batch) == 0 else None
+    rest = [P.UNCONSTRAINED] * (x.ndim - 2)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(rows, None, *rest)))

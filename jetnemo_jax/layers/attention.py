@@ -14,6 +14,7 @@ from flax import nnx
 
 from jetnemo_jax.layers.params import EMBED, KV_HEADS, Q_HEADS, linear
 from jetnemo_jax.layers.rope import apply_rope, rope_cos_sin
+from jetnemo_jax.sharding import gather_length
 
 
 def attention_mask(doc_ids, window: int | None, length: int | None = None):
@@ -110,6 +111,8 @@ class Attention(nnx.Module):
         with jax.named_scope("attn_proj"):
             q, k, v = self._qkv(x, positions)
         with jax.named_scope("attn_core"):
+            # context parallelism: queries stay in their shard, keys and values are gathered whole
+            k, v = gather_length(k), gather_length(v)
             o = attention_core(q, k, v, doc_ids, self.window, self.head_dim ** -0.5, self.impl)
         with jax.named_scope("attn_proj"):
             return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jetnemo_jax.ops import backends, documents
+from jetnemo_jax.ops import backends, context, documents
 from jetnemo_jax.ops import mesh as kernel_mesh
 from jetnemo_jax.ops.backends import Backend
 from pallas_kernels.dynamic_conv import layout, mosaic_gpu, tpu, triton
@@ -195,5 +195,11 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
     mesh = kernel_mesh.resolve(mesh)
     row, interpret = backends.select("generated_dynamic_conv", GENERATED_BACKENDS, impl,
                                      Call(h.dtype, kernel_mesh.device(mesh)), mesh)
-    return row.fn(u, h, w2, b2, documents.doc_ids_from_segments(segment_ids, (B, T)), cache,
-                  output_final_cache=output_final_cache, interpret=interpret, mesh=mesh)
+    doc_ids = documents.doc_ids_from_segments(segment_ids, (B, T))
+    ctx = context.axes(mesh)
+    if ctx:  # each shard of the sequence runs the row on its own tokens, with the previous W-1 as its cache
+        run = lambda u, h, w2, b2, doc_ids, cache, final: row.fn(  # noqa: E731
+            u, h, w2, b2, doc_ids, cache, output_final_cache=final, interpret=interpret, mesh=None)
+        return context.generated_conv(run, mesh, ctx, W, u, h, w2, b2, doc_ids, cache, output_final_cache)
+    return row.fn(u, h, w2, b2, doc_ids, cache, output_final_cache=output_final_cache, interpret=interpret,
+                  mesh=mesh)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jetnemo_jax.ops import backends, documents
+from jetnemo_jax.ops import backends, context, documents
 from jetnemo_jax.ops import mesh as kernel_mesh
 from jetnemo_jax.ops.backends import Backend
 from pallas_kernels.gated_delta_rule import tpu as tpu_kernels
@@ -255,8 +255,14 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     state = (jnp.zeros((B, H, dk, dv), jnp.float32) if initial_state is None
              else initial_state.astype(jnp.float32))
     doc_ids = documents.doc_ids_from_segments(segment_ids, (B, T))
-    o, final_state = row.fn(q, k, v, g, beta, scale, state, doc_ids, l2norm=use_qk_l2norm, chunk_size=chunk_size,
-                            interpret=interpret, mesh=mesh)
+    ctx = context.axes(mesh)
+    if ctx:  # each shard of the sequence runs the row on its own tokens, without a mesh
+        run = lambda *a: row.fn(*a[:5], scale, *a[5:], l2norm=use_qk_l2norm, chunk_size=chunk_size,  # noqa: E731
+                                interpret=interpret, mesh=None)
+        o, final_state = context.gated_delta_rule(run, mesh, ctx, q, k, v, g, beta, state, doc_ids)
+    else:
+        o, final_state = row.fn(q, k, v, g, beta, scale, state, doc_ids, l2norm=use_qk_l2norm,
+                                chunk_size=chunk_size, interpret=interpret, mesh=mesh)
     return o, (final_state if output_final_state else None)
 
 

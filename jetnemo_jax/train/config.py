@@ -99,7 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
         # change the run (model, data, optimiser, steps, ...) may differ only when listed here, comma-separated
         # (prefixes: "optim" covers optim.lr, ...). Logging, checkpoint cadence, mesh and workers may always change.
         allow_changes=""))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
     c.sharding_rules = tuple(sharding.DEFAULT_RULES)
     # Multi-process GPU/CPU clusters: explicit values, else JAX's auto-detection (TPU pods, SLURM, ...).
     c.distributed = ml_collections.ConfigDict(dict(

@@ -270,6 +270,10 @@ def run(config) -> dict:
     mesh = sharding.make_mesh(dict(config.mesh))
     program = build(config, mesh)
     cfg = program.model_config
+    ctx = sharding.context_size(mesh, config.sharding_rules)
+    if d.seq_len % ctx:
+        raise ValueError(f"data.seq_len={d.seq_len} must be a multiple of the context-parallel devices ({ctx}): "
+                         "every sequence is split into that many shards")
     div = sharding.batch_divisor(mesh, config.sharding_rules)
     if d.global_batch % (div * config.train.microbatches):
         raise ValueError(f"data.global_batch={d.global_batch} must be a multiple of the batch-sharded devices "

@@ -7,7 +7,7 @@ from jetnemo_jax.ops import mesh as kernel_mesh
 
 
 def test_kernel_axes_follow_the_active_rules():
-    mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES)
+    mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES)
     assert kernel_mesh.kernel_axes(mesh) == (("data", "fsdp"), "tensor")  # DEFAULT_RULES outside a step
     rules = dict(sharding.DEFAULT_RULES)
     custom = {**rules, sharding.BATCH: ("data",), "jet_heads": ("fsdp", "tensor")}
