@@ -1,7 +1,7 @@
 """Perplexity of a checkpoint on a local text file: sliding windows, token-weighted.
 
     python -m jetnemo_jax.eval.perplexity --checkpoint DIR [--tokenizer DIR] --text-file FILE
-        [--seq-len 2048] [--stride 1024] [--batch-size 1] [--dtype bfloat16] [--verbose]
+        [--seq-len 2048] [--stride 1024] [--batch-size 1] [--context 1] [--dtype bfloat16] [--verbose]
 
 Windows of `seq_len` tokens start every `stride` (< seq_len) tokens; each token is scored exactly once, in
 the window whose new part (after the previous window's end) holds it, so every token after the first window
@@ -12,6 +12,7 @@ predicts it). Perplexity = exp(total negative log-likelihood / scored tokens).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
@@ -22,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jetnemo_jax import cli
+from jetnemo_jax import cli, sharding
 from jetnemo_jax.model import JetNemotronForCausalLM
 
 
@@ -57,15 +60,25 @@ def _token_logprobs(graphdef, state, ids):
 
 
 def perplexity(model: JetNemotronForCausalLM, ids, *, seq_len: int, stride: int, batch_size: int = 1,
-               progress=None) -> Perplexity:
+               progress=None, context: int = 1) -> Perplexity:
     """Token-weighted perplexity of the token ids [N]. Windows are run `batch_size` at a time, each padded
     on the right to seq_len (one compiled shape; right padding cannot change a causal model's scores).
-    `progress(done, total)` is called after every batch."""
+    `progress(done, total)` is called after every batch. context > 1 splits every window over that many
+    devices (context parallelism, as training's `mesh.context`); the weights are replicated on them."""
     ids = np.asarray(ids, np.int32)
     if ids.ndim != 1 or ids.size < 2:
         raise ValueError(f"need at least 2 tokens, got {ids.size}")
     spans = windows(ids.size, seq_len, stride)
     graphdef, state = nnx.split(model)
+    scope, place = contextlib.nullcontext, jnp.asarray
+    if context > 1:
+        if context > jax.device_count() or seq_len % context:
+            raise ValueError(f"context={context}: needs that many devices ({jax.device_count()} here) and a "
+                             f"--seq-len divisible by it (got {seq_len})")
+        mesh = sharding.make_mesh({"context": context, "fsdp": 1}, jax.devices()[:context])
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+        scope = functools.partial(sharding.activation_sharding, mesh, sharding.DEFAULT_RULES)
+        place = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
     nll, count = 0.0, 0
     for b0 in range(0, len(spans), batch_size):
         batch = spans[b0:b0 + batch_size]
@@ -74,7 +87,8 @@ def perplexity(model: JetNemotronForCausalLM, ids, *, seq_len: int, stride: int,
         for i, (begin, end, first) in enumerate(batch):
             x[i, :end - begin] = ids[begin:end]
             weight[i, first - begin - 1:end - begin - 1] = 1  # logprob column t scores token begin + t + 1
-        logp = np.asarray(_token_logprobs(graphdef, state, jnp.asarray(x)), np.float64)
+        with scope():
+            logp = np.asarray(_token_logprobs(graphdef, state, place(x)), np.float64)
         nll -= float((logp * weight).sum())
         count += int(weight.sum())
         if progress:
@@ -91,6 +105,8 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--stride", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--context", type=int, default=1,
+                        help="split every window over this many devices (context parallelism)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="activation dtype (default: the checkpoint config's)")
     cli.add_compilation_cache_flag(parser)
@@ -123,8 +139,11 @@ def _main(args):
         print(f"\rwindow {done}/{total}, {rate:.2f} windows/s, eta {(total - done) / rate:.0f}s",
               end="", file=sys.stderr, flush=True)
 
+    if args.context < 1 or args.context > jax.device_count() or args.seq_len % args.context:
+        raise cli.UserError(f"--context {args.context}: needs that many devices ({jax.device_count()} here) and a "
+                            f"--seq-len divisible by it (got {args.seq_len})")
     result = perplexity(model, ids, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
-                        progress=progress)
+                        progress=progress, context=args.context)
     print(file=sys.stderr)
     print(f"perplexity {result.perplexity:.4f} (nll {result.nll / result.tokens:.4f} nats/token over "
           f"{result.tokens} tokens, {result.windows} windows of {args.seq_len}, stride {args.stride})")

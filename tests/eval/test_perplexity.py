@@ -103,3 +103,31 @@ def test_real_cli_error_is_one_line(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert proc.returncode == 2 and proc.stderr.startswith("error: --tokenizer"), proc.stderr
     assert "no such directory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+_CONTEXT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from flax import nnx
+from jetnemo_jax.eval import perplexity as ppl
+from jetnemo_jax.model import JetNemotronForCausalLM
+from tests.test_generate import CFG
+model = JetNemotronForCausalLM(CFG, rngs=nnx.Rngs({seed}))
+ids = np.random.default_rng({seed}).integers(0, CFG.vocab_size, 300)
+one = ppl.perplexity(model, ids, seq_len=64, stride=24, batch_size=2)
+four = ppl.perplexity(model, ids, seq_len=64, stride=24, batch_size=2, context=4)
+print("RESULT", one.nll, four.nll, one.tokens, four.tokens)
+"""
+
+
+def test_context_parallel_windows_equal_one_device(rng):
+    """--context 4: every window split over 4 simulated devices scores the same (fp32)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", _CONTEXT.format(seed=int(rng.integers(1 << 20)))], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, four, n1, n4 = out.stdout.split("RESULT", 1)[1].split()
+    assert n1 == n4 and abs(float(four) / float(one) - 1) <= 1e-5, out.stdout
