@@ -192,3 +192,13 @@ def gather_length(x):
     rows = batch if batch and x.shape[0] % math.prod(mesh.shape[a] for a in batch) == 0 else None
     rest = [P.UNCONSTRAINED] * (x.ndim - 2)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(rows, None, *rest)))
+
+
+def length_shards(T: int) -> int:
+    """How many context shards the active rules split T tokens into (1 outside `activation_sharding`)."""
+    active = _activation.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    n = math.prod(mesh.shape[a] for a in rules.get(LENGTH, ()))
+    return n if T % n == 0 else 1

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jetnemo_jax.layers.params import EMBED, KV_HEADS, Q_HEADS, linear
 from jetnemo_jax.layers.rope import apply_rope, rope_cos_sin
-from jetnemo_jax.sharding import gather_length
+from jetnemo_jax.sharding import gather_length, length_shards
 
 
 def attention_mask(doc_ids, window: int | None, length: int | None = None):
@@ -31,7 +31,43 @@ def attention_mask(doc_ids, window: int | None, length: int | None = None):
     return allowed[:, None]
 
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "blocked")
+BLOCK = 512  # query tokens per step of the "blocked" path
+
+
+def _blocked(q, k, v, doc_ids, window: int | None, scale: float, shards: int):
+    """attention_mask's attention without a [T, T] mask or [T, T] scores: a scan over blocks of BLOCK
+    queries, each against every key with its mask made from positions, rematerialised in the backward pass
+    (memory: one [BLOCK, T] block of scores per head). Queries are blocked inside each of `shards` contiguous
+    shards (the context axis), so that every device scans its own blocks."""
+    B, T, H, hd = q.shape
+    kv = k.shape[2]
+    per = T // shards
+    C = min(BLOCK, per)
+    while per % C:
+        C -= 1
+    nb = per // C
+    docs = jnp.zeros((B, T), jnp.int32) if doc_ids is None else doc_ids
+    # [nb, B, shards, C, ...]: the scan runs over nb, the shards stay on their devices
+    qb = jnp.moveaxis(q.reshape(B, shards, nb, C, kv, H // kv, hd), 2, 0)
+    qpos = jnp.moveaxis(jnp.arange(T).reshape(shards, nb, C), 1, 0)
+    qdoc = jnp.moveaxis(docs.reshape(B, shards, nb, C), 2, 0)
+    kpos = jnp.arange(T)
+
+    @jax.checkpoint
+    def block(_, xs):
+        qi, pos, doc = xs  # [B, S, C, kv, g, hd], [S, C], [B, S, C]
+        s = jnp.einsum("bscngd,btnd->bsngct", qi, k, preferred_element_type=jnp.float32) * scale
+        allowed = kpos[None, :] <= pos[..., None]  # [S, C, T]
+        if window is not None:
+            allowed = allowed & (pos[..., None] - kpos[None, :] < window)
+        allowed = allowed[None] & (doc[..., None] == docs[:, None, None, :])  # [B, S, C, T]
+        s = jnp.where(allowed[:, :, None, None], s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        return None, jnp.einsum("bsngct,btnd->bscngd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+    _, out = jax.lax.scan(block, None, (qb, qpos, qdoc))  # [nb, B, S, C, kv, g, hd]
+    return jnp.moveaxis(out, 0, 2).reshape(B, T, H, hd)
 
 
 def _flash_args(doc_ids, window: int | None) -> dict:
@@ -42,13 +78,16 @@ def _flash_args(doc_ids, window: int | None) -> dict:
     return {"mask": same_doc, "is_causal": True, "local_window_size": None if window is None else (window - 1, 0)}
 
 
-def attention_core(q, k, v, doc_ids, window: int | None, scale: float, impl: str = "xla"):
+def attention_core(q, k, v, doc_ids, window: int | None, scale: float, impl: str = "xla", shards: int = 1):
     """Causal (sliding-window) attention of q [B,T,H,hd] over k, v [B,T,kv,hd] inside each document.
     impl "xla": XLA with a materialised [T, T] mask (any backend; the reference). "cudnn": cuDNN flash
-    attention on NVIDIA GPUs (bf16/fp16, head_dim <= 128; rounds differently, so opt-in)."""
+    attention on NVIDIA GPUs (bf16/fp16, head_dim <= 128; rounds differently, so opt-in). "blocked": XLA in
+    blocks of queries, no [T, T] mask or scores (long sequences; `shards`: the context-parallel split)."""
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(doc_ids, window, q.shape[1]), scale=scale,
                                             implementation="xla")
+    if impl == "blocked":
+        return _blocked(q, k, v, doc_ids, window, scale, shards)
     if impl != "cudnn":
         raise ValueError(f"attention impl={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **_flash_args(doc_ids, window))
@@ -113,7 +152,8 @@ class Attention(nnx.Module):
         with jax.named_scope("attn_core"):
             # context parallelism: queries stay in their shard, keys and values are gathered whole
             k, v = gather_length(k), gather_length(v)
-            o = attention_core(q, k, v, doc_ids, self.window, self.head_dim ** -0.5, self.impl)
+            o = attention_core(q, k, v, doc_ids, self.window, self.head_dim ** -0.5, self.impl,
+                               shards=length_shards(T))
         with jax.named_scope("attn_proj"):
             return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 

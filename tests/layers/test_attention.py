@@ -41,7 +41,7 @@ def test_flash_arguments_equal_the_materialised_mask(rng, window, packed):
 
 def test_unknown_impl_is_refused(rng):
     x = jnp.zeros((1, 4, 2, 8))
-    with pytest.raises(ValueError, match="expected one of xla, cudnn"):
+    with pytest.raises(ValueError, match="expected one of xla, cudnn, blocked"):
         attention_core(x, x, x, None, None, 1.0, "flash")
 
 
@@ -60,3 +60,23 @@ def test_cudnn_impl_calls_the_library_with_the_flash_arguments(rng, monkeypatch)
     out = attention_core(q, k, v, doc, 5, 0.3, "cudnn")
     assert seen == ["cudnn"]
     assert _rel(out, attention_core(q, k, v, doc, 5, 0.3, "xla")) <= 1e-6
+
+
+@pytest.mark.parametrize("window", [None, 1, 200])
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_blocked_equals_the_materialised_mask(rng, window, shards, monkeypatch):
+    """impl="blocked" (query blocks, masks from positions, rematerialised) against the [T, T] mask: forward and
+    gradients, packed rows, GQA, blocks that do not divide the shard (T = 3 x 2 x 35 tokens)."""
+    import jetnemo_jax.layers.attention as attention
+
+    monkeypatch.setattr(attention, "BLOCK", 16)  # several blocks per shard (the shard's 35 or 70 tokens: 7, 14)
+    B, T, H, kv, hd = 2, 210, 4, 2, 16
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, k, v, do = f(B, T, H, hd), f(B, T, kv, hd), f(B, T, kv, hd), f(B, T, H, hd)
+    doc = _doc_ids(rng, B, T)
+    ref = lambda q, k, v: attention_core(q, k, v, doc, window, 0.25, "xla")  # noqa: E731
+    blocked = lambda q, k, v: attention_core(q, k, v, doc, window, 0.25, "blocked", shards=shards)  # noqa: E731
+    (o0, vjp0), (o1, vjp1) = jax.vjp(ref, q, k, v), jax.vjp(blocked, q, k, v)
+    assert _rel(o1, o0) <= 1e-6
+    for g1, g0 in zip(vjp1(do), vjp0(do)):
+        assert _rel(g1, g0) <= 1e-6

@@ -71,9 +71,10 @@ def main(seed):
     base_loss, base_grads, _ = steps({"data": 1, "fsdp": 1}, batches)
     out = {"loss_1": base_loss.tolist(), "n_grads": len(base_grads),
            "min_grad": min(float(np.abs(g).max()) for g in base_grads.values())}
-    for name, axes in (("context2", {"context": 2}), ("context4", {"context": 4}), ("context8", {"context": 8}),
-                       ("fsdp2_context4", {"fsdp": 2, "context": 4})):
-        loss, grads, spec = steps({"data": 1, "fsdp": 1, **axes}, batches)
+    for name, axes, extra in (("context2", {"context": 2}, {}), ("context4", {"context": 4}, {}),
+                              ("context8", {"context": 8}, {}), ("fsdp2_context4", {"fsdp": 2, "context": 4}, {}),
+                              ("context4_blocked", {"context": 4}, {"model.attn_impl": "blocked"})):
+        loss, grads, spec = steps({"data": 1, "fsdp": 1, **axes}, batches, **extra)
         worst = max((rel(grads[k], base_grads[k]), k) for k in base_grads)
         out[name] = {"loss_rel": float(np.abs(loss / base_loss - 1).max()), "grad_rel": worst[0],
                      "worst_param": worst[1], "token_spec": spec}

@@ -1,7 +1,8 @@
 """Context parallelism (issue 25): every sequence split over a `context` mesh axis gives the one-device train
 step: loss and the gradient of every parameter, for the hybrid (jet, attn, swa), packed documents whose
 boundaries fall inside shards and on their edges, a window longer than a shard and T = 72 (no multiple of the
-64-token chunks). Ops-level checks of the hand-off are in tests/ops/test_context.py."""
+64-token chunks), and with the blocked attention (no [T, T] mask). Ops-level checks of the hand-off:
+tests/ops/test_context.py."""
 
 import json
 import subprocess
@@ -18,7 +19,7 @@ def test_context_2_4_8_and_fsdp_x_context_match_one_device(rng):
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     print(out)
     assert out["min_grad"] > 1e-8  # every parameter has a gradient: comparing them means something
-    for name in ("context2", "context4", "context8", "fsdp2_context4"):
+    for name in ("context2", "context4", "context8", "fsdp2_context4", "context4_blocked"):
         assert out[name]["token_spec"] == "P(('data', 'fsdp'), 'context')"
         assert out[name]["loss_rel"] <= 1e-5, (name, out[name])  # loss and grad norm of each of 3 steps
         assert out[name]["grad_rel"] <= 1e-4, (name, out[name])  # every parameter's gradient
