@@ -4,19 +4,11 @@ state / cache, and the gradient of every input (initial state and cache included
 whose boundaries fall inside shards, on their edges and one token after them, zero gates and strong decay,
 and shards that are no multiple of the 64-token chunks. Bad splits fail in one line."""
 
-import json
-import subprocess
-import sys
-
-from tests.train.runs import ROOT, env
+from tests.train.runs import run_child
 
 
 def test_ops_split_over_context_shards_match_one_device(rng):
-    proc = subprocess.run([sys.executable, "-m", "tests.ops._context_ops", str(int(rng.integers(1 << 31)))],
-                          cwd=ROOT, env=env(JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    print(out)
+    out = run_child("tests.ops._context_ops", rng, JAX_PLATFORMS="cpu")
     assert out["hand_off_in_program"]  # the split ran through the hand-off, not XLA's own partitioning
     for op in ("gdr", "conv"):
         for mesh, rows in out[op].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,14 @@ def train_cmd(flags: list[str]) -> list[str]:
 def run_train(flags: list[str], timeout=600, **env_extra) -> subprocess.CompletedProcess:
     return subprocess.run(train_cmd(flags), env=env(**env_extra), capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
+
+
+def run_child(module: str, rng, timeout=900, **env_extra) -> dict:
+    """`python -m module SEED` (a child that sets up its own simulated devices) with a fresh seed from `rng`;
+    the JSON it prints after "RESULT "."""
+    proc = subprocess.run([sys.executable, "-m", module, str(int(rng.integers(1 << 31)))], cwd=ROOT,
+                          env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    print(out)
+    return out

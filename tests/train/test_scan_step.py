@@ -4,8 +4,6 @@ other, to the same weights."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,7 +15,7 @@ from jetnemo_jax.train.config import model_section
 from jetnemo_jax.train.loop import initial_params, run
 from jetnemo_jax.train.program import build
 from jetnemo_jax.train.recipes import STAGE1_FROZEN
-from tests.train.runs import ROOT, env, small_config
+from tests.train.runs import run_child, small_config
 from tests.train.test_distill import qwen_dir  # noqa: F401 (a fixture)
 
 # Runs of 3 JetBlocks, 1 attention, 2 sliding-window layers.
@@ -86,12 +84,7 @@ def test_scanned_stage1_distillation_equals_unrolled(tmp_path, qwen_dir, rng):  
 
 
 def test_scanned_steps_on_a_2x2x2_mesh_match_unrolled_on_one_device(rng):
-    seed = int(rng.integers(1 << 31))
-    proc = subprocess.run([sys.executable, "-m", "tests.train._scanned_sharded_step", str(seed)], cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    print(out)
+    out = run_child("tests.train._scanned_sharded_step", rng, timeout=600)
     assert out["sharded_params"] > out["n_params"] // 2, out
     assert out["min_param_change"][0] > 1e-6
     assert out["loss_rel_8"] <= 1e-5
