@@ -10,11 +10,12 @@ weights and synthetic tokens.
 Stage-1 freezing (MLPs, embeddings, norms) unless --full-finetune. MFU uses train/flops.py (frozen-aware
 and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--out).
 
-Start-up, per row: compile_s_cold (lowering + compiling the step; compile_cold_from_cache says whether JAX's
-persistent compilation cache already held it), compile_s_warm (--warm-compile: the same program again after
-jax.clear_caches(), which the persistent cache serves; None when not measured) and time_to_first_step_s (from
-the process's start for the first device count, from its own start for the others, to the end of its first
-step). The cache: --compilation-cache DIR|off (default $JAX_COMPILATION_CACHE_DIR, else ~/.cache/jetnemo_jax/...).
+Start-up, per row: lower_s (tracing and lowering the step in Python), compile_s_cold (lowering + compiling
+the step; compile_cold_from_cache says whether JAX's persistent compilation cache already held it),
+compile_s_warm (--warm-compile: the same program again after jax.clear_caches(), which the persistent cache
+serves; None when not measured) and time_to_first_step_s (from the process's start for the first device
+count, from its own start for the others, to the end of its first step).
+The cache: --compilation-cache DIR|off (default $JAX_COMPILATION_CACHE_DIR, else ~/.cache/jetnemo_jax/...).
 """
 
 from __future__ import annotations
@@ -101,14 +102,16 @@ def bench(args, n_devices, since: float):
              "segment_ids": jax.device_put(np.ones((B, T), np.int32), program.batch_sharding)}
     t0 = time.perf_counter()
     before = compilation_cache.counters()
-    compiled = program.step_fn.lower(state, frozen, teacher, batch).compile()
+    lowered = program.step_fn.lower(state, frozen, teacher, batch)
+    lower_s = time.perf_counter() - t0  # tracing and lowering in Python: never served by the persistent cache
+    compiled = lowered.compile()
     cold = compilation_cache.since(before)
     compile_s_cold = time.perf_counter() - t0
     state, m = compiled(state, frozen, teacher, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     time_to_first_step_s = time.time() - since
-    progress(f"compiled and ran one step ({compile_s:.0f} s; compile {compile_s_cold:.1f} s, "
+    progress(f"compiled and ran one step ({compile_s:.0f} s; lower {lower_s:.1f} s, compile {compile_s_cold:.1f} s, "
              f"{'from the persistent cache' if cold['requests'] and not cold['misses'] else 'compiled'})", start)
     compile_s_warm = None
     if args.warm_compile:  # the same program again, JAX's in-memory caches cleared: the persistent cache's turn
@@ -140,7 +143,8 @@ def bench(args, n_devices, since: float):
            "distill": args.distill, "remat": args.remat, "loss_chunk": args.loss_chunk,
            "attn_impl": args.attn_impl or "xla", "frozen": c.train.frozen, "step_ms": 1e3 * step_s,
            "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_devices, "compile_s": compile_s,
-           "compile_s_cold": compile_s_cold, "compile_cold_from_cache": bool(cold["requests"] and not cold["misses"]),
+           "lower_s": lower_s, "compile_s_cold": compile_s_cold,
+           "compile_cold_from_cache": bool(cold["requests"] and not cold["misses"]),
            "compile_s_warm": compile_s_warm, "time_to_first_step_s": time_to_first_step_s,
            "loss": float(m["loss"]), "flops_per_token": fpt,
            "mfu_frozen_aware": tps / n_devices * fpt["frozen_aware"] / peak if peak else None,
