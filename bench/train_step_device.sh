@@ -14,6 +14,9 @@
 # Call: run(command="bash bench/train_step_device.sh", carry=[".whl"]); VARIANTS='name|flags;...' overrides.
 # The 2B step compiled in about 3 minutes per variant on 2026-12-05; PRECOMPILE=1 compiles every variant
 # in parallel first (no GPU preallocation) into JAX's persistent cache, which the timed runs then hit.
+# 2026-12-06: a 2B restart served entirely by that cache still spent 135 s in lower().compile() (159 s cold),
+# so precompiling saves little; remat none needs XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, and no other GPU process
+# may run beside a run that has it.
 set -u
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 ROOT=$PWD; LOG=$OUT/log.txt
