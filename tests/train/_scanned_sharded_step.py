@@ -1,7 +1,7 @@
 """Child process of test_scan_step.py: three train steps of the scanned model (model.scan_layers) on a 2x2x2
 (data, fsdp, tensor) mesh of 8 simulated CPU devices against the unrolled model's on one device."""
 
-from tests.train._sharded_step import rel, steps  # noqa: I001 (first: it sets XLA_FLAGS before JAX starts)
+from tests.train._sharded_step import random_batches, rel, steps  # noqa: I001 (first: it sets XLA_FLAGS before JAX starts)
 
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -11,10 +11,7 @@ import numpy as np  # noqa: E402
 
 
 def main(seed):
-    rng = np.random.default_rng(seed)
-    batches = [{"tokens": rng.integers(0, 512, (8, 32)).astype(np.int32),
-                "segment_ids": (np.cumsum(rng.random((8, 32)) < 0.08, axis=1) + 1).astype(np.int32)}
-               for _ in range(3)]
+    batches = random_batches(seed)
     devs = jax.devices()
     # Runs of 2 JetBlocks, 2 sliding-window and 2 full-attention layers, under stage-1 style freezing.
     common = {"train.remat": "jet:dots,attn:full,swa:none", "train.frozen": "/mlp/|embed_tokens",

@@ -43,12 +43,16 @@ def rel(a, b):
     return float(np.sqrt(np.sum((a - b) ** 2) / max(np.sum(b ** 2), 1e-30)))
 
 
-def main(seed):
+def random_batches(seed, n=3):
+    """n batches of 8 rows x 32 random tokens, packed documents with random boundaries."""
     rng = np.random.default_rng(seed)
-    batches = [{"tokens": rng.integers(0, 512, (8, 32)).astype(np.int32),
-                # packed documents
-                "segment_ids": (np.cumsum(rng.random((8, 32)) < 0.08, axis=1) + 1).astype(np.int32)}
-               for _ in range(3)]
+    return [{"tokens": rng.integers(0, 512, (8, 32)).astype(np.int32),
+             "segment_ids": (np.cumsum(rng.random((8, 32)) < 0.08, axis=1) + 1).astype(np.int32)}
+            for _ in range(n)]
+
+
+def main(seed):
+    batches = random_batches(seed)
     devs = jax.devices()
     one = {"data": 1, "fsdp": 1, "tensor": 1}
     loss1, p1, _, moved = steps(one, devs[:1], batches)
