@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -56,6 +57,9 @@ def load_params(directory: str | os.PathLike, **config_overrides) -> JetNemotron
     state = nnx.state(model, nnx.Param)
     target = nnx.to_pure_dict(state)
     _check_tree(target, saved, params_dir)
+    # Onto this process's first device, whatever mesh saved it (a pod's checkpoint opens on one device).
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), target)
     try:
         restored = checkpointer.restore(params_dir, target)
     except Exception as e:
