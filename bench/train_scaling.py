@@ -10,8 +10,8 @@ weights and synthetic tokens.
 Stage-1 freezing (MLPs, embeddings, norms) unless --full-finetune. MFU uses train/flops.py (frozen-aware
 and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--out).
 
-Start-up, per row: lower_s (tracing and lowering the step in Python), compile_s_cold (lowering + compiling
-the step; compile_cold_from_cache says whether JAX's persistent compilation cache already held it),
+Start-up, per row (--compile-profile N: where it goes, by cProfile): lower_s (tracing and lowering the step
+in Python), compile_s_cold (lowering + compiling the step; compile_cold_from_cache says whether JAX's persistent compilation cache already held it),
 compile_s_warm (--warm-compile: the same program again after jax.clear_caches(), which the persistent cache
 serves; None when not measured) and time_to_first_step_s (from the process's start for the first device
 count, from its own start for the others, to the end of its first step).
@@ -21,9 +21,13 @@ The cache: --compilation-cache DIR|off (default $JAX_COMPILATION_CACHE_DIR, else
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import gzip
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -55,6 +59,8 @@ def make_config(args, n_devices):
         c.train.frozen = ""
     if args.gdr_impl:
         c.model.gdr_impl = args.gdr_impl
+    if args.conv_impl:
+        c.model.conv_impl = args.conv_impl
     if args.loss_chunk:
         c.train.loss_chunk = args.loss_chunk
     if args.attn_impl:
@@ -102,9 +108,11 @@ def bench(args, n_devices, since: float):
              "segment_ids": jax.device_put(np.ones((B, T), np.int32), program.batch_sharding)}
     t0 = time.perf_counter()
     before = compilation_cache.counters()
-    lowered = program.step_fn.lower(state, frozen, teacher, batch)
+    with python_profile(args.compile_profile, "cold lower"):
+        lowered = program.step_fn.lower(state, frozen, teacher, batch)
     lower_s = time.perf_counter() - t0  # tracing and lowering in Python: never served by the persistent cache
-    compiled = lowered.compile()
+    with python_profile(args.compile_profile, "cold compile"):
+        compiled = lowered.compile()
     cold = compilation_cache.since(before)
     compile_s_cold = time.perf_counter() - t0
     state, m = compiled(state, frozen, teacher, batch)
@@ -113,14 +121,18 @@ def bench(args, n_devices, since: float):
     time_to_first_step_s = time.time() - since
     progress(f"compiled and ran one step ({compile_s:.0f} s; lower {lower_s:.1f} s, compile {compile_s_cold:.1f} s, "
              f"{'from the persistent cache' if cold['requests'] and not cold['misses'] else 'compiled'})", start)
-    compile_s_warm = None
+    compile_s_warm = lower_s_warm = None
     if args.warm_compile:  # the same program again, JAX's in-memory caches cleared: the persistent cache's turn
         jax.clear_caches()
         before, t0 = compilation_cache.counters(), time.perf_counter()
-        program.step_fn.lower(state, frozen, teacher, batch).compile()
+        with python_profile(args.compile_profile, "warm lower"):
+            lowered = program.step_fn.lower(state, frozen, teacher, batch)
+        lower_s_warm = time.perf_counter() - t0
+        with python_profile(args.compile_profile, "warm compile"):
+            lowered.compile()
         compile_s_warm, warm = time.perf_counter() - t0, compilation_cache.since(before)
-        progress(f"warm compile {compile_s_warm:.1f} s ({warm['hits']} of {warm['requests']} programs from the "
-                 "persistent cache)", start)
+        progress(f"warm compile {compile_s_warm:.1f} s (lower {lower_s_warm:.1f} s; {warm['hits']} of "
+                 f"{warm['requests']} programs from the persistent cache)", start)
     if args.compile_only:  # e.g. to fill JAX's persistent compilation cache ahead of the timed runs
         return None
     times = []
@@ -141,11 +153,13 @@ def bench(args, n_devices, since: float):
     row = {"preset": args.preset, "devices": n_devices, "tensor": args.tensor, "device_kind": kind, "batch": B,
            "seq": T,
            "distill": args.distill, "remat": args.remat, "loss_chunk": args.loss_chunk,
-           "attn_impl": args.attn_impl or "xla", "frozen": c.train.frozen, "step_ms": 1e3 * step_s,
+           "attn_impl": args.attn_impl or "xla", "conv_impl": c.model.conv_impl, "gdr_impl": c.model.gdr_impl,
+           "scan_layers": args.scan_layers, "frozen": c.train.frozen, "step_ms": 1e3 * step_s,
            "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_devices, "compile_s": compile_s,
            "lower_s": lower_s, "compile_s_cold": compile_s_cold,
            "compile_cold_from_cache": bool(cold["requests"] and not cold["misses"]),
-           "compile_s_warm": compile_s_warm, "time_to_first_step_s": time_to_first_step_s,
+           "compile_s_warm": compile_s_warm, "lower_s_warm": lower_s_warm,
+           "time_to_first_step_s": time_to_first_step_s,
            "loss": float(m["loss"]), "flops_per_token": fpt,
            "mfu_frozen_aware": tps / n_devices * fpt["frozen_aware"] / peak if peak else None,
            "mfu_6n": tps / n_devices * fpt["6N"] / peak if peak else None,
@@ -156,6 +170,26 @@ def bench(args, n_devices, since: float):
 
 
 PROFILE_STEPS = 2
+
+
+@contextlib.contextmanager
+def python_profile(top: int, what: str):
+    """With top > 0, cProfile the block and print its `top` functions by cumulative and by own time (where start-up
+    time goes: Python tracing and lowering, or the backend's compile and load)."""
+    if not top:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        out = io.StringIO()
+        for key in ("cumulative", "tottime"):
+            pstats.Stats(prof, stream=out).sort_stats(key).print_stats(top)
+        print(f"== {what}: cProfile, top {top} by cumulative and own time\n{out.getvalue()}", file=sys.stderr,
+              flush=True)
 
 
 def profile(out_dir, compiled, state, frozen, teacher, batch, step_ms):
@@ -195,6 +229,9 @@ def main():
     p.add_argument("--frozen-dtype", default="compute", help="compute (bf16 frozen weights) or param (fp32)")
     p.add_argument("--scan-layers", action="store_true", help="one lax.scan per run of identical layers")
     p.add_argument("--gdr-impl", default="")
+    p.add_argument("--conv-impl", default="")
+    p.add_argument("--compile-profile", type=int, default=0, metavar="N",
+                   help="cProfile the lowering and compiles: print the top N functions of each")
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (FSDP x tensor)")
     p.add_argument("--profile", default="", help="directory: trace 2 steps and print the per-component table")
