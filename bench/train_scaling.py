@@ -11,7 +11,8 @@ Stage-1 freezing (MLPs, embeddings, norms) unless --full-finetune. MFU uses trai
 and plain 6N) against the device's bf16 peak. Prints a table and writes JSON (--out).
 
 Start-up, per row (--compile-profile N: where it goes, by cProfile): lower_s (tracing and lowering the step
-in Python), compile_s_cold (lowering + compiling the step; compile_cold_from_cache says whether JAX's persistent compilation cache already held it),
+in Python), compile_s_cold (lowering + compiling the step; compile_cold_from_cache says whether JAX's
+persistent compilation cache already held it),
 compile_s_warm (--warm-compile: the same program again after jax.clear_caches(), which the persistent cache
 serves; None when not measured) and time_to_first_step_s (from the process's start for the first device
 count, from its own start for the others, to the end of its first step).
