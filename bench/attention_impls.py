@@ -11,23 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import synced_times
 
 from jetnemo_jax.layers.attention import attention_mask
 
 
 def timed(fn, *args, reps=10):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * statistics.median(synced_times(fn, *args, reps=reps, warmup=1))
 
 
 def rel(a, b):

@@ -30,6 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import synced_times
 
 from jetnemo_jax import ops
 
@@ -65,13 +66,7 @@ def fwd_bwd(impl, seg):
 
 
 def timeit(fn, *args, iters=10):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
+    ts = synced_times(fn, *args, reps=iters)
     return statistics.median(ts), (max(ts) - min(ts))
 
 

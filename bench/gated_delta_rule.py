@@ -26,11 +26,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import synced_times
 
 from jetnemo_jax import ops
 from pallas_kernels.gated_delta_rule import triton as triton_gdr
@@ -51,14 +51,7 @@ def cost(B, T, H, dk, dv):
 
 
 def median_ms(fn, sync, reps):
-    sync(fn())  # warm-up (compiles)
-    sync(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        sync(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return 1e3 * statistics.median(synced_times(fn, reps=reps, sync=sync))
 
 
 def copy_bandwidth():
