@@ -16,7 +16,7 @@ from jetnemo_jax.layers.jet_block import JetBlock
 from jetnemo_jax.layers.mlp import MLP
 from jetnemo_jax.layers.norms import RMSNorm
 from jetnemo_jax.layers.params import EMBED, VOCAB, linear, normal
-from jetnemo_jax.ops import doc_ids_from_segments, positions_in_documents
+from jetnemo_jax.ops import KERNEL_RESIDUALS, doc_ids_from_segments, positions_in_documents
 from jetnemo_jax.sharding import constrain_batch
 
 
@@ -117,6 +117,11 @@ REMAT_POLICIES = {
     "full": None,  # keep only layer inputs, recompute the rest
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs
     "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+    # weight matmul outputs and the Pallas kernels' forward outputs and residuals: the recompute runs only
+    # elementwise work (norms, activations, RoPE) and the attention core
+    "kernels": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(KERNEL_RESIDUALS)),
 }
 
 

@@ -52,3 +52,28 @@ def test_remat_spec_parsing():
     for bad in ("all", "jet:sometimes", "mlp:none", ""):
         with pytest.raises(ValueError, match="kind:policy"):
             remat_by_kind(bad)
+
+
+
+def test_kernels_policy_keeps_the_gated_delta_rule_kernels_residuals(rng):
+    # remat="kernels" saves the Triton gated-delta-rule forward's outputs and residuals (pallas_kernels'
+    # KERNEL_RESIDUALS), so its forward kernels are not run again in the recompute. Interpreted on CPU, each
+    # kernel lowers to while loops over its grid (the conv runs in XLA here, with no loops): "kernels" lowers to
+    # as many loops as no remat, full remat to more.
+    cfg = model_config.tiny(gdr_impl="triton", conv_impl="xla")
+    model = JetNemotronForCausalLM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 40)), jnp.int32)
+    graphdef, params = nnx.split(model)
+
+    def loops(remat):
+        def loss(params):
+            m = nnx.merge(graphdef, params)
+            return jnp.sum(m.logits(m.hidden_states(tokens, remat=remat)[0]) ** 2)
+        return jax.jit(jax.grad(loss)).lower(params).as_text().count("stablehlo.while")
+
+    assert loops("kernels") == loops("none") < loops("full")
+    (l0, g0), _ = _loss_and_grads(model, tokens, "none")
+    (l1, g1), _ = _loss_and_grads(model, tokens, "kernels")
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(b), 1e-30)

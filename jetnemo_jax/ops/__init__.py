@@ -7,6 +7,8 @@ from jetnemo_jax.ops.backends import IMPLS
 from jetnemo_jax.ops.conv import dynamic_conv, dynamic_conv_step, generated_dynamic_conv
 from jetnemo_jax.ops.delta_rule import gated_delta_rule, gated_delta_rule_step, l2_normalize
 from jetnemo_jax.ops.documents import doc_ids_from_segments, positions_in_documents
+from pallas_kernels import KERNEL_RESIDUALS
 
-__all__ = ["IMPLS", "doc_ids_from_segments", "dynamic_conv", "dynamic_conv_step", "gated_delta_rule",
-           "gated_delta_rule_step", "generated_dynamic_conv", "l2_normalize", "positions_in_documents"]
+__all__ = ["IMPLS", "KERNEL_RESIDUALS", "doc_ids_from_segments", "dynamic_conv", "dynamic_conv_step",
+           "gated_delta_rule", "gated_delta_rule_step", "generated_dynamic_conv", "l2_normalize",
+           "positions_in_documents"]

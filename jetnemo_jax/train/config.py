@@ -71,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=300,
         microbatches=1,  # gradient accumulation: global_batch is split into this many sequential parts
-        remat="none",  # none | full | dots | dots_saveable, or per layer kind: "jet:none,attn:full,swa:full"
+        remat="none",  # none | full | dots | dots_saveable | kernels, or per layer kind: "jet:none,attn:full,swa:full"
         loss_chunk=0,  # > 0: LM head + loss in chunks of this many tokens (no [B, T, vocab] float32 logits)
         frozen="",  # regex on parameter paths (e.g. "mlp|embed_tokens"); frozen: no grads, no optimizer state
         frozen_dtype="compute",  # compute: frozen (and teacher) matmul/embedding weights held in model.dtype,

@@ -19,7 +19,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from pallas_kernels import KERNEL_RESIDUALS
 from pallas_kernels.gated_delta_rule import triton_backward as bwd
 from pallas_kernels.gated_delta_rule import triton_forward as fwd
 
@@ -79,7 +81,9 @@ def _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
     tinv, w, u, kd, e = fwd.prepare(k, v, g, beta, starts, l2norm=l2norm, fast_dtype=fast_dtype, **flags)
     states, v_new, final = fwd.chunk_states(w, u, kd, e, h0, **flags)
     o = fwd.output(q, k, v, g, starts, v_new, states, scale=scale, l2norm=l2norm, **flags)
-    return (o, final), (q, k, v, g, beta, starts, h0, tinv, w, kd, e, states, v_new)
+    # Named, so that a remat policy can keep them (model.REMAT_POLICIES["kernels"]) instead of rerunning the kernels.
+    res = (q, k, v, g, beta, starts, h0, tinv, w, kd, e, states, v_new)
+    return checkpoint_name(((o, final), res), KERNEL_RESIDUALS)
 
 
 def _core_bwd(scale, l2norm, block_v, interpret, res, cts):
