@@ -3,8 +3,10 @@
 kernels never write out), with the reference and the tables of backends.
 
 `GENERATED_BACKENDS`, fastest first (`backends.select` picks for impl="auto"; measured speeds: BENCHMARKS.md):
-  mosaic_gpu  Mosaic GPU kernels, `pallas_kernels/dynamic_conv/mosaic_gpu.py` (16-bit inputs on an sm_90 GPU)
   triton      Pallas GPU kernels through Triton, `pallas_kernels/dynamic_conv/triton.py`
+  mosaic_gpu  Mosaic GPU kernels, `pallas_kernels/dynamic_conv/mosaic_gpu.py` (16-bit inputs on an sm_90 GPU;
+              never `auto`: faster alone, but slower in the 2B train step, and every process compiles them
+              again, ~2.5 minutes for that step, which JAX's persistent cache cannot hold; BENCHMARKS.md)
   tpu         Mosaic TPU kernels, `pallas_kernels/dynamic_conv/tpu.py`
   xla         the kernels as one XLA matmul, then `reference`
   reference   the same (the pure-XLA path is the definition)
@@ -133,9 +135,9 @@ def _mosaic_gpu_supports(call, interpret):
 
 # The conv kernels run unsharded without a mesh, also on several devices (as they always have).
 GENERATED_BACKENDS = (
-    Backend("mosaic_gpu", "gpu", _mosaic_gpu_supports, _fused(mosaic_gpu), "Mosaic GPU kernels",
-            auto_needs_layout=False),
     Backend("triton", "gpu", backends.anywhere, _fused(triton), "Pallas-Triton GPU kernels",
+            auto_needs_layout=False),
+    Backend("mosaic_gpu", "gpu", _mosaic_gpu_supports, _fused(mosaic_gpu), "Mosaic GPU kernels",
             auto_needs_layout=False),
     Backend("tpu", "tpu", backends.anywhere, _fused(tpu), "Mosaic TPU kernels", auto_needs_layout=False),
     Backend("xla", None, backends.anywhere, _run_xla, "XLA matmul and conv"),

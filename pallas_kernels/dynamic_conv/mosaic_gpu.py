@@ -68,8 +68,8 @@ MEASURED = ("in a fwd+bwd step on an H100 at the 2B shape: forward 0.63 ms, grad
 
 
 def supported(device, dtype):
-    """Whether these kernels run for `dtype` operands on `device` (faster than `triton` there: `MEASURED`):
-    16-bit on an sm_90 GPU (wgmma)."""
+    """Whether these kernels run for `dtype` operands on `device` (faster than `triton` alone there: `MEASURED`;
+    not in the 2B train step, BENCHMARKS.md): 16-bit on an sm_90 GPU (wgmma)."""
     return (device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9.")
             and jnp.dtype(dtype).itemsize == 2)
 

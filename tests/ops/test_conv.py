@@ -2,6 +2,8 @@
 generated_dynamic_conv through the public op: its backends agree, "auto" reads the table, kernels run per shard.
 The fused kernels against the float64 oracle: tests/pallas_kernels/dynamic_conv/."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,17 +119,22 @@ def test_public_op_prefill_cache_and_decode(rng):
 
 
 def test_auto_is_xla_on_cpu_and_the_kernels_on_gpu_and_tpu(rng, monkeypatch):
+    monkeypatch.setattr(kernel_mesh, "platform", lambda mesh: "cpu")  # also when the tests run on a GPU
+    cpu = SimpleNamespace(platform="cpu")
     u, h, w2, b2, _, _ = inputs(rng, 1, 5, 16, 8, 4, "float32", False, False)
     jaxpr = lambda impl: str(jax.make_jaxpr(lambda *a: ops.generated_dynamic_conv(*a, impl=impl))(u, h, w2, b2))
     assert "pallas_call" not in jaxpr("auto") and "pallas_call" in jaxpr("triton")
     auto = lambda dtype: backends.select("generated_dynamic_conv", conv.GENERATED_BACKENDS, "auto",
-                                        conv.Call(dtype, kernel_mesh.device(None)), None)[0].name
+                                        conv.Call(dtype, cpu), None)[0].name
     assert auto(jnp.bfloat16) == "xla"
     with pytest.raises(ValueError, match="16-bit"):  # float32 inputs: no Mosaic GPU kernels, also interpreted
         ops.generated_dynamic_conv(u, h, w2, b2, impl="mosaic_gpu")
     monkeypatch.setattr(kernel_mesh, "platform", lambda mesh: "gpu")
     assert "pallas_call" in jaxpr("auto")
-    assert auto(jnp.bfloat16) == "triton"  # this host's device is a CPU, not an sm_90 GPU: no Mosaic GPU kernels
+    assert auto(jnp.bfloat16) == "triton"  # the Mosaic GPU kernels only when asked for, also on an sm_90 GPU
+    assert backends.select("generated_dynamic_conv", conv.GENERATED_BACKENDS, "auto",
+                           conv.Call(jnp.bfloat16, SimpleNamespace(platform="gpu", compute_capability="9.0")),
+                           None)[0].name == "triton"
     monkeypatch.setattr(kernel_mesh, "platform", lambda mesh: "tpu")
     assert auto(jnp.bfloat16) == "tpu"
     with pytest.raises(ValueError, match="expected"):
