@@ -164,6 +164,9 @@ def bench(args, n_devices, since: float):
            "loss": float(m["loss"]), "flops_per_token": fpt,
            "mfu_frozen_aware": tps / n_devices * fpt["frozen_aware"] / peak if peak else None,
            "mfu_6n": tps / n_devices * fpt["6N"] / peak if peak else None,
+           # the distillation teacher's forward on top of the frozen-aware count (0 without --distill)
+           "mfu_with_teacher": (tps / n_devices * (fpt["frozen_aware"] + fpt["teacher_forward"]) / peak
+                                if peak else None),
            "peak_memory_gib": max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30}
     if breakdown is not None:
         row["breakdown"] = breakdown

@@ -50,10 +50,17 @@ def mixer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return total
 
 
-def flops_per_token(abstract_trainable: dict, abstract_frozen: dict, cfg: ModelConfig, seq_len: int) -> dict:
+def flops_per_token(abstract_trainable: dict, abstract_frozen: dict, cfg: ModelConfig, seq_len: int,
+                    teacher: tuple[dict, ModelConfig] | None = None) -> dict:
+    """The student's 6N and frozen-aware FLOPs per token; with `teacher` (its own weights, its config), also
+    "teacher_forward": the distillation teacher's forward, counted apart (it shares the frozen weights)."""
     n_all = matmul_params({**abstract_trainable, **abstract_frozen}, cfg)
     n_trainable = matmul_params(abstract_trainable, cfg)
     mixer = mixer_flops_per_token(cfg, seq_len)
+    teacher_forward = 0.0
+    if teacher is not None:
+        own, tcfg = teacher
+        teacher_forward = 2.0 * matmul_params({**own, **abstract_frozen}, tcfg) + mixer_flops_per_token(tcfg, seq_len)
     return {"6N": 6.0 * n_all, "frozen_aware": 4.0 * n_all + 2.0 * n_trainable + 3.0 * mixer,
-            "n_matmul": n_all, "n_matmul_trainable": n_trainable}
+            "n_matmul": n_all, "n_matmul_trainable": n_trainable, "teacher_forward": teacher_forward}
 

@@ -125,5 +125,6 @@ def build(config, mesh: Mesh) -> Program:
         batch_sharding=batch_sh, abstract_state=abstract_state,
         abstract_frozen=_with_sharding(frozen_abs, frozen_sh),
         abstract_teacher=_with_sharding(teacher_abs, teacher_sh),
-        flops_per_token=flops.flops_per_token(trainable_abs, frozen_abs, cfg, config.data.seq_len),
+        flops_per_token=flops.flops_per_token(trainable_abs, frozen_abs, cfg, config.data.seq_len,
+                                              (teacher_abs, teacher.config) if teacher else None),
         step_fn=step_fn, eval_fn=eval_fn)

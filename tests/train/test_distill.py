@@ -3,10 +3,12 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jetnemo_jax import config as model_config
 from jetnemo_jax import sharding
 from jetnemo_jax.checkpoint.hf_export import save_hf
+from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.train.config import model_section
 from jetnemo_jax.train.loop import initial_params, run
 from jetnemo_jax.train.program import build
@@ -62,3 +64,22 @@ def test_stage1_run_saves_frozen_and_teacher_once(tmp_path, qwen_dir):
     result = run(c)
     assert result["steps"] == 3 and np.isfinite(result["final_loss"])
     assert (tmp_path / "run" / "frozen").is_dir()
+
+
+def test_flops_count_the_teachers_forward_apart(tmp_path, qwen_dir):
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    c = _stage1(tmp_path, qwen_dir, HYBRID_TYPES)
+    program = build(c, mesh)
+    tcfg = program.teacher.config
+    assert set(tcfg.layer_types) == {"attn"}
+    # The whole all-attention teacher, counted from its own module: every Linear kernel, the tied lm_head, and the
+    # causal attention core (a query sees (T+1)/2 keys on average: scores and values, 2 FLOPs per multiply-add).
+    whole = nnx.eval_shape(lambda: JetNemotronForCausalLM(tcfg, rngs=nnx.Rngs(0)))
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(whole))[0]
+    n = sum(x.size for path, x in leaves if "'kernel'" in jax.tree_util.keystr(path))
+    n += tcfg.vocab_size * tcfg.hidden_size if tcfg.tie_word_embeddings else 0
+    T = c.data.seq_len
+    attention = len(tcfg.layer_types) * 4 * (T + 1) / 2 * tcfg.num_attention_heads * tcfg.head_dim
+    assert program.flops_per_token["teacher_forward"] == pytest.approx(2 * n + attention, rel=1e-12)
+    c.distill.enabled = False
+    assert build(c, mesh).flops_per_token["teacher_forward"] == 0.0
