@@ -19,6 +19,7 @@ import jax
 from jax.experimental import topologies
 
 from jetnemo_jax import compilation_cache, sharding
+from jetnemo_jax.cli import UserError
 from jetnemo_jax.train.config import check_keys
 from jetnemo_jax.train.program import build
 
@@ -76,7 +77,15 @@ def compile_for_topology(config, topology: str, *, num_slices: int = 1, verbose:
     d = config.data
     args = (program.abstract_state, program.abstract_frozen, program.abstract_teacher,
             program.abstract_batch(d.global_batch, d.seq_len))
-    compiled, seconds, cold = timed_compile(lambda: program.step_fn.lower(*args))
+    try:
+        compiled, seconds, cold = timed_compile(lambda: program.step_fn.lower(*args))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        reason = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+        raise UserError(f"the train step does not fit {topology} (mesh {dict(mesh.shape)}, global batch "
+                        f"{d.global_batch} x {d.seq_len}): {reason}; try model.scan_layers, train.remat=full, "
+                        "more chips or mesh.context") from e
     warm_s, warm_d = None, None
     if warm:
         jax.clear_caches()  # in-memory: the second compile goes to the persistent cache (or XLA again)

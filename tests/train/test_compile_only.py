@@ -16,13 +16,17 @@ TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TP
            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
-def compile_only(config, topology, *flags, slices=1):
+def run_compile_only(config, topology, *flags, slices=1):
     import subprocess
     import sys
 
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / config),
            f"--compile_only={topology}", f"--compile_only_slices={slices}", *flags]
-    out = subprocess.run(cmd, env=env(**TPU_ENV), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, env=env(**TPU_ENV), cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def compile_only(config, topology, *flags, slices=1):
+    out = run_compile_only(config, topology, *flags, slices=slices)
     assert out.returncode == 0, out.stderr[-4000:]
     print(out.stdout)
     head = re.search(r"(\d+) chips \((.+?)\) on (\d+) hosts", out.stdout)
@@ -36,6 +40,16 @@ def test_tiny_model_on_v5e_4x4_four_hosts():
     assert (chips, hosts) == (16, 4) and "v5" in kind and 0 < total < 1
     # "auto" puts both kernel families in the sharded step: gated delta rule and generated conv, fwd and bwd
     assert int(re.search(r"kernel calls in the step: (\d+)", out).group(1)) > 0
+
+
+def test_a_step_that_does_not_fit_is_one_line():
+    # one sequence of 64K tokens per chip through the masked XLA attention: [T, T] scores per head, far beyond
+    # a v5e chip's 16 GiB
+    out = run_compile_only("tiny.py", "v5e:2x2", "--config.mesh.fsdp=4", "--config.data.global_batch=4",
+                           "--config.data.seq_len=65536", "--config.model.attn_impl=xla")
+    assert out.returncode == 2, out.stderr[-4000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "does not fit v5e:2x2" in last and "exceeds available HBM" in last and "Traceback" not in out.stderr
 
 
 def test_tiny_model_multislice():
