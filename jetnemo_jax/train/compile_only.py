@@ -82,7 +82,7 @@ def compile_for_topology(config, topology: str, *, num_slices: int = 1, verbose:
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        reason = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+        reason = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0].rstrip(".")
         raise UserError(f"the train step does not fit {topology} (mesh {dict(mesh.shape)}, global batch "
                         f"{d.global_batch} x {d.seq_len}): {reason}; try model.scan_layers, train.remat=full, "
                         "more chips or mesh.context") from e
