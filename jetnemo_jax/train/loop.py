@@ -303,7 +303,9 @@ def run(config) -> dict:
               f"j=jet), {n_train:,} trainable + {n_frozen:,} frozen parameters; mesh "
               f"{dict(mesh.shape)} over {jax.device_count()} {kind} devices, {n_proc} process(es)", flush=True)
         fpt = program.flops_per_token
-        print(f"{data.describe}; FLOPs/token frozen-aware {fpt['frozen_aware']:.3g}, 6N {fpt['6N']:.3g}", flush=True)
+        teacher = f", teacher forward {fpt['teacher_forward']:.3g}" if fpt["teacher_forward"] else ""
+        print(f"{data.describe}; FLOPs/token frozen-aware {fpt['frozen_aware']:.3g}, 6N {fpt['6N']:.3g}{teacher}",
+              flush=True)
 
     writer = MetricsWriter(workdir, enabled=main, resume_step=start)
     signals = _Signals()
@@ -381,6 +383,8 @@ def _train(config, program: Program, ckpt: RunCheckpoints, writer: MetricsWriter
         if peak and tps > 0:
             per_chip = tps / jax.device_count()
             m.update(mfu_frozen_aware=per_chip * fpt["frozen_aware"] / peak, mfu_6n=per_chip * fpt["6N"] / peak)
+            if fpt["teacher_forward"]:  # the distillation teacher's forward too (counted apart: train/flops.py)
+                m.update(mfu_with_teacher=per_chip * (fpt["frozen_aware"] + fpt["teacher_forward"]) / peak)
         writer.write(step_no, m, extra=clock.finish() if first else None)
         elapsed = time.perf_counter() - t_start if t_start else float("nan")
         eta = elapsed / max(steps_timed, 1) * (total - step_no)
