@@ -119,7 +119,7 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
     # weight matmul outputs and what kernels name KERNEL_RESIDUALS (the Triton gated delta rule's forward outputs
     # and residuals): the recompute runs elementwise work (norms, activations, RoPE), the attention core and the
-    # conv's forward kernel (its output, named outside its custom VJP, was not kept: not found why)
+    # conv's forward kernel (naming the conv's output and residuals did not make this policy keep them)
     "kernels": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(KERNEL_RESIDUALS)),
