@@ -37,6 +37,12 @@ def pytest_configure(config):
 _CACHE_DIR = None
 
 
+def pytest_collection_modifyitems(items):
+    # The tests marked slow (a minute or more on 2 CPU cores) start first, so that pytest-xdist's workers do not
+    # end the run with one of them left on a single worker.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config):
     if _CACHE_DIR:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)

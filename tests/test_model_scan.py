@@ -104,6 +104,7 @@ def test_a_scanned_model_decodes_as_it_scores(rng):
     assert out.tokens.shape[0] == 1
 
 
+@pytest.mark.slow
 def test_linear_weights_are_stacked_in_the_compute_dtype(rng, monkeypatch):
     """bf16 compute over fp32 weights: Linear kernels and biases enter the scan in bf16 (each layer casts them
     at use anyway: the gradients are bit for bit those of fp32 stacks), norm weights, A_log and dt_bias in

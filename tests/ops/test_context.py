@@ -4,9 +4,12 @@ state / cache, and the gradient of every input (initial state and cache included
 whose boundaries fall inside shards, on their edges and one token after them, zero gates and strong decay,
 and shards that are no multiple of the 64-token chunks. Bad splits fail in one line."""
 
+import pytest
+
 from tests.train.runs import run_child
 
 
+@pytest.mark.slow
 def test_ops_split_over_context_shards_match_one_device(rng):
     out = run_child("tests.ops._context_ops", rng, JAX_PLATFORMS="cpu")
     assert out["hand_off_in_program"]  # the split ran through the hand-off, not XLA's own partitioning

@@ -59,6 +59,7 @@ def test_tiny_model_multislice():
     assert re.search(r"compile cold [\d.]+ s \(persistent cache off\)", out), out  # off: nothing would read it
 
 
+@pytest.mark.slow
 def test_2b_stage1_on_v5p_4x4x4():
     # Scanned layers: the same step in 6 GB of host memory instead of 14.7 GB (BENCHMARKS.md), so that it fits
     # beside the suite's other worker on a 2-core CI machine; the unrolled form is compiled by the tiny tests.

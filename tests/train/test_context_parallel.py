@@ -6,9 +6,12 @@ tests/ops/test_context.py."""
 
 import json
 
+import pytest
+
 from tests.train.runs import run_child
 
 
+@pytest.mark.slow
 def test_context_2_4_8_and_fsdp_x_context_match_one_device(rng):
     out = run_child("tests.train._context_step", rng)
     assert out["min_grad"] > 1e-8  # every parameter has a gradient: comparing them means something
@@ -23,6 +26,7 @@ def _losses(workdir):
     return [r["loss"] for r in rows if "loss" in r and "step" in r]
 
 
+@pytest.mark.slow
 def test_train_py_with_context_4_follows_context_1(tmp_path):
     """The README's command on 4 simulated devices: the tiny default run (bf16 compute), 5 steps, with every
     sequence in 4 shards, against the same devices without context (FSDP over 4)."""

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.train.runs import ROOT, env, run_train, small_flags, train_cmd
 
 FLAGS = {"train.steps": 40, "checkpoint.every": 3, "train.frozen": "/mlp/", "checkpoint.keep": 5}
@@ -27,6 +29,7 @@ def losses(workdir: Path) -> dict[int, float]:
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_reproduces_the_loss_trajectory(tmp_path):
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     done = run_train(small_flags(ref, **FLAGS))
@@ -66,6 +69,7 @@ def test_kill_9_then_resume_reproduces_the_loss_trajectory(tmp_path):
     assert (crashed / "final" / "config.json").is_file() and (crashed / "loss.png").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path):
     run_dir = tmp_path / "preempted"
     flags = small_flags(run_dir, **{**FLAGS, "checkpoint.every": 1000})  # only SIGTERM and the end save

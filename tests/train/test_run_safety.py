@@ -5,6 +5,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.train.runs import ROOT, env, run_train, small_flags, train_cmd
 
 
@@ -17,6 +19,7 @@ def _metric_steps(workdir):
             if "loss" in json.loads(line)]
 
 
+@pytest.mark.slow
 def test_restart_with_another_config_is_refused_and_keeps_every_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     first = run_train(small_flags(workdir, **{"train.steps": 3}), JAX_PLATFORMS="cpu")
@@ -47,6 +50,7 @@ def test_restart_with_another_config_is_refused_and_keeps_every_checkpoint(tmp_p
     assert _metric_steps(workdir) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_then_exits_130_and_the_resume_has_each_step_once(tmp_path):
     workdir = tmp_path / "run"
     flags = small_flags(workdir, **{"train.steps": 40, "checkpoint.every": 1000})

@@ -1,8 +1,11 @@
 """Train steps on a 2x2x2 (data, fsdp, tensor) mesh of 8 simulated devices equal the one-device steps."""
 
+import pytest
+
 from tests.train.runs import run_child
 
 
+@pytest.mark.slow
 def test_mesh_2x2x2_and_accumulation_match_one_device(rng):
     out = run_child("tests.train._sharded_step", rng, timeout=600)
     assert out["sharded_params"] > out["n_params"] // 2, out  # the mesh really shards the weights

@@ -4,6 +4,8 @@ final/, through the real CLI with nothing but the paths, a layer placement and t
 import json
 import shutil
 
+import pytest
+
 from tests.train.runs import ROOT, env
 
 QWEN_EOS = 151643
@@ -46,6 +48,7 @@ def _train(config, *flags):
 RUN_SIZES = ("--config.train.steps=2", "--config.data.global_batch=2", "--config.data.seq_len=64")
 
 
+@pytest.mark.slow
 def test_stage1_then_stage2_from_any_qwen2_size(tmp_path, qwen_tokenizer_dir, rng):
     from pathlib import Path
 

@@ -5,6 +5,8 @@ import json
 import socket
 import subprocess
 
+import pytest
+
 from tests.train.runs import ROOT, env, run_train, small_flags, train_cmd
 
 
@@ -18,6 +20,7 @@ def _losses(workdir):
     return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_process_run_matches_one_process(tmp_path):
     common = {"data.num_shards": 2, "train.steps": 4, "checkpoint.every": 2}
     one = run_train(small_flags(tmp_path / "one", **common), JAX_PLATFORMS="cpu")
