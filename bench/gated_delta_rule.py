@@ -1,6 +1,7 @@
 """Gated delta rule on one GPU: the Pallas-Triton kernels (impl="auto" -> "triton") against the
-pure-XLA chunked op (impl="xla", labelled "chunked"), fla's `chunk_gated_delta_rule` (torch + Triton) and
-jax-linear-attention's Mosaic GPU kernel, each when importable (else skipped with the reason).
+pure-XLA chunked op (impl="xla", labelled "chunked"), fla's `chunk_gated_delta_rule` (torch + Triton), fla's
+same kernels launched from JAX through jax-triton (impl="fla", labelled "fla_jax", autotuned over fla's configs
+as fla does) and jax-linear-attention's Mosaic GPU kernel, each when importable (else skipped with the reason).
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/gated_delta_rule.py --out gdr.json
     python bench/gated_delta_rule.py --check      # first run the GPU correctness tests (pytest)
@@ -182,6 +183,8 @@ def bench_shape(name, reps, block_vs, wanted):
     impls = {"ours": ours(), **{f"ours_bv{bv}": ours(bv) for bv in block_vs}}
     if "chunked" in wanted:
         impls["chunked"] = lambda **x: ops.gated_delta_rule(**x, impl="xla")[0]
+    if "fla_jax" in wanted:
+        impls["fla_jax"] = lambda **x: ops.gated_delta_rule(**x, impl="fla")[0]
     try:
         if "jla" not in wanted:
             raise RuntimeError("not asked for (--impls)")
@@ -206,11 +209,13 @@ def bench_shape(name, reps, block_vs, wanted):
     except Exception as e:  # noqa: BLE001
         row["skipped"]["fla"] = f"{type(e).__name__}: {e}"[:300]
     print(name, "fla", row["ms"].get("fla", row["skipped"].get("fla")), flush=True)
-    if "chunked" in row["ms"]:  # the kernels against the XLA op on this shape's inputs, o and gradients
-        o1, o2 = jax.jit(impls["ours"])(**x), jax.jit(impls["chunked"])(**x)
-        g1, g2 = (jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(**x).astype(jnp.float32) * do.astype(jnp.float32))))(x)
-                  for f in (impls["ours"], impls["chunked"]))
-        row["rel_err_vs_chunked"] = {"o": rel(o1, o2), **{f"d{n}": rel(g1[n], g2[n]) for n in g1}}
+    for impl in ("ours", "fla_jax"):  # the kernels against the XLA op on this shape's inputs, o and gradients
+        if "chunked" in row["ms"] and impl in row["ms"]:
+            o1, o2 = jax.jit(impls[impl])(**x), jax.jit(impls["chunked"])(**x)
+            g1, g2 = (jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(**x).astype(jnp.float32) * do.astype(jnp.float32))))(x)
+                      for f in (impls[impl], impls["chunked"]))
+            key = "rel_err_vs_chunked" if impl == "ours" else f"{impl}_rel_err_vs_chunked"
+            row[key] = {"o": rel(o1, o2), **{f"d{n}": rel(g1[n], g2[n]) for n in g1}}
     return row
 
 
@@ -224,15 +229,16 @@ def table(rows, bw):
                          f"{100 * r['fwd_bytes'] / (t['fwd'] * 1e-3) / bw:8.1f}% "
                          f"{100 * r['fwdbwd_bytes'] / (t['fwdbwd'] * 1e-3) / bw:8.1f}%")
         ms = r["ms"]
-        for base in ("fla", "jla", "chunked"):
+        for base in ("fla", "fla_jax", "jla", "chunked"):
             if "ours" in ms and base in ms:
                 lines.append(f"{name:6} ours/{base}: fwd {ms['ours']['fwd'] / ms[base]['fwd']:.2f}, "
                              f"f+b {ms['ours']['fwdbwd'] / ms[base]['fwdbwd']:.2f}")
         for impl, why in r["skipped"].items():
             lines.append(f"{name:6} {impl} skipped: {why}")
-        if "rel_err_vs_chunked" in r:
-            lines.append(f"{name:6} rel err vs chunked: " + ", ".join(f"{k} {v:.1e}" for k, v in
-                                                                    r["rel_err_vs_chunked"].items()))
+        for key in ("rel_err_vs_chunked", "fla_jax_rel_err_vs_chunked"):
+            if key in r:
+                lines.append(f"{name:6} {key.replace('_', ' ')}: " + ", ".join(f"{k} {v:.1e}" for k, v in
+                                                                              r[key].items()))
     return "\n".join(lines)
 
 
@@ -240,7 +246,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="2b,4b,long")
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--impls", default="fla,jla,chunked", help="baselines to time beside the kernels")
+    p.add_argument("--impls", default="fla,fla_jax,jla,chunked", help="baselines to time beside the kernels")
     p.add_argument("--block-v", default="32,128", help="other dv-block sizes of the kernels to time")
     p.add_argument("--check", action="store_true", help="run the GPU correctness tests first")
     p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
@@ -251,7 +257,8 @@ def main():
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)  # ops.backends logs the row impl="auto" picked
     if args.check:
-        tests = ["tests/pallas_kernels/gated_delta_rule/test_triton.py", "-k", "not shard_map and not lowers"]
+        folder = "tests/pallas_kernels/gated_delta_rule"
+        tests = [f"{folder}/test_triton.py", f"{folder}/test_fla.py", "-k", "not shard_map and not lowers"]
         rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests])
         print("GPU correctness tests:", "passed" if rc == 0 else f"FAILED (exit {rc})", flush=True)
     device = jax.devices()[0]

@@ -41,11 +41,14 @@ if [ "${PRECOMPILE:-0}" = 1 ]; then
   tail -n 1 /tmp/compile_*.log | tee -a "$LOG"
 fi
 
-echo "== official anchor (B=${B:-2}, T=4096)" | tee -a "$LOG"
-PYTHONPATH=/tmp/anchor_site OFFICIAL_DIR=$ROOT/.whl/official_hf B=${B:-2} T=4096 timeout 300 python3 -c "
+echo "== official anchor (B=${B:-2}, T=4096; QWEN=1 adds the transformers Qwen2.5-1.5B frozen row)" | tee -a "$LOG"
+PYTHONPATH=/tmp/anchor_site OFFICIAL_DIR=$ROOT/.whl/official_hf B=${B:-2} T=4096 timeout 400 python3 -c "
 import sys, json, os; sys.path.insert(0, '.whl'); import official_train_step as o
 r = o.bench('official Jet-Nemotron-2B stage-1 (fla)', o.official_model(), True)
-json.dump(r, open(os.environ['OUT'] + '/official.json', 'w'))" 2>&1 | grep -v Warn | tail -n 2 | tee -a "$LOG"
+json.dump(r, open(os.environ['OUT'] + '/official.json', 'w'))
+if os.environ.get('QWEN') == '1':
+    q = o.bench('Qwen2.5-1.5B shape, frozen MLP+emb (transformers)', o.qwen_model(), True)
+    json.dump(q, open(os.environ['OUT'] + '/qwen_transformers.json', 'w'))" 2>&1 | grep -v Warn | tail -n 3 | tee -a "$LOG"
 
 for row in "${ROWS[@]}"; do
   name=${row%%|*}; flags=${row#*|}
@@ -65,14 +68,17 @@ done
 python3 - <<'EOF' | tee -a "$LOG"
 import json, os
 out = os.environ["OUT"]
-off = json.load(open(f"{out}/official.json")) if os.path.exists(f"{out}/official.json") else None
+load = lambda f: json.load(open(f"{out}/{f}")) if os.path.exists(f"{out}/{f}") else None
+off, qwen = load("official.json"), load("qwen_transformers.json")
 rows = [json.loads(x) for x in open(f"{out}/variants.jsonl")] if os.path.exists(f"{out}/variants.jsonl") else []
 print(f"{'variant':<10}{'step ms':>9}{'tok/s':>9}{'MFU fa':>8}{'peak GiB':>9}{'x official':>11}")
 for r in rows:
-    ratio = r["tokens_per_s"] / off["tokens_per_s"] if off else float("nan")
+    base = qwen if "qwen" in r["flags"] else off  # each row against the anchor of its own shape
+    ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
     mfu = f"{r['mfu_frozen_aware']:.1%}" if r["mfu_frozen_aware"] else "-"
     print(f"{r['variant']:<10}{r['step_ms']:>9.1f}{r['tokens_per_s']:>9,.0f}{mfu:>8}"
           f"{r['peak_memory_gib']:>9.1f}{ratio:>11.2f}")
-if off:
-    print(f"{'official':<10}{off['step_ms']:>9.1f}{off['tokens_per_s']:>9,.0f}{'':>8}{off['peak_mem_gib']:>9.1f}")
+for name, a in (("official", off), ("qwen(hf)", qwen)):
+    if a:
+        print(f"{name:<10}{a['step_ms']:>9.1f}{a['tokens_per_s']:>9,.0f}{'':>8}{a['peak_mem_gib']:>9.1f}")
 EOF

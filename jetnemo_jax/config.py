@@ -77,7 +77,7 @@ class ModelConfig:
     # Numerics and op selection (not part of the HF schema).
     dtype: str = "bfloat16"  # activation / matmul dtype
     param_dtype: str = "float32"  # master weights; A_log and dt_bias are always float32
-    gdr_impl: str = "auto"  # gated delta rule: auto | tpu | triton (GPU) | xla | reference (ops.delta_rule)
+    gdr_impl: str = "auto"  # gated delta rule: auto | tpu | triton (GPU) | fla (GPU, [fla] extra) | xla | reference
     conv_impl: str = "auto"  # dynamic conv: auto | mosaic_gpu | triton (GPU) | tpu | xla | reference (ops.conv)
     attn_impl: str = "xla"  # attention core: xla (masked, the reference) | cudnn (flash, NVIDIA GPUs; opt-in)
     # | blocked (XLA in query blocks, no [T, T] mask or scores: long sequences)
@@ -112,7 +112,7 @@ class ModelConfig:
             raise ConfigError("layer_types has 'jet' layers but the jet block config is missing")
         for name, allowed in (("dtype", ("float32", "bfloat16", "float16")),
                               ("param_dtype", ("float32", "bfloat16")),
-                              ("gdr_impl", ("auto", "tpu", "triton", "xla", "reference")),
+                              ("gdr_impl", ("auto", "tpu", "triton", "fla", "xla", "reference")),
                               ("conv_impl", ("auto", "mosaic_gpu", "triton", "tpu", "xla", "reference")),
                               ("attn_impl", ("xla", "cudnn", "blocked"))):
             if getattr(self, name) not in allowed:

@@ -18,8 +18,8 @@ from jetnemo_jax.ops import mesh as kernel_mesh
 log = logging.getLogger(__name__)
 
 # The names every op's `impl` takes (an op has a row for some of them): the readable definition, the fastest
-# pure-XLA path, and one per Pallas backend (`pallas_kernels/<op>/<name>.py`).
-IMPLS = ("auto", "reference", "xla", "tpu", "triton", "mosaic_gpu")
+# pure-XLA path, one per Pallas backend (`pallas_kernels/<op>/<name>.py`), and fla-core's kernels ("fla").
+IMPLS = ("auto", "reference", "xla", "tpu", "triton", "mosaic_gpu", "fla")
 _logged: set = set()
 
 
@@ -32,6 +32,7 @@ class Backend:
     fn: the implementation, with the op's own signature for its rows.
     auto_needs_layout: "auto" takes the row on several devices only with a mesh to run it per shard of
     (`mesh.layout_known`): XLA cannot partition a Pallas call inside a sharded jit.
+    auto: whether "auto" may take the row at all (False: it runs only when named).
     """
     name: str
     platform: str | None
@@ -39,6 +40,7 @@ class Backend:
     fn: Callable
     what: str  # its kernels or algorithm, for messages and the log line
     auto_needs_layout: bool = True
+    auto: bool = True
 
 
 def anywhere(call, interpret) -> None:
@@ -64,9 +66,9 @@ def select(op: str, table, impl: str, call, mesh) -> tuple[Backend, bool]:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
     where = kernel_mesh.platform(mesh)
     if impl == "auto":
-        row = next(r for r in table if r.platform is None or (
+        row = next(r for r in table if r.auto and (r.platform is None or (
             r.platform == where and (kernel_mesh.layout_known(mesh) or not r.auto_needs_layout)
-            and r.supports(call, False) is None))
+            and r.supports(call, False) is None)))
     else:
         row = next((r for r in table if r.name == impl), None)
         if row is None:

@@ -7,6 +7,8 @@ reference (the token recurrence), the pure-XLA chunked path and the table of bac
   tpu        Mosaic TPU kernels, `pallas_kernels/gated_delta_rule/tpu.py` (chunk 64, dk, dv <= 256)
   triton     Pallas GPU kernels through Triton, `pallas_kernels/gated_delta_rule/triton.py` (chunk 64,
              dk, dv <= 256; compiled with non-bf16 inputs dk <= 128)
+  fla        fla-core's own Triton kernels through jax-triton, `pallas_kernels/gated_delta_rule/fla.py` (NVIDIA
+             GPUs with the `[fla]` extra; 16-bit inputs; never taken by "auto")
   xla        `chunked` below: the portable fast path and the kernels' oracle
   reference  `reference` below: the definition
 Kernel rows run per shard of the mesh (`ops.mesh`); XLA partitions the other rows by itself.
@@ -32,6 +34,7 @@ from jax.sharding import PartitionSpec
 from jetnemo_jax.ops import backends, context, documents
 from jetnemo_jax.ops import mesh as kernel_mesh
 from jetnemo_jax.ops.backends import Backend
+from pallas_kernels.gated_delta_rule import fla as fla_kernels
 from pallas_kernels.gated_delta_rule import tpu as tpu_kernels
 from pallas_kernels.gated_delta_rule import triton as triton_kernels
 
@@ -198,6 +201,12 @@ def _run_triton(q, k, v, g, beta, scale, state, doc_ids, *, l2norm, chunk_size, 
     return _per_shard(fn, mesh)(q, k, v, g, beta, state, documents.document_starts(doc_ids))
 
 
+def _run_fla(q, k, v, g, beta, scale, state, doc_ids, *, l2norm, chunk_size, interpret, mesh):
+    fn = lambda q, k, v, g, beta, h0, doc_ids: fla_kernels.gated_delta_rule(q, k, v, g, beta, scale, h0, doc_ids,
+                                                                            l2norm=l2norm)
+    return _per_shard(fn, mesh)(q, k, v, g, beta, state, doc_ids)
+
+
 def _chunk_64(call):
     return None if call.chunk_size == 64 else f"the kernels use chunk_size=64, got {call.chunk_size}"
 
@@ -211,9 +220,16 @@ def _triton_supports(call, interpret):
                                                interpret)
 
 
+def _fla_supports(call, interpret):
+    if interpret:
+        return "fla's kernels run through jax-triton on NVIDIA GPUs only (no interpreter on CPU)"
+    return _chunk_64(call) or backends.why_not(fla_kernels.check_supported, call.dk, call.dv, call.dtypes)
+
+
 BACKENDS = (
     Backend("tpu", "tpu", _tpu_supports, _run_tpu, "Mosaic TPU kernels"),
     Backend("triton", "gpu", _triton_supports, _run_triton, "Pallas-Triton GPU kernels"),
+    Backend("fla", "gpu", _fla_supports, _run_fla, "fla-core's Triton kernels through jax-triton", auto=False),
     Backend("xla", None, backends.anywhere, _run_xla, "chunked pure XLA"),
     Backend("reference", None, backends.anywhere, _run_reference, "token recurrence"),
 )
