@@ -81,6 +81,7 @@ class ModelConfig:
     conv_impl: str = "auto"  # dynamic conv: auto | mosaic_gpu | triton (GPU) | tpu | xla | reference (ops.conv)
     attn_impl: str = "xla"  # attention core: xla (masked, the reference) | cudnn (flash, NVIDIA GPUs; opt-in)
     # | blocked (XLA in query blocks, no [T, T] mask or scores: long sequences)
+    # | splash (the TPU flash-attention kernel; T a multiple of 128; opt-in)
     # Training/prefill forward: each run of consecutive layers of one kind is a lax.scan over its stacked
     # weights (one compiled layer body per run) instead of unrolled layers; parameters and numerics unchanged.
     scan_layers: bool = False
@@ -114,7 +115,7 @@ class ModelConfig:
                               ("param_dtype", ("float32", "bfloat16")),
                               ("gdr_impl", ("auto", "tpu", "triton", "fla", "xla", "reference")),
                               ("conv_impl", ("auto", "mosaic_gpu", "triton", "tpu", "xla", "reference")),
-                              ("attn_impl", ("xla", "cudnn", "blocked"))):
+                              ("attn_impl", ("xla", "cudnn", "blocked", "splash"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
         if not isinstance(self.scan_layers, bool):

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jetnemo_jax.layers.params import EMBED, KV_HEADS, Q_HEADS, linear
 from jetnemo_jax.layers.rope import apply_rope, rope_cos_sin
+from jetnemo_jax.ops import attention as ops_attention
 from jetnemo_jax.sharding import gather_length, length_shards
 
 
@@ -31,7 +32,7 @@ def attention_mask(doc_ids, window: int | None, length: int | None = None):
     return allowed[:, None]
 
 
-ATTENTION_IMPLS = ("xla", "cudnn", "blocked")
+ATTENTION_IMPLS = ("xla", "cudnn", "blocked", "splash")
 BLOCK = 512  # query tokens per step of the "blocked" path
 
 
@@ -82,12 +83,16 @@ def attention_core(q, k, v, doc_ids, window: int | None, scale: float, impl: str
     """Causal (sliding-window) attention of q [B,T,H,hd] over k, v [B,T,kv,hd] inside each document.
     impl "xla": XLA with a materialised [T, T] mask (any backend; the reference). "cudnn": cuDNN flash
     attention on NVIDIA GPUs (bf16/fp16, head_dim <= 128; rounds differently, so opt-in). "blocked": XLA in
-    blocks of queries, no [T, T] mask or scores (long sequences; `shards`: the context-parallel split)."""
+    blocks of queries, no [T, T] mask or scores (long sequences; `shards`: the context-parallel split).
+    "splash": the TPU flash-attention kernel (`ops.attention`; T a multiple of 128, no context split)."""
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(doc_ids, window, q.shape[1]), scale=scale,
                                             implementation="xla")
     if impl == "blocked":
         return _blocked(q, k, v, doc_ids, window, scale, shards)
+    if impl == "splash":
+        ops_attention.check_supported(q.shape[1], shards)
+        return ops_attention.splash_attention(q, k, v, doc_ids, window, scale)
     if impl != "cudnn":
         raise ValueError(f"attention impl={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **_flash_args(doc_ids, window))
