@@ -20,13 +20,15 @@
 # conv (now impl="auto") the step compiles in 24-44 s cold and 8 s from the cache.
 set -u
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-ROOT=$PWD; LOG=$OUT/log.txt
+ROOT=$PWD; LOG=$OUT/log.txt; T0=$(date +%s)
 VARIANTS=${VARIANTS:-"full|--remat full --attn-impl cudnn --loss-chunk 1024;\
 kernels|--remat kernels --attn-impl cudnn --loss-chunk 1024;kernels_b4|--remat kernels --attn-impl cudnn --loss-chunk 1024 --batch 4"}
 BENCH="bench/train_scaling.py --preset ${PRESET:-jet_nemotron_2b} --seq ${SEQ:-4096} --steps 6 --batch ${B:-2}"
 { date -u; nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv; } | tee "$LOG"
 rm -rf /tmp/site /tmp/anchor_site
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/proj/*.whl || exit 1
+FLA_WHEELS=""  # FLA=1: the [fla] extra for --gdr-impl fla (.whl/fla/jax_triton*.whl, fla-core and einops in .whl/anchor)
+[ "${FLA:-0}" = 1 ] && FLA_WHEELS=".whl/fla/*.whl .whl/anchor/fla_core*.whl .whl/anchor/einops*.whl"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/proj/*.whl $FLA_WHEELS || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/anchor_site .whl/anchor/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$ROOT
 
@@ -51,13 +53,14 @@ if os.environ.get('QWEN') == '1':
     json.dump(q, open(os.environ['OUT'] + '/qwen_transformers.json', 'w'))" 2>&1 | grep -v Warn | tail -n 3 | tee -a "$LOG"
 
 for row in "${ROWS[@]}"; do
-  name=${row%%|*}; flags=${row#*|}
-  echo "== $name: $flags" | tee -a "$LOG"
+  name=${row%%|*}; flags=${row#*|}; left=$(( ${DEADLINE:-570} - ($(date +%s) - T0) ))
+  [ $left -lt 45 ] && { echo "== $name skipped: $left s left of DEADLINE" | tee -a "$LOG"; continue; }
+  echo "== [$(( $(date +%s) - T0 ))s] $name: $flags" | tee -a "$LOG"
   extra=""; env=""
   if [ "${PROFILE:-}" = "$name" ]; then
     extra="--profile /tmp/prof"; env="XLA_FLAGS=--xla_gpu_enable_command_buffer="
   fi
-  env $env timeout 400 python3 $BENCH $flags $extra --out "/tmp/row_$name.json" 2>&1 \
+  env $env timeout $(( left < 400 ? left : 400 )) python3 $BENCH $flags $extra --out "/tmp/row_$name.json" 2>&1 \
     | grep --line-buffered -v "^[IWE][0-9]" | tee -a "$LOG" | tail -n 3
   [ -f "/tmp/row_$name.json" ] && python3 -c "
 import json, sys; r = json.load(open('/tmp/row_$name.json'))[0]; r['variant'] = '$name'; r['flags'] = '$flags'
