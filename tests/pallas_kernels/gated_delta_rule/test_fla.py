@@ -59,8 +59,8 @@ def test_document_capacity():
 
 @needs_fla
 @pytest.mark.parametrize("B,T,H,dk,dv,gates", [  # packed documents (fla's varlen mode) where T > 66
-    (2, 4096, 12, 96, 256, "normal"),  # the 2B JetBlock
-    (1, 8192, 16, 128, 256, "normal"),  # the 4B JetBlock
+    (2, 300, 3, 96, 256, "normal"),  # the 2B JetBlock's heads
+    (1, 300, 3, 128, 256, "normal"),  # the 4B JetBlock's heads
     (2, 130, 2, 96, 256, "strong"),
     (1, 37, 3, 128, 64, "zero"),
 ])
@@ -69,10 +69,10 @@ def test_forward_matches_float64_recurrence(rng, B, T, H, dk, dv, gates):
 
 
 @needs_fla
-@pytest.mark.parametrize("B,T,H,dk,dv,gates,packed", [  # T cut to keep the float64 torch oracle short
-    (1, 1024, 12, 96, 256, "normal", False),  # the 2B JetBlock's heads, fla's plain mode
-    (2, 600, 12, 96, 256, "normal", True),  # the 2B heads, varlen
-    (1, 1024, 16, 128, 256, "normal", True),  # the 4B JetBlock's heads, varlen
+@pytest.mark.parametrize("B,T,H,dk,dv,gates,packed", [  # T and H cut: the float64 torch oracle runs on the host
+    (1, 256, 3, 96, 256, "normal", False),  # the 2B JetBlock's heads, fla's plain mode
+    (2, 200, 2, 96, 256, "normal", True),  # the 2B heads, varlen
+    (1, 256, 2, 128, 256, "normal", True),  # the 4B JetBlock's heads, varlen
     (2, 100, 2, 96, 256, "strong", True),
     (1, 70, 2, 128, 128, "zero", False),
 ])
@@ -80,6 +80,29 @@ def test_gradients_match_float64(rng, B, T, H, dk, dv, gates, packed):
     seg = packed_segments(rng, B, T) if packed else None
     tol = {**TOL_BF16, "g": 0.15} if gates == "strong" else TOL_BF16  # as the Triton kernels' bf16 dg
     check_gradients(rng, "fla", "bfloat16", B, T, H, dk, dv, gates, seg, tol=tol)
+
+
+@needs_fla
+@pytest.mark.parametrize("B,T,H,dk,dv", [(2, 4096, 12, 96, 256), (1, 8192, 16, 128, 256)])  # the 2B, 4B JetBlocks
+def test_full_shapes_match_our_triton_kernels(rng, B, T, H, dk, dv):
+    """At the whole 2B and 4B shapes (packed documents, an initial state), fla's kernels against our Triton
+    kernels (themselves checked against the float64 recurrence): outputs, final state and every gradient."""
+    x = make_inputs(rng, B, T, H, dk, dv, dtype="bfloat16")
+    h0 = jnp.asarray(rng.standard_normal((B, H, dk, dv)), jnp.float32)
+    seg = packed_segments(rng, B, T)
+    do = jnp.asarray(rng.standard_normal((B, T, H, dv)), jnp.bfloat16)
+
+    def run(impl):
+        def loss(q, k, v, g, beta, h0):
+            o, s = ops.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                        segment_ids=seg, impl=impl)
+            return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s), (o, s)
+        return jax.jit(jax.grad(loss, argnums=range(6), has_aux=True))(*x.values(), h0)
+
+    (g1, (o1, s1)), (g0, (o0, s0)) = run("fla"), run("triton")
+    assert rel_err(o1, o0) <= 5e-3 and rel_err(s1, s0) <= 5e-3
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], g1, g0):
+        assert rel_err(a, b) <= (4e-2 if name in ("g", "beta") else 1e-2), name
 
 
 @needs_fla
