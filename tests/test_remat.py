@@ -54,6 +54,7 @@ def test_remat_spec_parsing():
             remat_by_kind(bad)
 
 
+@pytest.mark.slow
 def test_kernels_policy_keeps_the_kernels_work(rng):
     # remat="kernels" saves the Triton gated-delta-rule forward's outputs and residuals (pallas_kernels'
     # KERNEL_RESIDUALS), so its forward kernels are not run again in the recompute, and the conv's backward needs

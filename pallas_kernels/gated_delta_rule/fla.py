@@ -100,7 +100,8 @@ def _launch(name, grid, out_shape, *args, autotune, zeroed=(), **consts):
     kernel, configs = fla_adapters.KERNELS[name]
     configs = [c for c in configs if all(c.kwargs.get(k, v) == v for k, v in consts.items())]
     if autotune and len(configs) > 1:  # a fresh autotuner per call: jax-triton rewires its pruning hook
-        kernel = triton.runtime.Autotuner(kernel, kernel.arg_names, configs, key=[], reset_to_zero=None,
+        scalars = [kernel.arg_names[i] for i, a in enumerate(args) if isinstance(a, (int, float, np.floating))]
+        kernel = triton.runtime.Autotuner(kernel, kernel.arg_names, configs, key=scalars, reset_to_zero=None,
                                           restore_value=None)
         opts = {}
     else:
