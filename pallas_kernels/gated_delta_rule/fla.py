@@ -13,9 +13,10 @@ backward, and the reverse cumsum of dg. The L2 norm of q and k runs in JAX befor
 Packed documents use fla's varlen mode: the rows are laid end to end ([1, B*T]) and every document is a sequence
 of `cu_seqlens`. Its grids and per-sequence states need a static count, so a call holds at most
 `max_documents_per_row(T)` documents per row on average (as fla's `prepare_chunk_indices_static`, the unused
-slots are zero-length sequences); a call with more returns NaN, never another function. Rows that are one
-document each take fla's plain batched mode (a `lax.cond` on the document ids): the plain mode moves no
-per-sequence states of the unused slots.
+slots are zero-length sequences); a call with more returns NaN, never another function. The price of the static
+count: float32 states per sequence slot, [B*T/16, H, dk, dv] (0.6 GB at B=2, T=4096, H=12, 96 x 256), and chunk
+states for five times the chunks. Rows that are one document each take fla's plain batched mode (a `lax.cond`
+on the document ids), which has neither.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ MAX_HEAD_DIM = 256
 RCP_LN2 = 1.0 / math.log(2.0)  # fla keeps the gate cumsum in log2 units for exp2
 EXTRA = "the `[fla]` extra (pip install -e '.[fla]': jax-triton and fla-core)"
 # fla-org/flash-linear-attention#640: Triton 3.4.0 to 3.7.0 miscompiles fla's gated chunk_bwd_dqkwg on Hopper when
-# its dk tile is 64 wide (dg and dk wrong by O(1)); fla itself refuses every gated backward there. Tiles of 32 and
-# 128 (dk <= 32 and dk > 64 here, e.g. the 2B's 96 and the 4B's 128) compute correctly, so only 64 is refused.
+# its dk tile is 64 wide (dg and dk wrong by O(1)); fla itself refuses every gated backward there. The issue's
+# bisection found tiles of 32 and 128 correct (dk <= 32 and dk > 64 here, e.g. the 2B's 96 and the 4B's 128, which
+# the GPU tests check), so only 64 is refused.
 MISCOMPILED_DK_TILE = 64
 
 
@@ -122,6 +124,7 @@ class _Layout:
 
     def __init__(self, doc_ids, varlen):
         B, T = doc_ids.shape
+        doc_ids = doc_ids - doc_ids[:, :1]  # a shard of a sequence (context parallelism) starts mid-numbering
         self.varlen = varlen
         if not varlen:
             self.B, self.T, self.N, self.NT = B, T, B, -(-T // CHUNK)
@@ -235,7 +238,8 @@ def _backward(lay, q, k, v, gc, beta, A, h0, do, dht, scale, autotune):
                              [_like(q), _like(k), _like(w), _like(gc, shape=(nk, *gc.shape))],
                              q, k, v_new, gc, h, do, dh, dv, *idx, scale, lay.T, autotune=autotune, B=lay.B, H=H,
                              K=K, V=V, BT=CHUNK, **tiles, **flags)
-    wy_tile = 64 if _tiling() >= 64 else 32
+    from fla.utils import check_shared_mem
+    wy_tile = 64 if check_shared_mem() else 32  # prepare_wy_repr_bwd's own rule
     dk2, dv, db, dg2 = _launch("wy_bwd", (lay.NT, lay.B * H), [_like(k), _like(v), _like(beta), _like(gc)],
                                k, v, beta, gc, A, dw, dv, *idx, lay.T, autotune=autotune, H=H, K=K, V=V, BT=CHUNK,
                                BK=_tile(K, wy_tile), BV=_tile(V, wy_tile), **flags)
@@ -246,7 +250,7 @@ def _backward(lay, q, k, v, gc, beta, A, h0, do, dht, scale, autotune):
 # The custom VJP: one layout or the other by a lax.cond on the document ids; residuals in [B, T] shapes.
 
 def _one_document_per_row(doc_ids):
-    return jnp.all(doc_ids[:, -1] == 0)
+    return jnp.all(doc_ids[:, -1] == doc_ids[:, 0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))

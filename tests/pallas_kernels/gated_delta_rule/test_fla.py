@@ -143,3 +143,7 @@ def test_varlen_layout_matches_fla_index_rules(rng):
     assert list(np.asarray(lay.first)) == [0, first_row_docs]
     assert list(np.asarray(lay.last)) == [first_row_docs - 1, len(lens) - 1]
     assert not bool(lay.overflow)
+    # a shard of longer sequences (context parallelism) numbers its documents from where the sequence is
+    shifted = fla_kernels._Layout(doc_ids + jnp.asarray([[3], [5]], jnp.int32), varlen=True)
+    for name in ("cu", "chunk_indices", "chunk_offsets", "first", "last"):
+        np.testing.assert_array_equal(getattr(shifted, name), getattr(lay, name))
