@@ -91,8 +91,7 @@ def attention_core(q, k, v, doc_ids, window: int | None, scale: float, impl: str
     if impl == "blocked":
         return _blocked(q, k, v, doc_ids, window, scale, shards)
     if impl == "splash":
-        ops_attention.check_supported(q.shape[1], shards)
-        return ops_attention.splash_attention(q, k, v, doc_ids, window, scale)
+        return ops_attention.splash_attention(q, k, v, doc_ids, window, scale, shards=shards)
     if impl != "cudnn":
         raise ValueError(f"attention impl={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **_flash_args(doc_ids, window))

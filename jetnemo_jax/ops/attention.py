@@ -39,12 +39,13 @@ def _kernel(T, groups, window, interpret):
     return lambda q, k, v, seg: kernel(q, k, v, segment_ids=sk.SegmentIds(seg, seg))
 
 
-def splash_attention(q, k, v, doc_ids, window: int | None, scale: float, *, mesh=None):
+def splash_attention(q, k, v, doc_ids, window: int | None, scale: float, *, shards: int = 1, mesh=None):
     """q [B,T,H,hd] over k, v [B,T,kv,hd]: causal (key j seen by query i iff i - window < j <= i when `window`),
-    inside each document of doc_ids [B,T] (None: one per row). Returns [B,T,H,hd] in q's dtype."""
+    inside each document of doc_ids [B,T] (None: one per row). Returns [B,T,H,hd] in q's dtype. `shards`: the
+    context-parallel split of the sequence, which it refuses."""
     B, T, H, hd = q.shape
     kv = k.shape[2]
-    check_supported(T)
+    check_supported(T, shards)
     mesh = kernel_mesh.resolve(mesh)
     interpret = kernel_mesh.platform(mesh) != "tpu"
     docs = jnp.zeros((B, T), jnp.int32) if doc_ids is None else doc_ids.astype(jnp.int32)

@@ -202,8 +202,10 @@ def _run_triton(q, k, v, g, beta, scale, state, doc_ids, *, l2norm, chunk_size, 
 
 
 def _run_fla(q, k, v, g, beta, scale, state, doc_ids, *, l2norm, chunk_size, interpret, mesh):
-    fn = lambda q, k, v, g, beta, h0, doc_ids: fla_kernels.gated_delta_rule(q, k, v, g, beta, scale, h0, doc_ids,
-                                                                            l2norm=l2norm)
+    # fla's kernels take q and k normalised, in their own 16-bit dtype (as fla's l2norm kernels hand them over)
+    if l2norm:
+        q, k = l2_normalize(q).astype(q.dtype), l2_normalize(k).astype(k.dtype)
+    fn = lambda q, k, v, g, beta, h0, doc_ids: fla_kernels.gated_delta_rule(q, k, v, g, beta, scale, h0, doc_ids)
     return _per_shard(fn, mesh)(q, k, v, g, beta, state, doc_ids)
 
 

@@ -7,7 +7,7 @@ binds parameters in another order than fla's). They are chained as `fla.ops.gate
 forward: chunk-local cumsum of g (log2 units), fused K K^T + triangular solve (A), W and U, the chunk states with
 V_new and the final state, the output. Backward: W and U and the chunk states again (fla recomputes rather than
 keeps them), dV through the intra-chunk term, the state gradients (reverse serial pass), dq, dk, dW and dg, the WY
-backward, and the reverse cumsum of dg. The L2 norm of q and k runs in JAX before the kernels (fla's
+backward, and the reverse cumsum of dg. The L2 norm of q and k is the op's, in JAX before the kernels (fla's
 `use_qk_l2norm_in_kernel` runs its own l2norm kernels with the same arithmetic, x / sqrt(sum x^2 + 1e-6)).
 
 Packed documents use fla's varlen mode: the rows are laid end to end ([1, B*T]) and every document is a sequence
@@ -301,20 +301,13 @@ def _core_bwd(scale, autotune, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _l2_normalize(x):
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + 1e-6)).astype(x.dtype)
-
-
-def gated_delta_rule(q, k, v, g, beta, scale, initial_state, doc_ids, *, l2norm, autotune=True):
-    """q, k [B,T,H,dk] raw (L2-normalised here when `l2norm`); v [B,T,H,dv], q, k, v in one 16-bit dtype; g, beta
+def gated_delta_rule(q, k, v, g, beta, scale, initial_state, doc_ids, *, autotune=True):
+    """q, k [B,T,H,dk] (L2-normalised by the op when it asks); v [B,T,H,dv]; q, k, v in one 16-bit dtype; g, beta
     [B,T,H]; initial_state [B,H,dk,dv] float32 (it continues each row's first document); doc_ids [B,T] monotone
     (`jetnemo_jax.ops.documents`). Returns (o [B,T,H,dv] in v's dtype, final state float32); gradients come back
     in each input's dtype. `autotune`: fla's configs timed on the first run of the program (as fla does), else
     fla's first config of each kernel (faster compiles)."""
     check_supported(q.shape[-1], v.shape[-1], (q.dtype, k.dtype, v.dtype))
-    if l2norm:
-        q, k = _l2_normalize(q), _l2_normalize(k)
     o, final = _core(q, k, v, g.astype(jnp.float32), beta, initial_state.astype(jnp.float32),
                      doc_ids.astype(jnp.int32), float(scale), bool(autotune))
     return o, final
