@@ -70,29 +70,38 @@ def default_block_v(batch_heads: int, dk: int, dv: int, fast_dtype=jnp.bfloat16)
     return next((b for b in BLOCK_V.widths if batch_heads * padded(dv) // b >= BLOCK_V.programs), BLOCK_V.narrow)
 
 
+def default_blocks(batch_heads: int, dk: int, dv: int, fast_dtype=jnp.bfloat16) -> tuple[int, int]:
+    """(serial passes, chunk-parallel kernels) dv blocks. Only the serial passes need the narrow blocks that
+    fill the GPU at small B*H: the chunk-parallel kernels have programs per chunk too, and each extra dv block
+    reruns their dk-wide work."""
+    serial = default_block_v(batch_heads, dk, dv, fast_dtype)
+    narrow = jnp.dtype(fast_dtype) == jnp.float32 or padded(dk) > 128
+    return serial, serial if narrow else BLOCK_V.widths[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _core(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
-    return _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret)[0]
+def _core(q, k, v, g, beta, starts, h0, scale, l2norm, blocks, interpret):
+    return _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, blocks, interpret)[0]
 
 
-def _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, block_v, interpret):
+def _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, blocks, interpret):
     fast_dtype = dot_dtype(q, k, v)
-    flags = dict(block_v=block_v, interpret=interpret)
+    serial, flags = dict(block_v=blocks[0], interpret=interpret), dict(block_v=blocks[1], interpret=interpret)
     tinv, w, u, kd, e = fwd.prepare(k, v, g, beta, starts, l2norm=l2norm, fast_dtype=fast_dtype, **flags)
-    states, v_new, final = fwd.chunk_states(w, u, kd, e, h0, **flags)
+    states, v_new, final = fwd.chunk_states(w, u, kd, e, h0, **serial)
     o = fwd.output(q, k, v, g, starts, v_new, states, scale=scale, l2norm=l2norm, **flags)
     # Named, so that a remat policy can keep them (model.REMAT_POLICIES["kernels"]) instead of rerunning the kernels.
     res = (q, k, v, g, beta, starts, h0, tinv, w, kd, e, states, v_new)
     return checkpoint_name(((o, final), res), KERNEL_RESIDUALS)
 
 
-def _core_bwd(scale, l2norm, block_v, interpret, res, cts):
+def _core_bwd(scale, l2norm, blocks, interpret, res, cts):
     q, k, v, g, beta, starts, h0, tinv, w, kd, e, states, v_new = res
     do, d_final = cts
     do = do.astype(v.dtype)
-    flags = dict(block_v=block_v, interpret=interpret)
+    serial, flags = dict(block_v=blocks[0], interpret=interpret), dict(block_v=blocks[1], interpret=interpret)
     eq, dvl = bwd.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=l2norm, fast_dtype=w.dtype, **flags)
-    dstates, dv_new, dh0 = bwd.state_grads(w, kd, e, eq, dvl, do, d_final, **flags)
+    dstates, dv_new, dh0 = bwd.state_grads(w, kd, e, eq, dvl, do, d_final, **serial)
     dq, dk, dv, dg, dbeta = bwd.input_grads(q, k, v, g, beta, starts, tinv, v_new, dv_new, states, do, dstates,
                                             scale=scale, l2norm=l2norm, **flags)
     return dq, dk, dv, dg, dbeta, None, dh0.astype(h0.dtype)
@@ -107,5 +116,5 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, starts, *, l2norm, 
     Returns (o [B,T,H,dv] in v's dtype, final state float32); gradients come back in each input's dtype."""
     B, _, H, dk = q.shape
     check_supported(dk, v.shape[-1], (q.dtype, k.dtype, v.dtype), interpret)
-    block_v = block_v or default_block_v(B * H, dk, v.shape[-1], dot_dtype(q, k, v))
-    return _core(q, k, v, g, beta, starts.astype(jnp.float32), initial_state, scale, l2norm, block_v, interpret)
+    blocks = (block_v, block_v) if block_v else default_blocks(B * H, dk, v.shape[-1], dot_dtype(q, k, v))
+    return _core(q, k, v, g, beta, starts.astype(jnp.float32), initial_state, scale, l2norm, blocks, interpret)
