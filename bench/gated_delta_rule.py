@@ -6,8 +6,9 @@ as fla does) and jax-linear-attention's Mosaic GPU kernel, each when importable 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/gated_delta_rule.py --out gdr.json
     python bench/gated_delta_rule.py --check      # first run the GPU correctness tests (pytest)
 
-Shapes (B, T, H, dk, dv): the 2B JetBlock (8, 4096, 12, 96, 256), the 4B one (4, 8192, 16, 128, 256) and
-a long single sequence (1, 32768, 12, 96, 256). bf16 q, k, v, beta; fp32 g; the L2 norm of q and k inside
+Shapes (B, T, H, dk, dv): the 2B JetBlock (8, 4096, 12, 96, 256), the 4B one (4, 8192, 16, 128, 256), a
+long single sequence (1, 32768, 12, 96, 256) and a JetBlock of the 2B train step at B=2 ("2b_step"). fla's
+PyTorch row runs in a child process (torch and JAX in one process share the CUDA context). bf16 q, k, v, beta; fp32 g; the L2 norm of q and k inside
 every implementation (fla: use_qk_l2norm_in_kernel); no initial state. Forward and forward+backward (the
 gradient of sum(o * do)) are timed after a warm-up as the median of --reps runs (block_until_ready /
 torch.cuda.synchronize). Roofline: the fewest bytes (every input read once, every output written once)
@@ -192,7 +193,8 @@ def bench_shape(name, reps, block_vs, wanted):
     row = dict(shape=dict(B=B, T=T, H=H, dk=dk, dv=dv), **cost(B, T, H, dk, dv), ms={}, skipped={})
     x, do = jax_inputs(B, T, H, dk, dv)
     sync = jax.block_until_ready
-    impls = {"ours": ours(), **{f"ours_bv{bv}": ours(bv) for bv in block_vs}}
+    impls = {"ours": ours(), **{f"ours_bv{bv if isinstance(bv, int) else '/'.join(map(str, bv))}": ours(bv)
+                                for bv in block_vs}}
     if "chunked" in wanted:
         impls["chunked"] = lambda **x: ops.gated_delta_rule(**x, impl="xla")[0]
     if "fla_jax" in wanted:
@@ -259,7 +261,8 @@ def main():
     p.add_argument("--shapes", default="2b,4b,long")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--impls", default="fla,fla_jax,jla,chunked", help="baselines to time beside the kernels")
-    p.add_argument("--block-v", default="32,128", help="other dv-block sizes of the kernels to time")
+    p.add_argument("--block-v", default="32,128", help="other dv-block sizes of the kernels to time; "
+                   "S/P: the serial passes at S, the chunk-parallel kernels at P")
     p.add_argument("--check", action="store_true", help="run the GPU correctness tests first")
     p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
                    "(on the first shape; and at each --block-v)")
@@ -280,14 +283,15 @@ def main():
     device = jax.devices()[0]
     bw = copy_bandwidth()
     print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    block_vs = [int(b) for b in args.block_v.split(",") if b]
+    block_vs = [tuple(int(x) for x in b.split("/")) if "/" in b else int(b) for b in args.block_v.split(",") if b]
     rows = {}
     if args.profile_warps:
         warps = [int(w) for w in args.profile_warps.split(",")]
         first = args.shapes.split(",")[0]
         only = [k for k in args.profile_kernels.split(",") if k]
         stages = [int(n) for n in args.profile_stages.split(",") if n] or [None]
-        rows["kernels"] = {first: profile_kernels(first, args.reps, warps, block_vs, only, stages)}
+        widths = [b for b in block_vs if isinstance(b, int)]  # one kernel at a time: no serial/parallel split
+        rows["kernels"] = {first: profile_kernels(first, args.reps, warps, widths, only, stages)}
     for name in args.shapes.split(","):
         rows[name] = bench_shape(name, args.reps, block_vs, args.impls.split(","))
         with open(args.out, "w") as f:

@@ -70,15 +70,6 @@ def default_block_v(batch_heads: int, dk: int, dv: int, fast_dtype=jnp.bfloat16)
     return next((b for b in BLOCK_V.widths if batch_heads * padded(dv) // b >= BLOCK_V.programs), BLOCK_V.narrow)
 
 
-def default_blocks(batch_heads: int, dk: int, dv: int, fast_dtype=jnp.bfloat16) -> tuple[int, int]:
-    """(serial passes, chunk-parallel kernels) dv blocks. Only the serial passes need the narrow blocks that
-    fill the GPU at small B*H: the chunk-parallel kernels have programs per chunk too, and each extra dv block
-    reruns their dk-wide work."""
-    serial = default_block_v(batch_heads, dk, dv, fast_dtype)
-    narrow = jnp.dtype(fast_dtype) == jnp.float32 or padded(dk) > 128
-    return serial, serial if narrow else BLOCK_V.widths[0]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _core(q, k, v, g, beta, starts, h0, scale, l2norm, blocks, interpret):
     return _core_fwd(q, k, v, g, beta, starts, h0, scale, l2norm, blocks, interpret)[0]
@@ -113,8 +104,11 @@ _core.defvjp(_core_fwd, _core_bwd)
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, starts, *, l2norm, interpret=False, block_v=None):
     """q, k [B,T,H,dk] raw (normalised inside when `l2norm`); v [B,T,H,dv]; g, beta [B,T,H]; any float
     dtypes; initial_state [B,H,dk,dv] float32; starts [B,T] bool (`jetnemo_jax.ops.documents.document_starts`).
-    Returns (o [B,T,H,dv] in v's dtype, final state float32); gradients come back in each input's dtype."""
+    Returns (o [B,T,H,dv] in v's dtype, final state float32); gradients come back in each input's dtype.
+    `block_v`: dv columns per block, one width for every kernel or (serial passes, chunk-parallel kernels);
+    default_block_v's width for all when None."""
     B, _, H, dk = q.shape
     check_supported(dk, v.shape[-1], (q.dtype, k.dtype, v.dtype), interpret)
-    blocks = (block_v, block_v) if block_v else default_blocks(B * H, dk, v.shape[-1], dot_dtype(q, k, v))
+    block_v = block_v or default_block_v(B * H, dk, v.shape[-1], dot_dtype(q, k, v))
+    blocks = tuple(block_v) if isinstance(block_v, (tuple, list)) else (block_v, block_v)
     return _core(q, k, v, g, beta, starts.astype(jnp.float32), initial_state, scale, l2norm, blocks, interpret)
