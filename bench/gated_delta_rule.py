@@ -6,13 +6,13 @@ as fla does) and jax-linear-attention's Mosaic GPU kernel, each when importable 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/gated_delta_rule.py --out gdr.json
     python bench/gated_delta_rule.py --check      # first run the GPU correctness tests (pytest)
 
-Shapes (B, T, H, dk, dv): the 2B JetBlock (8, 4096, 12, 96, 256), the 4B one (4, 8192, 16, 128, 256), a
-long single sequence (1, 32768, 12, 96, 256) and a JetBlock of the 2B train step at B=2 ("2b_step"). fla's
-PyTorch row runs in a child process (torch and JAX in one process share the CUDA context). bf16 q, k, v, beta; fp32 g; the L2 norm of q and k inside
-every implementation (fla: use_qk_l2norm_in_kernel); no initial state. Forward and forward+backward (the
-gradient of sum(o * do)) are timed after a warm-up as the median of --reps runs (block_until_ready /
-torch.cuda.synchronize). Roofline: the fewest bytes (every input read once, every output written once)
-over the measured device-to-device copy bandwidth, and FLOPs from the spec's cost model.
+Shapes (B, T, H, dk, dv): the 2B JetBlock (8, 4096, 12, 96, 256), the 4B one (4, 8192, 16, 128, 256), a long
+single sequence (1, 32768, 12, 96, 256) and a JetBlock of the 2B train step at B=2 ("2b_step"). fla's PyTorch
+row runs in a child process (torch and JAX in one process share the CUDA context). bf16 q, k, v, beta; fp32 g;
+the L2 norm of q and k inside every implementation (fla: use_qk_l2norm_in_kernel); no initial state. Forward
+and forward+backward (the gradient of sum(o * do)) are timed after a warm-up as the median of --reps runs
+(block_until_ready / torch.cuda.synchronize). Roofline: the fewest bytes (every input read once, every output
+written once) over the measured device-to-device copy bandwidth, and FLOPs from the spec's cost model.
 
 fla 0.6.0 refuses its gated backward on Hopper with Triton 3.4-3.7.0 (a miscompile, fla issue #640); the
 bench lifts that check (`chunk_o.TRITON_ABOVE_3_7_1 = True`) to time it, so fla's backward numbers are
