@@ -155,7 +155,8 @@ def bench(args, n_devices, since: float):
            "seq": T,
            "distill": args.distill, "remat": args.remat, "loss_chunk": args.loss_chunk,
            "attn_impl": args.attn_impl or "xla", "conv_impl": c.model.conv_impl, "gdr_impl": c.model.gdr_impl,
-           "scan_layers": args.scan_layers, "frozen": c.train.frozen, "step_ms": 1e3 * step_s,
+           "gdr_block_v": args.gdr_block_v or "default", "scan_layers": args.scan_layers, "frozen": c.train.frozen,
+           "step_ms": 1e3 * step_s,
            "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_devices, "compile_s": compile_s,
            "lower_s": lower_s, "compile_s_cold": compile_s_cold,
            "compile_cold_from_cache": bool(cold["requests"] and not cold["misses"]),
@@ -234,6 +235,8 @@ def main():
     p.add_argument("--scan-layers", action="store_true", help="one lax.scan per run of identical layers")
     p.add_argument("--gdr-impl", default="", help="auto (default), triton, fla (fla-core's kernels; [fla] extra), xla")
     p.add_argument("--conv-impl", default="")
+    p.add_argument("--gdr-block-v", default="", metavar="W|S/P", help="the Triton GDR kernels' dv blocks (bench "
+                   "only: replaces default_block_v): W for every kernel, S/P serial passes / chunk-parallel ones")
     p.add_argument("--compile-profile", type=int, default=0, metavar="N",
                    help="cProfile the lowering and compiles: print the top N functions of each")
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
@@ -247,6 +250,10 @@ def main():
                         "~/.cache/jetnemo_jax/jax_compilation_cache)")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    if args.gdr_block_v:
+        from pallas_kernels.gated_delta_rule import triton as triton_gdr
+        widths = tuple(int(w) for w in args.gdr_block_v.split("/"))
+        triton_gdr.default_block_v = lambda *_: widths if len(widths) > 1 else widths[0]
     compilation_cache.setup(args.compilation_cache)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     counts = [int(x) for x in args.devices.split(",")] if args.devices else [jax.device_count()]
