@@ -127,9 +127,12 @@ def fla_runners(B, T, H, dk, dv, reps):
 
 def fla_in_child(name, reps):
     """fla's PyTorch row in a process of its own: beside JAX in one process, torch and JAX share the CUDA
-    context (an illegal address in fla's backward on this stack then fails every later JAX row: 2026-12-07)."""
+    context (an illegal address in fla's call on this stack then failed every later JAX row: 2026-12-07)."""
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    if env.get("TRITON_CACHE_DIR") == "":  # set so by jax-triton (impl="fla"); Triton's own launcher refuses it
+        del env["TRITON_CACHE_DIR"]
     r = subprocess.run([sys.executable, __file__, "--fla-torch", name, "--reps", str(reps)], capture_output=True,
-                       text=True, env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+                       text=True, env=env)
     last = (r.stdout.strip().splitlines() or [""])[-1]
     if r.returncode != 0 or not last.startswith("{"):
         raise RuntimeError(f"exit {r.returncode}: " + " | ".join(r.stderr.strip().splitlines()[-3:]))
