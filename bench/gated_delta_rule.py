@@ -42,6 +42,16 @@ SHAPES = {"2b": (8, 4096, 12, 96, 256), "4b": (4, 8192, 16, 128, 256), "long": (
 C = 64
 
 
+def parse_block_v(text: str) -> int | tuple[int, int]:
+    """argparse type of a dv-block choice of the Triton kernels: W (every kernel) or S/P (the serial passes at
+    S, the chunk-parallel kernels at P), each a power of two >= 16."""
+    parts = text.split("/")
+    if len(parts) > 2 or not all(p.isdigit() and int(p) >= 16 and int(p) & (int(p) - 1) == 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected W or S/P, powers of two >= 16, got {text!r}")
+    widths = tuple(int(p) for p in parts)
+    return widths if len(widths) == 2 else widths[0]
+
+
 def cost(B, T, H, dk, dv):
     """FLOPs (spec: forward 6 dk dv + 3 C dk + 4 C dv per token and head, backward ~2x) and the fewest
     bytes: bf16 q, k, v, beta, o (and do, dq, dk, dv, dbeta), fp32 g (and dg)."""
@@ -265,7 +275,8 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--impls", default="fla,fla_jax,jla,chunked", help="baselines to time beside the kernels")
     p.add_argument("--block-v", default="32,128", help="other dv-block sizes of the kernels to time; "
-                   "S/P: the serial passes at S, the chunk-parallel kernels at P")
+                   "S/P: the serial passes at S, the chunk-parallel kernels at P",
+                   type=lambda text: [parse_block_v(b) for b in text.split(",") if b])
     p.add_argument("--check", action="store_true", help="run the GPU correctness tests first")
     p.add_argument("--profile-warps", default="", help="first time each kernel alone at these num_warps "
                    "(on the first shape; and at each --block-v)")
@@ -286,7 +297,7 @@ def main():
     device = jax.devices()[0]
     bw = copy_bandwidth()
     print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    block_vs = [tuple(int(x) for x in b.split("/")) if "/" in b else int(b) for b in args.block_v.split(",") if b]
+    block_vs = args.block_v
     rows = {}
     if args.profile_warps:
         warps = [int(w) for w in args.profile_warps.split(",")]

@@ -36,6 +36,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from gated_delta_rule import parse_block_v
 
 from jetnemo_jax import compilation_cache, sharding
 from jetnemo_jax.model import JetNemotronForCausalLM
@@ -235,8 +236,9 @@ def main():
     p.add_argument("--scan-layers", action="store_true", help="one lax.scan per run of identical layers")
     p.add_argument("--gdr-impl", default="", help="auto (default), triton, fla (fla-core's kernels; [fla] extra), xla")
     p.add_argument("--conv-impl", default="")
-    p.add_argument("--gdr-block-v", default="", metavar="W|S/P", help="the Triton GDR kernels' dv blocks (bench "
-                   "only: replaces default_block_v): W for every kernel, S/P serial passes / chunk-parallel ones")
+    p.add_argument("--gdr-block-v", default=None, type=parse_block_v, metavar="W|S/P",
+                   help="the Triton GDR kernels' dv blocks (bench only: replaces default_block_v): W for every "
+                        "kernel, S/P serial passes / chunk-parallel ones")
     p.add_argument("--compile-profile", type=int, default=0, metavar="N",
                    help="cProfile the lowering and compiles: print the top N functions of each")
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
@@ -252,8 +254,7 @@ def main():
     args = p.parse_args()
     if args.gdr_block_v:
         from pallas_kernels.gated_delta_rule import triton as triton_gdr
-        widths = tuple(int(w) for w in args.gdr_block_v.split("/"))
-        triton_gdr.default_block_v = lambda *_: widths if len(widths) > 1 else widths[0]
+        triton_gdr.default_block_v = lambda *_: args.gdr_block_v
     compilation_cache.setup(args.compilation_cache)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     counts = [int(x) for x in args.devices.split(",")] if args.devices else [jax.device_count()]
