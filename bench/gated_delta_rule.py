@@ -161,33 +161,35 @@ def profile_kernels(name, reps, warps, block_vs, only, stages=(None,)):
     q, k, v, g, beta = x.values()
     starts = jnp.zeros((B, T), jnp.float32)
     h0 = jnp.zeros((B, H, dk, dv), jnp.float32)
-    bv0 = triton_gdr.default_block_v(B * H, dk, dv)
+    bv0 = triton_gdr.default_block_v(B * H, dk, dv)  # (serial passes, chunk-parallel kernels)
     scale, fd = dk ** -0.5, jnp.bfloat16
-    t, w, u, kd, e = kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, block_v=bv0)
-    st, vn, fin = kern.chunk_states(w, u, kd, e, h0, block_v=bv0)
-    eq, dvl = kern_bwd.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True, fast_dtype=fd, block_v=bv0)
-    dst, dvn, _ = kern_bwd.state_grads(w, kd, e, eq, dvl, do, fin, block_v=bv0)
+    t, w, u, kd, e = kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, block_v=bv0[1])
+    st, vn, fin = kern.chunk_states(w, u, kd, e, h0, block_v=bv0[0])
+    eq, dvl = kern_bwd.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True, fast_dtype=fd,
+                                        block_v=bv0[1])
+    dst, dvn, _ = kern_bwd.state_grads(w, kd, e, eq, dvl, do, fin, block_v=bv0[0])
 
     def runs(nw, bv, ns):
-        flags = dict(block_v=bv, num_warps=nw, num_stages=ns)
+        widths = (bv, bv) if bv else bv0
+        serial, flags = (dict(block_v=b, num_warps=nw, num_stages=ns) for b in widths)
         return {
             "prepare": lambda: kern.prepare(k, v, g, beta, starts, l2norm=True, fast_dtype=fd, **flags),
             "prepare_backward": lambda: kern_bwd.prepare_backward(q, k, g, starts, do, scale=scale, l2norm=True,
                                                                   fast_dtype=fd, **flags),
-            "chunk_states": lambda: kern.chunk_states(w, u, kd, e, h0, **flags),
+            "chunk_states": lambda: kern.chunk_states(w, u, kd, e, h0, **serial),
             "output": lambda: kern.output(q, k, v, g, starts, vn, st, scale=scale, l2norm=True, **flags),
-            "state_grads": lambda: kern_bwd.state_grads(w, kd, e, eq, dvl, do, fin, **flags),
+            "state_grads": lambda: kern_bwd.state_grads(w, kd, e, eq, dvl, do, fin, **serial),
             "input_grads": lambda: kern_bwd.input_grads(q, k, v, g, beta, starts, t, vn, dvn, st, do, dst,
                                                         scale=scale, l2norm=True, **flags),
         }
 
     out = {}
-    plan = [(bv, nw, ns) for bv in [bv0, *(b for b in block_vs if b != bv0)] for nw in warps for ns in stages]
+    plan = [(bv, nw, ns) for bv in [None, *block_vs] for nw in warps for ns in stages]  # None: the defaults
     for bv, nw, ns in plan:
         for kname, fn in runs(nw, bv, ns).items():
             if only and kname not in only:
                 continue
-            key = f"{kname}_w{nw}_bv{bv}" + (f"_s{ns}" if ns else "")
+            key = f"{kname}_w{nw}_bv{bv or 'default'}" + (f"_s{ns}" if ns else "")
             try:
                 out[key] = median_ms(fn, jax.block_until_ready, reps)
             except Exception as e:  # noqa: BLE001

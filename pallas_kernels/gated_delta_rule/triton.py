@@ -36,7 +36,7 @@ RECOMPUTE_MEASURED = "H100, 2B shape: a second serial pass in the backward costs
 
 @dataclasses.dataclass(frozen=True)
 class BlockV:
-    """The dv columns per block of every kernel (`default_block_v`), and the measurement that chose them."""
+    """The dv columns per block of the kernels (`default_block_v`), and the measurements that chose them."""
     widths: tuple[int, ...]  # widest first: the widest that still gives the serial passes `programs` programs
     narrow: int  # where shared memory asks for it: fp32 inputs (twice the bytes per tile) and dk > 128
     programs: int  # the serial passes' grid is B*H x dv blocks: a program per SM of an H100
@@ -44,10 +44,13 @@ class BlockV:
 
 
 BLOCK_V = BlockV(widths=(128, 64), narrow=32, programs=132, measured=(
-    "H100, 2B shape, the whole op forward+backward: 5.08-5.17 ms at 128 against 5.30-5.39 at 64 for the serial "
-    "passes and the output and 128 for the other kernels (each kernel alone favoured 64, by less than its "
+    "H100, 2B shape (B=8), the whole op forward+backward: 5.08-5.17 ms at 128 against 5.30-5.39 at 64 for the "
+    "serial passes and the output and 128 for the other kernels (each kernel alone favoured 64, by less than its "
     "noise). Shared memory at dk = 256 (tests/pallas_kernels/triton_resources.py, sm_90), the reverse serial "
-    "pass: 224 KiB at 32, 256 at 64, 336 at 128; 227 fit"))
+    "pass: 224 KiB at 32, 256 at 64, 336 at 128; 227 fit. 2026-12-07, the 2B step's shape (B=2): serial passes "
+    "at 32 and the chunk-parallel kernels at 128 took 1.56 ms against 1.79 with 32 for all (and 210.1 against "
+    "213.6 ms per train step); at B=8 the split and 128 for all tie (5.32 ms)"))
+
 
 dot_dtype = fwd.dot_dtype
 padded = fwd.padded
@@ -62,12 +65,14 @@ def check_supported(dk, dv, dtypes, interpret=False):
                          f"got dk={dk}")
 
 
-def default_block_v(batch_heads: int, dk: int, dv: int, fast_dtype=jnp.bfloat16) -> int:
-    """dv columns per block (`BLOCK_V`): the widest of its widths that still gives the serial passes a program
-    per SM, else its narrow width, which fp32 inputs and dk > 128 always take."""
+def default_block_v(batch_heads: int, dk: int, dv: int, fast_dtype=jnp.bfloat16) -> tuple[int, int]:
+    """dv columns per block (`BLOCK_V`), (serial passes, chunk-parallel kernels): the serial passes take the
+    widest of its widths that still gives them a program per SM, the chunk-parallel kernels (whose grid also
+    spans the chunks) the widest; both the narrow width where fp32 inputs or dk > 128 ask for it."""
     if jnp.dtype(fast_dtype) == jnp.float32 or padded(dk) > 128:
-        return BLOCK_V.narrow
-    return next((b for b in BLOCK_V.widths if batch_heads * padded(dv) // b >= BLOCK_V.programs), BLOCK_V.narrow)
+        return BLOCK_V.narrow, BLOCK_V.narrow
+    serial = next((b for b in BLOCK_V.widths if batch_heads * padded(dv) // b >= BLOCK_V.programs), BLOCK_V.narrow)
+    return serial, BLOCK_V.widths[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -106,7 +111,7 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, starts, *, l2norm, 
     dtypes; initial_state [B,H,dk,dv] float32; starts [B,T] bool (`jetnemo_jax.ops.documents.document_starts`).
     Returns (o [B,T,H,dv] in v's dtype, final state float32); gradients come back in each input's dtype.
     `block_v`: dv columns per block, one width for every kernel or (serial passes, chunk-parallel kernels);
-    default_block_v's width for all when None."""
+    default_block_v's when None."""
     B, _, H, dk = q.shape
     check_supported(dk, v.shape[-1], (q.dtype, k.dtype, v.dtype), interpret)
     block_v = block_v or default_block_v(B * H, dk, v.shape[-1], dot_dtype(q, k, v))

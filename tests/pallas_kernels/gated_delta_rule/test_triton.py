@@ -64,9 +64,8 @@ def test_gradients_match_float64(rng, dtype, B, T, H, dk, dv, gates):
 
 @pytest.mark.parametrize("block_v", [64, 128, (32, 128)])
 def test_wide_dv_blocks_match_float64(rng, monkeypatch, block_v):
-    """The dv blocks that large batches get (default_block_v: 128 at the 2B shape), here with two and four
-    blocks per row; the tests above run small B*H, hence 32-wide blocks. (32, 128): the serial passes narrow,
-    the chunk-parallel kernels wide."""
+    """dv blocks other than the default's at small B*H ((32, 128): the serial passes narrow, the
+    chunk-parallel kernels wide), with two and four blocks per row: 64 and 128 for all, as large batches get."""
     monkeypatch.setattr(triton_kernels, "default_block_v", lambda *_: block_v)
     check_gradients(rng, "triton", "bfloat16", 1, 100, 2, 96, 256, "normal", kernel_segments(rng, 1, 100),
                     tol={"g": 4e-2, "beta": 4e-2})
@@ -74,13 +73,14 @@ def test_wide_dv_blocks_match_float64(rng, monkeypatch, block_v):
 
 @pytest.mark.parametrize("dtype,dk", [("bfloat16", 64), ("bfloat16", 96), ("bfloat16", 128), ("bfloat16", 256),
                                       ("float32", 64), ("float32", 128)])
-def test_default_blocks_fit_h100_shared_memory(dtype, dk):
+@pytest.mark.parametrize("batch_heads", [24, 4096])
+def test_default_blocks_fit_h100_shared_memory(dtype, dk, batch_heads):
     """Compiled for sm_90 (by the triton package: a proxy of XLA's Triton), every kernel fits in an H100's
-    shared memory at the dv block that a large batch gets; at dk = 256 that block must be 32 (the reverse
-    serial pass needs 336 KiB at 128, which the proxy must see)."""
+    shared memory at the dv blocks that a small (the 2B step's B*H = 24) and a large batch get; at dk = 256
+    they must be 32 (the reverse serial pass needs 336 KiB at 128, which the proxy must see)."""
     if sys.platform != "linux":
         pytest.skip("the triton package (the test extra's sm_90 compiler) ships for Linux only")
-    block_v = triton_kernels.default_block_v(4096, dk, 256, jnp.dtype(dtype))
+    block_v = triton_kernels.default_block_v(batch_heads, dk, 256, jnp.dtype(dtype))
     kib = triton_resources.shared_memory_kib(dtype, dk, 256, block_v)
     assert max(kib.values()) <= triton_resources.H100_SHARED_KIB, (block_v, kib)
     if dk == 256:
