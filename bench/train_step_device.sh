@@ -11,7 +11,8 @@
 #   .whl/anchor/*.whl        fla-core==0.6.0 transformers==4.57.1 huggingface-hub==0.36.0 tokenizers==0.22.1 einops
 #   .whl/proj/*.whl          ml_collections==1.1.0 only (the image's flax 0.12.10 matches its jax 0.11.2;
 #                            a carried flax 0.12.8 fails to import there)
-# Call: run(command="bash bench/train_step_device.sh", carry=[".whl"]); VARIANTS='name|flags;...' overrides.
+# Call: run(command="bash bench/train_step_device.sh", carry=[".whl"]); VARIANTS='name|flags;...' overrides;
+# 'name|flags|xla flags' runs that row with XLA_FLAGS set to the third field (recorded as its xla_flags).
 # The 2B step compiled in about 3 minutes per variant on 2026-12-05; PRECOMPILE=1 compiles every variant
 # in parallel first (no GPU preallocation) into JAX's persistent cache, which the timed runs then hit.
 # 2026-12-06: a 2B restart served entirely by that cache still spent 135 s in lower().compile() (159 s cold),
@@ -53,17 +54,20 @@ if os.environ.get('QWEN') == '1':
     json.dump(q, open(os.environ['OUT'] + '/qwen_transformers.json', 'w'))" 2>&1 | grep -v Warn | tail -n 3 | tee -a "$LOG"
 
 for row in "${ROWS[@]}"; do
-  name=${row%%|*}; flags=${row#*|}; left=$(( ${DEADLINE:-570} - ($(date +%s) - T0) ))
+  name=${row%%|*}; flags=${row#*|}; xla=""
+  [[ $flags == *"|"* ]] && { xla=${flags#*|}; flags=${flags%%|*}; }
+  left=$(( ${DEADLINE:-570} - ($(date +%s) - T0) ))
   [ $left -lt 45 ] && { echo "== $name skipped: $left s left of DEADLINE" | tee -a "$LOG"; continue; }
-  echo "== [$(( $(date +%s) - T0 ))s] $name: $flags" | tee -a "$LOG"
-  extra=""; env=""
+  echo "== [$(( $(date +%s) - T0 ))s] $name: $flags ${xla:+(XLA_FLAGS=$xla)}" | tee -a "$LOG"
+  extra=""; env="XLA_FLAGS=$xla"
   if [ "${PROFILE:-}" = "$name" ]; then
-    extra="--profile /tmp/prof"; env="XLA_FLAGS=--xla_gpu_enable_command_buffer="
+    extra="--profile /tmp/prof"; env="XLA_FLAGS=--xla_gpu_enable_command_buffer= $xla"
   fi
-  env $env timeout $(( left < 400 ? left : 400 )) python3 $BENCH $flags $extra --out "/tmp/row_$name.json" 2>&1 \
+  env "$env" timeout $(( left < 400 ? left : 400 )) python3 $BENCH $flags $extra --out "/tmp/row_$name.json" 2>&1 \
     | grep --line-buffered -v "^[IWE][0-9]" | tee -a "$LOG" | tail -n 3
   [ -f "/tmp/row_$name.json" ] && python3 -c "
 import json, sys; r = json.load(open('/tmp/row_$name.json'))[0]; r['variant'] = '$name'; r['flags'] = '$flags'
+r['xla_flags'] = '$xla'
 print(json.dumps(r))" >> "$OUT/variants.jsonl"
   [ -n "$extra" ] && cp /tmp/prof/step.xplane.pb.gz /tmp/prof/step.hlo.txt.gz "$OUT/" 2>/dev/null
 done
