@@ -44,6 +44,7 @@ if [ "${PRECOMPILE:-0}" = 1 ]; then
   tail -n 1 /tmp/compile_*.log | tee -a "$LOG"
 fi
 
+if [ "${ANCHOR:-1}" = 1 ]; then  # ANCHOR=0: no official row (ratios then come from an earlier call)
 echo "== official anchor (B=${B:-2}, T=4096; QWEN=1 adds the transformers Qwen2.5-1.5B frozen row)" | tee -a "$LOG"
 PYTHONPATH=/tmp/anchor_site OFFICIAL_DIR=$ROOT/.whl/official_hf B=${B:-2} T=4096 timeout 400 python3 -c "
 import sys, json, os; sys.path.insert(0, '.whl'); import official_train_step as o
@@ -52,6 +53,7 @@ json.dump(r, open(os.environ['OUT'] + '/official.json', 'w'))
 if os.environ.get('QWEN') == '1':
     q = o.bench('Qwen2.5-1.5B shape, frozen MLP+emb (transformers)', o.qwen_model(), True)
     json.dump(q, open(os.environ['OUT'] + '/qwen_transformers.json', 'w'))" 2>&1 | grep -v Warn | tail -n 3 | tee -a "$LOG"
+fi
 
 for row in "${ROWS[@]}"; do
   name=${row%%|*}; flags=${row#*|}; xla=""
