@@ -6,11 +6,15 @@ import tempfile
 import numpy as np
 import pytest
 
+from tests.xla_flags import BASE as XLA_TEST_FLAGS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # pytest-xdist's workers share one GPU: without this each would take 75% of its memory at start (28 tests failed
 # with CUDA out-of-memory on an H100 on 2026-12-06)
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Before JAX's backend starts (it reads XLA_FLAGS once): the suite's flags, kept beside the user's.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
 
 
 @pytest.fixture

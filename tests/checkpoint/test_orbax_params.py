@@ -12,7 +12,7 @@ from jetnemo_jax.checkpoint.orbax_params import load_params
 
 _SAVE = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 import jax, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P

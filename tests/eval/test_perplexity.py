@@ -107,7 +107,7 @@ def test_real_cli_error_is_one_line(tmp_path):
 
 _CONTEXT = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 import jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 from flax import nnx

@@ -3,7 +3,9 @@ a `context` mesh axis of 8 simulated CPU devices, against one device; prints a J
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from tests.xla_flags import with_host_devices
+
+os.environ["XLA_FLAGS"] = with_host_devices(8)
 
 import json  # noqa: E402
 import sys  # noqa: E402

@@ -13,6 +13,7 @@ from jetnemo_jax import ops
 from jetnemo_jax.ops import backends, conv
 from jetnemo_jax.ops import mesh as kernel_mesh
 from tests.oracles import dynamic_conv_numpy, rel_err
+from tests.xla_flags import with_host_devices
 
 
 def make(rng, B, T, D, W=4, dtype="float32"):
@@ -179,7 +180,7 @@ def test_kernels_run_per_shard_on_a_mesh(rng):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=with_host_devices(4), JAX_PLATFORMS="cpu",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", _SHARDED.format(seed=int(rng.integers(2**31)))], cwd=root,
                          env=env, capture_output=True, text=True, timeout=300)

@@ -4,7 +4,9 @@ simulated CPU devices, against one device. Prints a JSON comparison."""
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from tests.xla_flags import with_host_devices
+
+os.environ["XLA_FLAGS"] = with_host_devices(8)
 
 import json  # noqa: E402
 import sys  # noqa: E402

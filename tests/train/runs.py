@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from jetnemo_jax.train.config import default_config
+from tests import xla_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,9 +46,8 @@ def small_flags(workdir, **overrides) -> list[str]:
 
 
 def env(**extra) -> dict:
-    e = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
-    e.pop("XLA_FLAGS", None) if "XLA_FLAGS" not in extra else None
-    return e
+    """A child's environment: this one's, with the suite's XLA flags only (tests/xla_flags.py) unless given."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags.BASE, **extra}
 
 
 def train_cmd(flags: list[str]) -> list[str]:

@@ -22,7 +22,8 @@ def run_compile_only(config, topology, *flags, slices=1):
 
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / config),
            f"--compile_only={topology}", f"--compile_only_slices={slices}", *flags]
-    return subprocess.run(cmd, env=env(**TPU_ENV), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # XLA_FLAGS empty: the TPU compile as users run it (the suite's CPU -O0 would barely shorten it)
+    return subprocess.run(cmd, env=env(**TPU_ENV, XLA_FLAGS=""), cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def compile_only(config, topology, *flags, slices=1):

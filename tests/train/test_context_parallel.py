@@ -9,6 +9,7 @@ import json
 import pytest
 
 from tests.train.runs import run_child
+from tests.xla_flags import with_host_devices
 
 
 @pytest.mark.slow
@@ -34,7 +35,7 @@ def test_train_py_with_context_4_follows_context_1(tmp_path):
 
     flags = ["--config.train.steps=5", "--config.train.log_every=1", "--config.train.sample_tokens=0",
              "--config.train.eval_every=0"]
-    four = dict(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    four = dict(XLA_FLAGS=with_host_devices(4), JAX_PLATFORMS="cpu")
     runs = {}
     for context in (1, 4):
         workdir = tmp_path / f"context{context}"

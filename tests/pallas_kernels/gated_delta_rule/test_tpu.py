@@ -15,6 +15,7 @@ import pytest
 from jetnemo_jax import ops
 from jetnemo_jax.ops import mesh as kernel_mesh
 from tests.ops.test_delta_rule import check_forward, check_gradients, kernel_segments, make_inputs
+from tests.xla_flags import with_host_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -97,7 +98,7 @@ _SHARDED = textwrap.dedent("""
 
 def run_sharded_check(rng, impl):
     """Batch over "data", heads over "tensor" on 4 host devices; same values and gradients as one device."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=with_host_devices(4), JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     code = _SHARDED.format(seed=int(rng.integers(2**31)), impl=impl)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
