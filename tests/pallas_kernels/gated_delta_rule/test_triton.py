@@ -71,16 +71,26 @@ def test_wide_dv_blocks_match_float64(rng, monkeypatch, block_v):
                     tol={"g": 4e-2, "beta": 4e-2})
 
 
+def test_default_blocks_split_serial_and_chunk_parallel():
+    """(serial passes, chunk-parallel kernels): the serial passes narrow at small B*H (a program per SM), the
+    chunk-parallel kernels at 128; the narrow width for fp32 and dk > 128."""
+    assert triton_kernels.default_block_v(24, 96, 256) == (32, 128)  # the 2B step, B = 2
+    assert triton_kernels.default_block_v(48, 96, 256) == (64, 128)
+    assert triton_kernels.default_block_v(96, 96, 256) == (128, 128)
+    assert triton_kernels.default_block_v(4096, 256, 256) == (32, 32)
+    assert triton_kernels.default_block_v(4096, 64, 256, jnp.dtype("float32")) == (32, 32)
+
+
 @pytest.mark.parametrize("dtype,dk", [("bfloat16", 64), ("bfloat16", 96), ("bfloat16", 128), ("bfloat16", 256),
                                       ("float32", 64), ("float32", 128)])
-@pytest.mark.parametrize("batch_heads", [24, 4096])
-def test_default_blocks_fit_h100_shared_memory(dtype, dk, batch_heads):
+def test_default_blocks_fit_h100_shared_memory(dtype, dk):
     """Compiled for sm_90 (by the triton package: a proxy of XLA's Triton), every kernel fits in an H100's
-    shared memory at the dv blocks that a small (the 2B step's B*H = 24) and a large batch get; at dk = 256
-    they must be 32 (the reverse serial pass needs 336 KiB at 128, which the proxy must see)."""
+    shared memory at the dv blocks that a large batch gets, the widest the defaults give any kernel (a small
+    batch narrows only the serial passes); at dk = 256 they must be 32 (the reverse serial pass needs 336 KiB
+    at 128, which the proxy must see)."""
     if sys.platform != "linux":
         pytest.skip("the triton package (the test extra's sm_90 compiler) ships for Linux only")
-    block_v = triton_kernels.default_block_v(batch_heads, dk, 256, jnp.dtype(dtype))
+    block_v = triton_kernels.default_block_v(4096, dk, 256, jnp.dtype(dtype))
     kib = triton_resources.shared_memory_kib(dtype, dk, 256, block_v)
     assert max(kib.values()) <= triton_resources.H100_SHARED_KIB, (block_v, kib)
     if dk == 256:
