@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of the train step for TPU pods on this CPU machine (needs libtpu)."""
 
 import importlib.util
+import os
 import re
 
 import pytest
@@ -60,7 +61,9 @@ def test_tiny_model_multislice():
     assert re.search(r"compile cold [\d.]+ s \(persistent cache off\)", out), out  # off: nothing would read it
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("JETNEMO_AOT_2B") != "1", reason=(
+    "the 2B stage-1 step's v5p:4x4x4 compile takes 3-7 minutes of CI's 30 (JETNEMO_AOT_2B=1 runs it; "
+    "the tiny tests above cover the same path)"))
 def test_2b_stage1_on_v5p_4x4x4():
     # Scanned layers: the same step in 6 GB of host memory instead of 14.7 GB (BENCHMARKS.md), so that it fits
     # beside the suite's other worker on a 2-core CI machine; the unrolled form is compiled by the tiny tests.
