@@ -18,7 +18,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from jetnemo_jax import ops, sharding  # noqa: E402
 
-MESHES = {"context2": {"context": 2}, "context4": {"context": 4}, "context8": {"context": 8},
+MESHES = {"context4": {"context": 4}, "context8": {"context": 8},  # the edges of 2 shards are among 4's and 8's
           "fsdp2_context4": {"fsdp": 2, "context": 4}}
 
 

@@ -57,7 +57,8 @@ _COMPILE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("topology", ["v5e:4x4", "v5p:2x2x2", "v6e:4x4"])
+# v5e's Mosaic lowering is compiled by tests/train/test_compile_only.py's sharded tiny step (kernel calls > 0)
+@pytest.mark.parametrize("topology", ["v5p:2x2x2", "v6e:4x4"])
 def test_tpu_kernels_compile_for_tpu(topology):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
                TPU_WORKER_ID="0", TPU_ACCELERATOR_TYPE="v5litepod-4",
