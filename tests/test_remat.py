@@ -22,14 +22,17 @@ def _checkpoints(jaxpr) -> int:
     return n
 
 
-def _loss_and_grads(model, tokens, remat):
-    graphdef, params = nnx.split(model)
-
+def _loss(graphdef, tokens, remat):
     def loss(params):
         m = nnx.merge(graphdef, params)
         hidden, _ = m.hidden_states(tokens, remat=remat)
         return jnp.sum(jnp.sin(m.logits(hidden)) ** 2)  # positive terms: no cancellation
+    return loss
 
+
+def _loss_and_grads(model, tokens, remat):
+    graphdef, params = nnx.split(model)
+    loss = _loss(graphdef, tokens, remat)
     return jax.jit(jax.value_and_grad(loss))(params), jax.make_jaxpr(loss)(params)
 
 
@@ -67,10 +70,7 @@ def test_kernels_policy_keeps_the_kernels_work(rng):
     graphdef, params = nnx.split(model)
 
     def compiled(remat):  # each program compiled once: counted, then run (interpreted kernels compile slowly)
-        def loss(params):
-            m = nnx.merge(graphdef, params)
-            return jnp.sum(jnp.sin(m.logits(m.hidden_states(tokens, remat=remat)[0])) ** 2)
-        return jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+        return jax.jit(jax.value_and_grad(_loss(graphdef, tokens, remat))).lower(params).compile()
 
     none, kernels = compiled("none"), compiled("kernels")
     loops = lambda program: program.as_text().count(" while(")  # noqa: E731
