@@ -46,8 +46,9 @@ def small_flags(workdir, **overrides) -> list[str]:
 
 
 def env(**extra) -> dict:
-    """A child's environment: this one's, with the suite's XLA flags only (tests/xla_flags.py) unless given."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags.BASE, **extra}
+    """A child's environment: this one's, with the XLA flags of the suite's runs only (tests/xla_flags.py) unless
+    given."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags.RUNS, **extra}
 
 
 def train_cmd(flags: list[str]) -> list[str]:

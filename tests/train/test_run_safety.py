@@ -53,7 +53,7 @@ def test_restart_with_another_config_is_refused_and_keeps_every_checkpoint(tmp_p
 @pytest.mark.slow
 def test_ctrl_c_saves_then_exits_130_and_the_resume_has_each_step_once(tmp_path):
     workdir = tmp_path / "run"
-    flags = small_flags(workdir, **{"train.steps": 40, "checkpoint.every": 1000})
+    flags = small_flags(workdir, **{"train.steps": 16, "checkpoint.every": 1000})
     proc = subprocess.Popen(train_cmd(flags), env=env(JAX_PLATFORMS="cpu"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -71,7 +71,7 @@ def test_ctrl_c_saves_then_exits_130_and_the_resume_has_each_step_once(tmp_path)
         f.write(json.dumps({"step": saved + 1, "loss": 99.0}) + "\n")
     resumed = run_train(flags, JAX_PLATFORMS="cpu")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _metric_steps(workdir) == list(range(1, 41))
+    assert _metric_steps(workdir) == list(range(1, 17))
 
 
 def test_small_data_warns_and_validation_is_logged_everywhere(tmp_path):

@@ -46,6 +46,10 @@ def _train(config, *flags):
 
 
 RUN_SIZES = ("--config.train.steps=2", "--config.data.global_batch=2", "--config.data.seq_len=64")
+# The recipes' 4 grain worker processes each import JAX (~10 s of this machine's 2 cores): stage 1 keeps one, so
+# the CLI's worker path runs; stage 2 reads in-process and skips the sample and validation stage 1 ran.
+ONE_WORKER = "--config.data.worker_count=1"
+LEAN = ("--config.data.worker_count=0", "--config.train.sample_tokens=0", "--config.train.eval_every=0")
 
 
 @pytest.mark.slow
@@ -61,7 +65,7 @@ def test_stage1_then_stage2_from_any_qwen2_size(tmp_path, qwen_tokenizer_dir, rn
     (s1 / "frozen").mkdir(parents=True)  # what a run that crashed before its first checkpoint leaves
     out = _train("jet_nemotron_2b_stage1.py", f"--config.workdir={s1}", f"--config.init.path={qwen}",
                  f"--config.data.tokenizer={qwen}", f"--config.data.source={data}",
-                 f"--config.model.layer_types={TYPES}", *RUN_SIZES)
+                 f"--config.model.layer_types={TYPES}", ONE_WORKER, *RUN_SIZES)
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads((s1 / "final" / "config.json").read_text())
     assert final["hidden_size"] == 48 and final["layer_types"] == TYPES.split(",")
@@ -72,7 +76,7 @@ def test_stage1_then_stage2_from_any_qwen2_size(tmp_path, qwen_tokenizer_dir, rn
 
     s2 = tmp_path / "stage2"
     out = _train("jet_nemotron_2b_stage2.py", f"--config.workdir={s2}", f"--config.init.path={s1 / 'final'}",
-                 f"--config.data.tokenizer={s1 / 'final'}", f"--config.data.source={data}", *RUN_SIZES)
+                 f"--config.data.tokenizer={s1 / 'final'}", f"--config.data.source={data}", *LEAN, *RUN_SIZES)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((s2 / "final" / "config.json").read_text())["layer_types"] == TYPES.split(",")
 
