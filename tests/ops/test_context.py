@@ -1,5 +1,5 @@
-"""jetnemo_jax.ops.context: the gated delta rule (every backend, kernels interpreted) and the generated conv with
-each sequence split over 4 and 8 context shards (and fsdp x context) equal one device: outputs, final
+"""jetnemo_jax.ops.context: the gated delta rule and the generated conv with each sequence split over 4 and 8
+context shards and fsdp x 4 context shards (there every backend, kernels interpreted) equal one device: outputs, final
 state / cache, and the gradient of every input (initial state and cache included), with packed documents
 whose boundaries fall inside shards, on their edges and one token after them, zero gates and strong decay,
 and shards that are no multiple of the 64-token chunks. Bad splits fail in one line."""

@@ -1,5 +1,5 @@
-"""Child process of test_context_parallel.py: the training loss and gradients of the tiny hybrid (jet, attn,
-swa layers; window 64, longer than a shard) with every sequence split over a `context` mesh axis of 8
+"""Child process of test_context_parallel.py: the training loss and gradients of the tiny hybrid (a jet, an attn
+and a swa layer; window 64, longer than a shard) with every sequence split over a `context` mesh axis of 8
 simulated CPU devices, against one device. Prints a JSON comparison."""
 
 import os
@@ -30,7 +30,8 @@ def loss_and_grads(mesh_axes, batch, **overrides):
     """(loss, the gradient of every parameter, the token sharding) of the tiny model's training loss on
     `batch`, its zero-initialised conv-kernel generators (w2) made random so that every parameter has one."""
     n = int(np.prod(list(mesh_axes.values())))
-    c = small_config("/unused", **{"data.seq_len": T, "data.global_batch": 4, **overrides})
+    c = small_config("/unused", **{"data.seq_len": T, "data.global_batch": 4,
+                                   "model.layer_types": ("jet", "attn", "swa"), **overrides})
     program = build(c, sharding.make_mesh(mesh_axes, jax.devices()[:n]))
     trainable, frozen, teacher = initial_params(c, program)
     key = jax.random.key(0)
@@ -66,9 +67,9 @@ def main(seed):
     base_loss, base_grads, _ = loss_and_grads({"data": 1, "fsdp": 1}, batch)
     out = {"loss_1": base_loss, "n_grads": len(base_grads),
            "min_grad": min(float(np.abs(g).max()) for g in base_grads.values())}
-    # context 4 and 8 (a window longer than a shard at 8); 2 adds nothing they do not check
-    for name, axes, extra in (("context4", {"context": 4}, {}), ("context8", {"context": 8}, {}),
-                              ("fsdp2_context4", {"fsdp": 2, "context": 4}, {}),
+    # context 8 (a window longer than a shard) and 4, with fsdp and with the blocked attention (the 2 shards'
+    # edges are among 4's, and 4 alone adds nothing its two rows do not check)
+    for name, axes, extra in (("context8", {"context": 8}, {}), ("fsdp2_context4", {"fsdp": 2, "context": 4}, {}),
                               ("context4_blocked", {"context": 4}, {"model.attn_impl": "blocked"})):
         loss, grads, spec = loss_and_grads({"data": 1, "fsdp": 1, **axes}, batch, **extra)
         worst = max((rel(grads[k], base_grads[k]), k) for k in base_grads)

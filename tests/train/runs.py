@@ -38,7 +38,10 @@ def cli_flags(**overrides) -> list[str]:
 
 
 def small_flags(workdir, **overrides) -> list[str]:
-    base = {"workdir": workdir, "model.dtype": "float32", "data.seq_len": 32, "data.global_batch": 8,
+    """The command-line run of the loop's tests: small_config's, on two layers (a JetBlock and attention), since
+    each JetBlock adds ~2 s to the step's compile on 2 CPU cores and these tests are about the loop."""
+    base = {"workdir": workdir, "model.layer_types": "jet,attn", "model.dtype": "float32", "data.seq_len": 32,
+            "data.global_batch": 8,
             "train.steps": 6, "train.log_every": 1, "train.sample_tokens": 0, "train.eval_every": 0,
             "checkpoint.every": 3,
             "optim.warmup_steps": 2}
