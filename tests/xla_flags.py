@@ -1,8 +1,9 @@
 """XLA flags of the suite's processes (this one, set in conftest, and every child it starts).
 
-On a CPU-only install XLA's LLVM backend runs at -O0: the suite is compile-bound (tiny models, hundreds of
-programs), and -O0 took a compile-heavy test from 85 to 50 s on 2 cores; both sides of every comparison compile
-alike. With a CUDA plugin installed (the suite on a GPU) nothing is added."""
+On a CPU-only install XLA's LLVM backend runs at -O0 (BASE): the suite is compile-bound (tiny models, hundreds
+of programs), and -O0 took a compile-heavy test from 85 to 50 s on 2 cores. train.py's children run at -O1
+(RUNS, below). Both sides of every comparison compile alike. With a CUDA plugin installed (the suite on a GPU)
+nothing is added."""
 
 import importlib.util
 
