@@ -79,30 +79,45 @@ def reference(q, k, v, g, beta, scale, initial_state, doc_ids):
 
 # The pure-XLA path.
 
+@jax.custom_vjp
 def unit_lower_inverse(A):
     """(I + A)^-1 for strictly lower-triangular A [..., C, C], C a power of two.
 
-    Recursive block inversion, [[T1, 0], [A21, T2]]^-1 = [[T1^-1, 0], [-T2^-1 A21 T1^-1, T2^-1]], from 1x1
-    blocks up: log2(C) levels of batched matmuls. Exact like forward substitution, and it keeps LAPACK
-    (whose CPU triangular solve deadlocked intermittently inside XLA's thread pool here) out of the op.
+    Recursive block doubling, the kernels' scheme (`pallas_kernels/gated_delta_rule`): with X block-diagonal
+    in s-blocks (the inverses so far), X - X A_s X, where A_s keeps the lower-left s-block of every 2s-block,
+    fills in -T2 A21 T1 of [[T1, 0], [A21, T2]]^-1. Exact like forward substitution and it keeps LAPACK (whose
+    CPU triangular solve deadlocked intermittently inside XLA's thread pool here) out of the op. Full-size
+    masked matmuls, not gathered blocks: 12 matmuls and a hand-written gradient compile in a fifth of the time
+    of the gathered form and its autodiff (CPU: 0.5 s against 2.2 s per fwd+bwd, in every JetBlock).
     """
     C = A.shape[-1]
     if C & (C - 1):
         raise ValueError(f"chunk size {C} must be a power of two")
-    lead = A.shape[:-2]
-    inv = jnp.ones((*lead, C, 1, 1), A.dtype)  # inverses of the diagonal blocks, size s
+    i = jnp.arange(C)
+    diff = i[:, None] ^ i[None, :]  # i, j share a 2s-block but not an s-block iff s <= i ^ j < 2s
+    X = jnp.broadcast_to(jnp.eye(C, dtype=A.dtype), A.shape)
     s = 1
     while s < C:
-        n = C // (2 * s)
-        blocks = A.reshape(*lead, n, 2 * s, n, 2 * s)
-        blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [..., n, 2s, 2s]
-        t1, t2 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-        low = -_ein("...ij,...jk,...kl->...il", t2, blocks[..., s:, :s], t1)
-        top = jnp.concatenate([t1, jnp.zeros_like(t1)], axis=-1)
-        bottom = jnp.concatenate([low, t2], axis=-1)
-        inv = jnp.concatenate([top, bottom], axis=-2)
+        A_s = jnp.where((diff >= s) & (diff < 2 * s) & (i[:, None] > i[None, :]), A, 0.0)
+        X = X - _ein("...ij,...jk,...kl->...il", X, A_s, X)
         s *= 2
-    return inv[..., 0, :, :]
+    return X
+
+
+def _unit_lower_inverse_fwd(A):
+    X = unit_lower_inverse(A)
+    return X, X
+
+
+def _unit_lower_inverse_bwd(X, dX):
+    # d(I + A)^-1 = -X dA X, so dA = -X^T dX X^T on A's strictly lower entries (the only ones read).
+    C = X.shape[-1]
+    Xt = jnp.swapaxes(X, -1, -2)
+    return (jnp.where(jnp.arange(C)[:, None] > jnp.arange(C)[None, :], -_ein("...ij,...jk,...kl->...il", Xt, dX, Xt),
+                      0.0),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def chunked(q, k, v, g, beta, scale, initial_state, doc_ids, chunk_size=64):

@@ -206,5 +206,16 @@ def test_unit_lower_inverse(rng, C):
     A = np.tril(beta * (k @ np.swapaxes(k, -1, -2)), -1)  # the matrix the chunked op inverts
     inv = unit_lower_inverse(jnp.asarray(A, jnp.float32))
     assert rel_err(inv, np.linalg.inv(np.eye(C) + A)) <= 1e-5
+
+    # The hand-written gradient against autodiff of forward substitution, X_i = e_i - A_i X (rows j >= i of X
+    # still zero), on the strictly lower entries (the only ones the inverse reads).
+    def substitution(A):
+        row = lambda i, X: X.at[:, i].set(jnp.eye(C)[i] - jnp.einsum("bj,bjk->bk", A[:, i], X))  # noqa: E731
+        return jax.lax.fori_loop(0, C, row, jnp.zeros_like(A))
+
+    cot = jnp.asarray(rng.standard_normal(A.shape), jnp.float32)
+    grad = lambda f: jax.jit(jax.grad(lambda a: jnp.sum(f(a) * cot)))(jnp.asarray(A, jnp.float32))  # noqa: E731
+    got, expected = grad(unit_lower_inverse), np.tril(grad(substitution), -1)
+    assert (rel_err(got, expected) <= 1e-5) if C > 1 else not np.any(got)
     with pytest.raises(ValueError, match="power of two"):
         unit_lower_inverse(jnp.zeros((3, 3)))
