@@ -6,6 +6,7 @@ each other.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -79,6 +80,8 @@ def _flash_args(doc_ids, window: int | None) -> dict:
     return {"mask": same_doc, "is_causal": True, "local_window_size": None if window is None else (window - 1, 0)}
 
 
+# Jitted whole, as the ops' XLA paths: one compile when called eagerly, inlined inside a jit.
+@functools.partial(jax.jit, static_argnames=("window", "scale", "impl", "shards"))
 def attention_core(q, k, v, doc_ids, window: int | None, scale: float, impl: str = "xla", shards: int = 1):
     """Causal (sliding-window) attention of q [B,T,H,hd] over k, v [B,T,kv,hd] inside each document.
     impl "xla": XLA with a materialised [T, T] mask (any backend; the reference). "cudnn": cuDNN flash

@@ -30,6 +30,8 @@ from pallas_kernels.dynamic_conv import layout, mosaic_gpu, tpu, triton
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+# Jitted whole, as ops.delta_rule's XLA paths: one compile when called eagerly.
+@jax.jit
 def reference(x, kernels, cache, doc_ids):
     """Depthwise causal conv with per-token kernels, then SiLU.
 

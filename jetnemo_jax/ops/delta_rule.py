@@ -25,6 +25,7 @@ at HIGHEST matmul precision (bf16 pure-XLA versions of this op are unstable).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -64,6 +65,7 @@ def delta_rule_step(state, q, k, v, g, beta, scale):
     return o, state
 
 
+@jax.jit
 def reference(q, k, v, g, beta, scale, initial_state, doc_ids):
     """Token recurrence. q, k [B,T,H,dk]; v [B,T,H,dv]; g, beta [B,T,H]; state [B,H,dk,dv]; doc_ids [B,T]."""
     def step(state, xs):
@@ -120,6 +122,9 @@ def _unit_lower_inverse_bwd(X, dX):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
+# The XLA paths are jitted whole: called eagerly (tests, notebooks) an op compiles once instead of once per
+# primitive (a tiny JetBlock's first eager call: 5.6 -> 1.9 s on CPU); inside a jit they are inlined.
+@functools.partial(jax.jit, static_argnames="chunk_size")
 def chunked(q, k, v, g, beta, scale, initial_state, doc_ids, chunk_size=64):
     """q, k [B,T,H,dk]; v [B,T,H,dv]; g, beta [B,T,H]; initial_state [B,H,dk,dv]; doc_ids [B,T] monotone."""
     B, T, H, dk = q.shape

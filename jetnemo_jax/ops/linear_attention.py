@@ -18,6 +18,8 @@ C * C * dk values per chunk and head, hence the small default chunk.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +39,7 @@ def step_reference(state, q, k, v, g, scale):
     return scale * _ein("...k,...kv->...v", q, state), state
 
 
+@jax.jit  # jitted whole, as ops.delta_rule's XLA paths: one compile when called eagerly
 def reference(q, k, v, g, scale, initial_state, doc_ids):
     """Token recurrence (`lax.scan`). q, k, g [B,T,H,dk]; v [B,T,H,dv]; state [B,H,dk,dv]; doc_ids [B,T]."""
     starts = document_starts(doc_ids)
@@ -51,6 +54,7 @@ def reference(q, k, v, g, scale, initial_state, doc_ids):
     return jnp.moveaxis(o, 0, 1), final
 
 
+@functools.partial(jax.jit, static_argnames="chunk_size")
 def chunked(q, k, v, g, scale, initial_state, doc_ids, chunk_size=16):
     """Same arguments as `reference`; chunk_size C (any positive integer)."""
     B, T, H, _ = q.shape

@@ -62,7 +62,7 @@ def test_initialisation(rng):
 
     # The generator learns: its weights get gradients at initialisation (w1 = w2 = 0 would give none).
     x = jnp.asarray(rng.standard_normal((2, 9, cfg.hidden_size)), jnp.float32)
-    grads = nnx.grad(lambda b: jnp.sum(b(x) ** 2))(block).dynamic_conv1d.kernel_generator
+    grads = nnx.jit(nnx.grad(lambda b: jnp.sum(b(x) ** 2)))(block).dynamic_conv1d.kernel_generator
     assert float(jnp.abs(grads.w2.kernel[...]).max()) > 0
     A = np.exp(np.asarray(block.A_log[...]))
     assert block.A_log[...].dtype == jnp.float32 and block.dt_bias[...].dtype == jnp.float32
