@@ -38,7 +38,8 @@ def compile_only(config, topology, *flags, slices=1):
 
 def test_tiny_model_on_v5e_4x4_four_hosts():
     chips, kind, hosts, total, out = compile_only("tiny.py", "v5e:4x4", "--config.mesh.data=4",
-                                                  "--config.mesh.fsdp=4", "--config.data.global_batch=16")
+                                                  "--config.mesh.fsdp=4", "--config.data.global_batch=16",
+                                                  "--config.model.layer_types=jet,attn,swa")
     assert (chips, hosts) == (16, 4) and "v5" in kind and 0 < total < 1
     # "auto" puts both kernel families in the sharded step: gated delta rule and generated conv, fwd and bwd
     assert int(re.search(r"kernel calls in the step: (\d+)", out).group(1)) > 0
@@ -48,7 +49,8 @@ def test_a_step_that_does_not_fit_is_one_line():
     # one sequence of 64K tokens per chip through the masked XLA attention: [T, T] scores per head, far beyond
     # a v5e chip's 16 GiB
     out = run_compile_only("tiny.py", "v5e:2x2", "--config.mesh.fsdp=4", "--config.data.global_batch=4",
-                           "--config.data.seq_len=65536", "--config.model.attn_impl=xla")
+                           "--config.data.seq_len=65536", "--config.model.attn_impl=xla",
+                           "--config.model.layer_types=attn")
     assert out.returncode == 2, out.stderr[-4000:]
     last = out.stderr.strip().splitlines()[-1]
     assert "does not fit v5e:2x2" in last and "exceeds available HBM" in last and "Traceback" not in out.stderr
@@ -56,7 +58,8 @@ def test_a_step_that_does_not_fit_is_one_line():
 
 def test_tiny_model_multislice():
     chips, _, hosts, _, out = compile_only("tiny.py", "v5e:2x2", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-                                           "--config.data.global_batch=16", slices=2)
+                                           "--config.data.global_batch=16", "--config.model.layer_types=jet,attn",
+                                           slices=2)
     assert chips == 8 and "2 slice(s)" in out
     assert re.search(r"compile cold [\d.]+ s \(persistent cache off\)", out), out  # off: nothing would read it
 
