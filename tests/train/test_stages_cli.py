@@ -9,7 +9,7 @@ import pytest
 from tests.train.runs import ROOT, env
 
 QWEN_EOS = 151643
-TYPES = "jet,attn,swa,jet"
+TYPES = "jet,attn,swa"
 
 
 def _qwen2_dir(path, tokenizer_dir):
@@ -18,7 +18,7 @@ def _qwen2_dir(path, tokenizer_dir):
 
     torch.manual_seed(0)
     hf = Qwen2Config(vocab_size=151936, hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
-                     intermediate_size=72, num_hidden_layers=4, tie_word_embeddings=True,
+                     intermediate_size=72, num_hidden_layers=3, tie_word_embeddings=True,
                      max_position_embeddings=2048, rope_theta=1e6, bos_token_id=QWEN_EOS, eos_token_id=QWEN_EOS)
     Qwen2ForCausalLM(hf).save_pretrained(path)
     for f in (tokenizer_dir).iterdir():
