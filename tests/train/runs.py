@@ -40,8 +40,8 @@ def cli_flags(**overrides) -> list[str]:
 
 
 def small_flags(workdir, **overrides) -> list[str]:
-    """The command-line run of the loop's tests: small_config's, on two layers (a JetBlock and attention), since
-    each JetBlock adds ~2 s to the step's compile on 2 CPU cores and these tests are about the loop."""
+    """The command-line run of the loop's tests: small_config's run sizes on two layers (a JetBlock and attention),
+    since each layer adds to the step's compile and these tests are about the loop."""
     base = {"workdir": workdir, "model.layer_types": "jet,attn", "model.dtype": "float32", "data.seq_len": 32,
             "data.global_batch": 8,
             "train.steps": 6, "train.log_every": 1, "train.sample_tokens": 0, "train.eval_every": 0,
