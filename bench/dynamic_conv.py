@@ -181,6 +181,8 @@ def _best(out, kind, time_one, configs, iters=5):
 _TAP_CONFIG = ("bt", "bd", "bg", "num_warps", "num_stages")
 FWD_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in ((128, 32, 64, 8, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3))]
 GRAD_U_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in ((128, 64, 64, 8, 3), (64, 32, 64, 4, 3), (128, 64, 32, 8, 4))]
+GRAD_U_STORED_CONFIGS = [dict(bt=bt, bd=bd, num_warps=nw, num_stages=ns) for bt, bd, nw, ns in (
+    (128, 64, 8, 3), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3))]
 GRAD_H_CONFIGS = [dict(bt=bt, bg=bg, bk=bk, gtiles=gt, num_warps=nw, num_stages=ns) for bt, bg, bk, gt, nw, ns in (
     (64, 128, 64, 3, 4, 3), (64, 64, 64, 6, 4, 3))]
 HOPPER_FWD_CONFIGS = [dict(bk=64, stages=3), dict(bk=32, stages=5), dict(bk=32, stages=6)]
@@ -191,13 +193,13 @@ GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw,
                    for bn, bg, bd, gt, sp, nw, ns in ((64, 128, 64, 3, 4, 8, 3), (64, 128, 64, 3, 8, 8, 3))]
 
 
-def profile(rng, tokens, shape="2b"):
+def profile(rng, tokens, shape="2b", pieces=None):
     """Each piece of the value path at one shape, with a block-size sweep of every kernel: XLA's
     h @ W2 alone (the tap matmul at cuBLAS speed) and XLA's dh / dw2 over a materialised tap gradient (what
     the kernels replace), the forward and the three backward kernels (Triton, and on sm_90 also the Mosaic GPU
     ones). Leaves the fastest blocks of each kernel in `triton`'s and `mosaic_gpu`'s tables for
     the runs that follow. One matmul "unit" is 2 N G Dv W FLOPs (309 GFLOP at 2B): the forward does one, the
-    Pallas backward three (it regenerates the taps)."""
+    Pallas backward three (two with the forward's taps stored). `pieces`: time only these (default all)."""
     from pallas_kernels.dynamic_conv import mosaic_gpu, triton
     s = SHAPES[shape]
     N, G, D, P = tokens, s["gen"], s["dv"], triton.PAD
@@ -216,19 +218,27 @@ def profile(rng, tokens, shape="2b"):
                                    h, dk)
     del dk
     print(out, flush=True)
+    taps = jnp.concatenate([jnp.moveaxis(jnp.einsum("ng,wgd->wnd", h, w2t), 0, 1).reshape(N, W * D),
+                            jnp.zeros((P, W * D), h.dtype)])
     piece_args = {"fwd": (h, w2t, b2t, u, pos), "grad_u": (h, w2t, b2t, dy, u, pos), "grad_h": (dc, u, w2t, pos),
-                  "grad_w2": (h, dc, u, pos)}
-    sweeps = [(triton, "", (FWD_CONFIGS, GRAD_U_CONFIGS, GRAD_H_CONFIGS, GRAD_W2_CONFIGS))]
-    if mosaic_gpu.supported(jax.devices()[0], jnp.bfloat16):
+                  "grad_w2": (h, dc, u, pos), "fwd_taps": (h, w2t, b2t, u, pos), "grad_u_stored": (taps, dy, u, pos)}
+    # piece: (kernel function, its tile table, the extra arguments); fwd_taps is the forward storing its taps
+    kernels = {"fwd": ("forward", "FWD", {}), "grad_u": ("grad_u", "GRAD_U", {}), "grad_h": ("grad_h", "GRAD_H", {}),
+               "grad_w2": ("grad_w2", "GRAD_W2", {"width": W}), "fwd_taps": ("forward", "FWD", {"store_taps": True}),
+               "grad_u_stored": ("grad_u_stored", "GRAD_U_STORED", {})}
+    sweeps = [(triton, "", (FWD_CONFIGS, GRAD_U_CONFIGS, GRAD_H_CONFIGS, GRAD_W2_CONFIGS, FWD_CONFIGS,
+                            GRAD_U_STORED_CONFIGS))]
+    if mosaic_gpu.supported(jax.devices()[0], jnp.bfloat16) and pieces is None:
         sweeps.append((mosaic_gpu, "_hopper", (HOPPER_FWD_CONFIGS, HOPPER_GRAD_U_CONFIGS, HOPPER_GRAD_H_CONFIGS,
                                                HOPPER_GRAD_W2_CONFIGS)))
     runs = {}  # name: (module, its tile table's name, configs, make_fn)
     for module, suffix, configs in sweeps:
-        for piece, piece_configs in zip(piece_args, configs):
-            fn = getattr(module, "forward" if piece == "fwd" else piece)
-            width = (W,) if piece == "grad_w2" else ()
-            runs[piece + suffix] = (module, piece.upper(), piece_configs, lambda cfg, fn=fn, width=width, piece=piece: (
-                lambda *a: fn(*a, *width, **cfg), piece_args[piece]))
+        for piece, piece_configs in zip(piece_args, configs):  # Mosaic GPU: the first four
+            if pieces is not None and piece not in pieces:
+                continue
+            fname, table, extra = kernels[piece]
+            runs[piece + suffix] = (module, table, piece_configs, lambda cfg, fn=getattr(module, fname), extra=extra,
+                                    piece=piece: (lambda *a: fn(*a, **extra, **cfg), piece_args[piece]))
     for name, (module, table, configs, make_fn) in runs.items():
         def time_one(cfg, iters, make_fn=make_fn):
             fn, args = make_fn(cfg)
@@ -286,11 +296,13 @@ def main():
     p.add_argument("--rows", default=",".join(SHAPES), help="the shapes timed, comma-separated")
     p.add_argument("--profile", action="store_true",
                    help="first time each piece and sweep the kernels' block sizes; the runs after use the fastest")
+    p.add_argument("--pieces", default="", help="with --profile: only these kernels (fwd,grad_u,grad_u_stored,"
+                   "grad_h,grad_w2; Triton only)")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "checks": {}, "rows": []}
     if args.profile:
-        report["profile"] = profile(rng, args.tokens, args.shape)
+        report["profile"] = profile(rng, args.tokens, args.shape, args.pieces.split(",") if args.pieces else None)
         dump(report, args.out)
     from pallas_kernels.dynamic_conv import mosaic_gpu, triton
     report["gpu_blocks"] = {f"{name}{suffix}": dataclasses.asdict(getattr(module, name.upper()))

@@ -156,7 +156,8 @@ def bench(args, n_devices, since: float):
            "seq": T,
            "distill": args.distill, "remat": args.remat, "loss_chunk": args.loss_chunk,
            "attn_impl": args.attn_impl or "xla", "conv_impl": c.model.conv_impl, "gdr_impl": c.model.gdr_impl,
-           "gdr_block_v": args.gdr_block_v or "default", "scan_layers": args.scan_layers, "frozen": c.train.frozen,
+           "gdr_block_v": args.gdr_block_v or "default", "conv_taps": args.conv_taps,
+           "scan_layers": args.scan_layers, "frozen": c.train.frozen,
            "step_ms": 1e3 * step_s,
            "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_devices, "compile_s": compile_s,
            "lower_s": lower_s, "compile_s_cold": compile_s_cold,
@@ -239,6 +240,9 @@ def main():
     p.add_argument("--gdr-block-v", default=None, type=parse_block_v, metavar="W|S/P",
                    help="the Triton GDR kernels' dv blocks (bench only: replaces default_block_v): W for every "
                         "kernel, S/P serial passes / chunk-parallel ones")
+    p.add_argument("--conv-taps", choices=("store", "regenerate"), default="store",
+                   help="the Triton conv's grad_u: the forward's taps stored, or regenerated (bench only: sets "
+                        "pallas_kernels.dynamic_conv.triton.STORE_TAPS)")
     p.add_argument("--compile-profile", type=int, default=0, metavar="N",
                    help="cProfile the lowering and compiles: print the top N functions of each")
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
@@ -255,6 +259,9 @@ def main():
     if args.gdr_block_v:
         from pallas_kernels.gated_delta_rule import triton as triton_gdr
         triton_gdr.default_block_v = lambda *_: args.gdr_block_v
+    if args.conv_taps == "regenerate":
+        from pallas_kernels.dynamic_conv import triton as triton_conv
+        triton_conv.STORE_TAPS = False
     compilation_cache.setup(args.compilation_cache)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     counts = [int(x) for x in args.devices.split(",")] if args.devices else [jax.device_count()]

@@ -3,12 +3,14 @@ on CPU for tests); tile math in `common`, layout and custom VJP in `layout`.
 
 No kernel tensor ([rows, W, Dv]) and no tap gradient ever reaches HBM, forward or backward:
 - `forward`: per (token tile, channel tile) program, generates the tile's W taps h @ w2t[w] + b2t[w] in
-  registers as one wide matmul (the channel block's taps side by side), convolves and applies SiLU. It
-  keeps nothing for the backward beyond the op's inputs.
+  registers as one wide matmul (the channel block's taps side by side), convolves and applies SiLU. With
+  `STORE_TAPS` it also writes the taps ([N, W * D] in h's dtype) for `grad_u`; else it keeps nothing for
+  the backward beyond the op's inputs.
 - `backward`: three kernels:
-  `grad_u`: du_t = sum_j dc_{t+j} k_{t+j}[W-1-j]: the taps regenerated as in the forward (its matmul work
-  once more), the row shifts done by 0/1 shift-matrix matmuls; c recomputed from those taps and dc =
-  dy silu'(c) formed once per row in it and stored for the other two;
+  `grad_u`: du_t = sum_j dc_{t+j} k_{t+j}[W-1-j]: the taps read back from the forward's (`grad_u_stored`) or
+  regenerated as in the forward (its matmul work once more), the row shifts done by 0/1 shift-matrix
+  matmuls; c recomputed from those taps and dc = dy silu'(c) formed once per row in it and stored for the
+  other two;
   `grad_h`: dh = sum_w (dc * U_w) w2t[w]^T and `grad_w2`: dw2t[w] = h^T (dc * U_w) and db2t[w] = 1^T (dc * U_w),
   where U_w is u shifted back by W-1-w rows and masked at document starts: the tap gradient dc * U_w is
   formed tile by tile in registers as the matmul operand.
@@ -31,6 +33,9 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.dynamic_conv import common
 
 PAD = 128  # zero rows before and after pos's token rows (>= any token block and >= W - 1)
+# The forward writes its taps for grad_u (one [N, W * D] tensor in h's dtype kept per call: 403 MB per 2B
+# JetBlock at 16K tokens) instead of grad_u regenerating them (the forward's matmul work once more).
+STORE_TAPS = True
 U_PAD = 0  # u is read as is: rows before a tile come from masked loads
 ROWS, DIM = 128, 128  # the caller pads the token rows and channels to multiples of these
 
@@ -54,6 +59,7 @@ class Tiles:
 
 FWD = Tiles(bt=128, bd=32, bg=64, num_warps=8, num_stages=3)
 GRAD_U = Tiles(bt=128, bd=64, bg=64, num_warps=8, num_stages=3)
+GRAD_U_STORED = Tiles(bt=128, bd=64, num_warps=8, num_stages=3, measured="not yet swept: GRAD_U's")
 GRAD_H = Tiles(bt=64, bg=128, bk=64, gtiles=3, num_warps=4, num_stages=3)
 GRAD_W2 = Tiles(bn=64, bg=128, bd=64, gtiles=3, splits=4, num_warps=8, num_stages=3)
 
@@ -115,17 +121,21 @@ def _wide_taps(h_ref, w2_ref, b2_ref, start, bt, j, bg, width, precision, n=None
     return jnp.split(acc + b2_ref[pl.ds(j, 1), :].astype(_F32), pl.next_power_of_2(width), axis=1)[:width]
 
 
-def _conv(taps, u_ref, pos_ref, t0, bt, cols, width, front):
-    """Pre-activation c [bt, bd] of the tile at rows t0 + (0..bt): taps [W x [bt, bd]] times u shifted back."""
-    u_at = lambda s: _load_rows(u_ref, t0 + s, bt, cols, front).astype(_F32)
+def _conv(taps, u_ref, pos_ref, t0, bt, cols, width, front, n=None):
+    """Pre-activation c [bt, bd] of the tile at rows t0 + (0..bt): taps [W x [bt, bd]] times u shifted back
+    (u rows from n on read as zeros)."""
+    u_at = lambda s: _load_rows(u_ref, t0 + s, bt, cols, front, n).astype(_F32)
     return common.conv(taps.__getitem__, u_at, pos_ref[pl.ds(PAD + t0, bt)][:, None], width)
 
 
-def _fwd_kernel(h_ref, w2_ref, b2_ref, u_ref, pos_ref, y_ref, *, bt, bd, bg, width, precision, front):
+def _fwd_kernel(h_ref, w2_ref, b2_ref, u_ref, pos_ref, y_ref, *taps_ref, bt, bd, bg, width, precision, front):
     i, j = pl.program_id(0), pl.program_id(1)
     t0, cols = i * bt, pl.ds(j * bd, bd)
     taps = _wide_taps(h_ref, w2_ref, b2_ref, t0, bt, j, bg, width, precision)
     y_ref[...] = jax.nn.silu(_conv(taps, u_ref, pos_ref, t0, bt, cols, width, front)).astype(y_ref.dtype)
+    for k_ref in taps_ref:  # tap w of channel d at column w * D + d
+        for w in range(width):
+            k_ref[pl.ds(t0, bt), pl.ds(w * u_ref.shape[1] + j * bd, bd)] = taps[w].astype(k_ref.dtype)
 
 
 def _front_padded(u, interpret):
@@ -134,9 +144,10 @@ def _front_padded(u, interpret):
     return (jnp.pad(u, [(PAD, 0), (0, 0)]), PAD) if interpret else (u, 0)
 
 
-def forward(h, w2t, b2t, u, pos, *, interpret=False, **blocks):
+def forward(h, w2t, b2t, u, pos, *, interpret=False, store_taps=False, **blocks):
     """h [N, G]; w2t [W, G, D]; b2t [W, D] float32; u [N, D]; pos [PAD + N + PAD] int32. N a multiple of
-    ROWS, D of DIM. Returns y = silu(conv) [N, D] in u's dtype."""
+    ROWS, D of DIM. Returns y = silu(conv) [N, D] in u's dtype; with `store_taps`, (y, the taps [N + PAD,
+    W * D] in h's dtype: tap w of channel d at column w * D + d; the PAD rows after N are never written)."""
     cfg = dataclasses.replace(FWD, **blocks)
     N, G = h.shape
     width, _, D = w2t.shape
@@ -144,43 +155,64 @@ def forward(h, w2t, b2t, u, pos, *, interpret=False, **blocks):
     u, front = _front_padded(u, interpret)
     kernel = functools.partial(_fwd_kernel, bt=bt, bd=bd, bg=bg, width=width, precision=_precision(h.dtype),
                                front=front)
+    out_specs, out_shape = pl.BlockSpec((bt, bd), lambda i, j: (i, j)), jax.ShapeDtypeStruct((N, D), u.dtype)
+    if store_taps:
+        out_specs, out_shape = (out_specs, _ANY), (out_shape, jax.ShapeDtypeStruct((N + PAD, width * D), h.dtype))
     return pl.pallas_call(
-        kernel, grid=(N // bt, D // bd), in_specs=[_ANY] * 5,
-        out_specs=pl.BlockSpec((bt, bd), lambda i, j: (i, j)), out_shape=jax.ShapeDtypeStruct((N, D), u.dtype),
+        kernel, grid=(N // bt, D // bd), in_specs=[_ANY] * 5, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_params(cfg.num_warps, cfg.num_stages), interpret=interpret,
         name="dynamic_conv_fwd",
     )(h, *wide_layout(w2t, b2t, bd), u, pos)
 
 
 def forward_with_residual(h, w2t, b2t, u, pos, *, interpret=False):
-    """`forward` and what `backward` needs besides the inputs: nothing (it regenerates the taps and c)."""
+    """`forward` and what `backward` needs besides the inputs: the taps with `STORE_TAPS`, else nothing (it
+    regenerates the taps and c)."""
+    if STORE_TAPS:
+        return forward(h, w2t, b2t, u, pos, interpret=interpret, store_taps=True)
     return forward(h, w2t, b2t, u, pos, interpret=interpret), None
 
 
-def _grad_u_kernel(h_ref, w2_ref, b2_ref, dy_ref, u_ref, pos_ref, du_ref, dc_ref, *, bt, bd, bg, stride, width,
-                   precision, front):
-    """Row t + r's output read u_t through its tap W-1-r: du_t = sum_r dc_{t+r} k_{t+r}[W-1-r]. The taps are
-    regenerated on the tile's own rows (the forward's wide matmul, its h tiles shared by the taps), P_w = dc *
-    k[w] per row, and the row shifts are matmuls with 0/1 shift matrices: du = sum_r S_r P_{W-1-r}. Tiles
-    overlap by bt - stride = W - 1 rows, so a tile's first `stride` rows see every row they need; c is
-    recomputed from the taps (as in the forward) and dc = dy silu'(c) stored for grad_h and grad_w2."""
-    i, j = pl.program_id(0), pl.program_id(1)
-    n, cols, t0 = dy_ref.shape[0], pl.ds(j * bd, bd), i * stride
-    taps = _wide_taps(h_ref, w2_ref, b2_ref, t0, bt, j, bg, width, precision, n)
-    c = _conv(taps, u_ref, pos_ref, t0, bt, cols, width, front)
+def _grad_u_tile(taps, dy_ref, u_ref, pos_ref, du_ref, dc_ref, *, t0, bt, bd, stride, width, op_dtype, precision,
+                 front):
+    """Row t + r's output read u_t through its tap W-1-r: du_t = sum_r dc_{t+r} k_{t+r}[W-1-r]. With the
+    taps of the tile's rows, P_w = dc * k[w] per row, and the row shifts are matmuls with 0/1 shift
+    matrices: du = sum_r S_r P_{W-1-r}. Tiles overlap by bt - stride = W - 1 rows, so a tile's first
+    `stride` rows see every row they need; c is recomputed from the taps (as in the forward) and dc =
+    dy silu'(c) stored for grad_h and grad_w2."""
+    n, cols = dy_ref.shape[0], pl.ds(pl.program_id(1) * bd, bd)
+    c = _conv(taps, u_ref, pos_ref, t0, bt, cols, width, front, n)
     dc = common.silu_grad(c, _load_rows(dy_ref, t0, bt, cols, n=n).astype(_F32))
     row = t0 + jax.lax.broadcasted_iota(jnp.int32, (bt, bd), 0)
     keep = (row < t0 + stride) & (row < n)
     plgpu.store(dc_ref.at[pl.ds(t0, bt), cols], dc.astype(dc_ref.dtype), mask=keep)
     pos = pos_ref[pl.ds(PAD + t0, bt)][:, None]
     shift = jax.lax.broadcasted_iota(jnp.int32, (bt, bt), 1) - jax.lax.broadcasted_iota(jnp.int32, (bt, bt), 0)
-    op_dtype = h_ref.dtype
     du = None
     for r in range(width):  # row t's output read u_{t-r} through its tap W-1-r
         p = jnp.where(pos >= r, dc * taps[width - 1 - r], 0.0).astype(op_dtype)
         term = jnp.dot((shift == r).astype(op_dtype), p, preferred_element_type=_F32, precision=precision)
         du = term if du is None else du + term
     plgpu.store(du_ref.at[pl.ds(t0, bt), cols], du.astype(du_ref.dtype), mask=keep)
+
+
+def _grad_u_kernel(h_ref, w2_ref, b2_ref, dy_ref, u_ref, pos_ref, du_ref, dc_ref, *, bt, bg, precision, **tile):
+    """`_grad_u_tile` with the taps regenerated on the tile's rows (the forward's wide matmul, its h tiles
+    shared by the taps)."""
+    t0 = pl.program_id(0) * tile["stride"]
+    taps = _wide_taps(h_ref, w2_ref, b2_ref, t0, bt, pl.program_id(1), bg, tile["width"], precision,
+                      dy_ref.shape[0])
+    _grad_u_tile(taps, dy_ref, u_ref, pos_ref, du_ref, dc_ref, t0=t0, bt=bt, op_dtype=h_ref.dtype,
+                 precision=precision, **tile)
+
+
+def _grad_u_stored_kernel(k_ref, dy_ref, u_ref, pos_ref, du_ref, dc_ref, *, bt, bd, precision, **tile):
+    """`_grad_u_tile` with the forward's taps read back."""
+    t0, j = pl.program_id(0) * tile["stride"], pl.program_id(1)
+    n, D = dy_ref.shape
+    taps = [_load_rows(k_ref, t0, bt, pl.ds(w * D + j * bd, bd), n=n).astype(_F32) for w in range(tile["width"])]
+    _grad_u_tile(taps, dy_ref, u_ref, pos_ref, du_ref, dc_ref, t0=t0, bt=bt, bd=bd, op_dtype=k_ref.dtype,
+                 precision=precision, **tile)
 
 
 def _grad_h_kernel(dc_ref, u_ref, w2_ref, pos_ref, dh_ref, *, bt, bg, bk, gtiles, width, precision, front):
@@ -226,26 +258,41 @@ def _grad_w2_kernel(h_ref, dc_ref, u_ref, pos_ref, dw_ref, db_ref, *, bn, bg, bd
         dw_ref[s, w, cols, gcols[q]] = accs[1 + q]
 
 
+def _grad_u_launch(cfg, N, D, width):
+    bt, bd = cfg.bt, _block(cfg.bd, D)
+    stride = bt - (width - 1)  # tiles overlap by W - 1 rows
+    if stride < 1:
+        raise ValueError(f"grad_u: a token block of {bt} rows is too small for kernel width {width}")
+    return dict(grid=(-(-N // stride), D // bd), out_specs=(_ANY, _ANY),
+                compiler_params=_params(cfg.num_warps, cfg.num_stages), name="dynamic_conv_grad_u"), \
+        dict(bt=bt, bd=bd, stride=stride, width=width)
+
+
 def grad_u(h, w2t, b2t, dy, u, pos, *, interpret=False, **blocks):
     """(du, dc) [N, D] in dy's dtype, dc = dy silu'(c) (c: the forward's conv). h [N, G]; dy, u [N, D]; the
     rest as in `forward`."""
     cfg = dataclasses.replace(GRAD_U, **blocks)
     N, G = h.shape
     width, _, D = w2t.shape
-    bt, bd, bg = cfg.bt, _block(cfg.bd, D), _block(cfg.bg, G)
-    stride = bt - (width - 1)  # tiles overlap by W - 1 rows
-    if stride < 1:
-        raise ValueError(f"grad_u: a token block of {bt} rows is too small for kernel width {width}")
-    w2t, b2t = wide_layout(w2t, b2t, bd)
+    launch, tile = _grad_u_launch(cfg, N, D, width)
+    w2t, b2t = wide_layout(w2t, b2t, tile["bd"])
     u, front = _front_padded(u, interpret)
     return pl.pallas_call(
-        functools.partial(_grad_u_kernel, bt=bt, bd=bd, bg=bg, stride=stride, width=width,
-                          precision=_precision(h.dtype), front=front),
-        grid=(-(-N // stride), D // bd), in_specs=[_ANY] * 6, out_specs=(_ANY, _ANY),
-        out_shape=(jax.ShapeDtypeStruct((N, D), dy.dtype),) * 2,
-        compiler_params=_params(cfg.num_warps, cfg.num_stages), interpret=interpret,
-        name="dynamic_conv_grad_u",
+        functools.partial(_grad_u_kernel, bg=_block(cfg.bg, G), precision=_precision(h.dtype), front=front, **tile),
+        in_specs=[_ANY] * 6, out_shape=(jax.ShapeDtypeStruct((N, D), dy.dtype),) * 2, interpret=interpret, **launch,
     )(h, w2t, b2t, dy, u, pos)
+
+
+def grad_u_stored(taps, dy, u, pos, *, interpret=False, **blocks):
+    """`grad_u` from the forward's taps ([N + PAD, W * D], `forward(store_taps=True)`) instead of h, w2, b2."""
+    cfg = dataclasses.replace(GRAD_U_STORED, **blocks)
+    N, D = dy.shape
+    launch, tile = _grad_u_launch(cfg, N, D, taps.shape[1] // D)
+    u, front = _front_padded(u, interpret)
+    return pl.pallas_call(
+        functools.partial(_grad_u_stored_kernel, precision=_precision(taps.dtype), front=front, **tile),
+        in_specs=[_ANY] * 4, out_shape=(jax.ShapeDtypeStruct((N, D), dy.dtype),) * 2, interpret=interpret, **launch,
+    )(taps, dy, u, pos)
 
 
 def grad_h(dc, u, w2t, pos, *, interpret=False, **blocks):
@@ -290,12 +337,15 @@ def grad_w2(h, dc, u, pos, width, *, interpret=False, **blocks):
     return jnp.swapaxes(jnp.sum(dw2, axis=0), 1, 2), jnp.sum(db2[..., 0], axis=0)
 
 
-def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False, du_kernel=None):
-    """Gradients of `forward` (residual: None): h [N, G], w2t, b2t, u, pos as in `forward`; dy [N, D]. Returns
-    (dh [N, G], dw2t [W, G, D] float32, db2t [W, D] float32, du [N, D]); dh and du in h's and u's dtypes.
-    du_kernel: another `grad_u` (same contract)."""
-    del residual
-    du, dc = (du_kernel or grad_u)(h, w2t, b2t, dy.astype(u.dtype), u, pos, interpret=interpret)
+def backward(h, w2t, b2t, u, pos, residual, dy, *, interpret=False):
+    """Gradients of `forward` (residual: the taps or None): h [N, G], w2t, b2t, u, pos as in `forward`; dy
+    [N, D]. Returns (dh [N, G], dw2t [W, G, D] float32, db2t [W, D] float32, du [N, D]); dh and du in h's and
+    u's dtypes."""
+    dy = dy.astype(u.dtype)
+    if residual is not None:
+        du, dc = grad_u_stored(residual, dy, u, pos, interpret=interpret)
+    else:
+        du, dc = grad_u(h, w2t, b2t, dy, u, pos, interpret=interpret)
     dh = grad_h(dc, u, w2t, pos, interpret=interpret)
     dw2t, db2t = grad_w2(h, dc, u, pos, w2t.shape[0], interpret=interpret)
     return dh, dw2t, db2t, du

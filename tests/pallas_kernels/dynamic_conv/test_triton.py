@@ -29,6 +29,14 @@ def test_matches_float64(rng, dtype, B, T, G, D, W, packed, with_cache):
     check_matches_float64(rng, triton, dtype, B, T, G, D, W, packed, with_cache)
 
 
+@pytest.mark.parametrize("store_taps", [True, False])
+def test_grad_u_with_stored_or_regenerated_taps(rng, monkeypatch, store_taps):
+    """Both grad_u kernels (the forward's taps read back, or regenerated) against the float64 oracle, at
+    B * T = 256 rows: grad_u's last token tile (stride 125) starts inside the real rows and runs past them."""
+    monkeypatch.setattr(triton, "STORE_TAPS", store_taps)
+    check_matches_float64(rng, triton, "float32", 2, 128, 24, 40, 4, True, False)
+
+
 def test_no_gradient_crosses_documents(rng):
     u, h, w2, b2, _, _ = inputs(rng, 1, 20, 16, 8, 4, "float32", False, False)
     seg = np.array([[0] * 9 + [1] * 11], np.int32)
