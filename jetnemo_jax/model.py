@@ -118,9 +118,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs
     "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
     # weight matmul outputs and what kernels name KERNEL_RESIDUALS (the gated delta rule's forward outputs and
-    # residuals): the recompute runs elementwise work (norms, activations, RoPE) and the attention core, no kernel
-    # of the JetBlock (the conv's backward needs nothing its forward kernel makes; the recompute's copy of that
-    # kernel is dead code, removed by XLA: tests/test_remat.py counts the compiled program's kernel loops)
+    # residuals, the conv forward's stored taps): the recompute runs elementwise work (norms, activations, RoPE)
+    # and the attention core, no kernel of the JetBlock (the recompute's copies of those kernels are dead code,
+    # removed by XLA: tests/test_remat.py counts the compiled program's kernel loops)
     "kernels": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(KERNEL_RESIDUALS)),

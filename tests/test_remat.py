@@ -59,9 +59,9 @@ def test_remat_spec_parsing():
 
 @pytest.mark.slow
 def test_kernels_policy_keeps_the_kernels_work(rng):
-    # remat="kernels" saves the Triton gated-delta-rule forward's outputs and residuals (pallas_kernels'
-    # KERNEL_RESIDUALS), so its forward kernels are not run again in the recompute, and the conv's backward needs
-    # nothing its forward kernel makes (the recompute's copy of that kernel is dead code that XLA removes).
+    # remat="kernels" saves the Triton gated-delta-rule forward's outputs and residuals and the conv forward's
+    # stored taps (pallas_kernels' KERNEL_RESIDUALS), so their forward kernels are not run again in the recompute
+    # (the recompute's copies are dead code that XLA removes).
     # Interpreted on CPU, each kernel lowers to while loops over its grid: the compiled "kernels" program has as
     # many loops as no remat, full remat more.
     cfg = model_config.tiny(gdr_impl="triton", conv_impl="triton", layer_types=("jet", "attn"))

@@ -19,6 +19,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from pallas_kernels import KERNEL_RESIDUALS
 
 
 def _roundup(n, m):
@@ -32,7 +35,9 @@ def _core(h, w2t, b2t, u, pos, kernels, interpret):
 
 def _core_fwd(h, w2t, b2t, u, pos, kernels, interpret):
     y, residual = kernels.forward_with_residual(h, w2t, b2t, u, pos, interpret=interpret)
-    return y, (h, w2t, b2t, u, pos, residual)
+    # Named (the stored taps), so that a remat policy can keep them (model.REMAT_POLICIES["kernels"]) instead
+    # of rerunning the forward kernel.
+    return y, (h, w2t, b2t, u, pos, checkpoint_name(residual, KERNEL_RESIDUALS))
 
 
 def _core_bwd(kernels, interpret, res, dy):
