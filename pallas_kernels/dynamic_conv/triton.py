@@ -34,7 +34,9 @@ from pallas_kernels.dynamic_conv import common
 
 PAD = 128  # zero rows before and after pos's token rows (>= any token block and >= W - 1)
 # The forward writes its taps for grad_u (one [N, W * D] tensor in h's dtype kept per call: 403 MB per 2B
-# JetBlock at 16K tokens) instead of grad_u regenerating them (the forward's matmul work once more).
+# JetBlock at 16K tokens) instead of grad_u regenerating them (the forward's matmul work once more). H100, 2B
+# shape, 16K tokens: forward 0.445 -> 0.571 ms, grad_u 0.751 -> 0.427 ms; the 2B step at B=4 without remat
+# 388.3 -> 384.3-385.8 ms, peak 58.5 -> 67.4 GiB (BENCHMARKS.md, 2026-12-07).
 STORE_TAPS = True
 U_PAD = 0  # u is read as is: rows before a tile come from masked loads
 ROWS, DIM = 128, 128  # the caller pads the token rows and channels to multiples of these
@@ -59,7 +61,7 @@ class Tiles:
 
 FWD = Tiles(bt=128, bd=32, bg=64, num_warps=8, num_stages=3)
 GRAD_U = Tiles(bt=128, bd=64, bg=64, num_warps=8, num_stages=3)
-GRAD_U_STORED = Tiles(bt=128, bd=64, num_warps=8, num_stages=3, measured="not yet swept: GRAD_U's")
+GRAD_U_STORED = Tiles(bt=64, bd=64, num_warps=4, num_stages=3)  # 0.427 ms; GRAD_U's tiles 0.541
 GRAD_H = Tiles(bt=64, bg=128, bk=64, gtiles=3, num_warps=4, num_stages=3)
 GRAD_W2 = Tiles(bn=64, bg=128, bd=64, gtiles=3, splits=4, num_warps=8, num_stages=3)
 
