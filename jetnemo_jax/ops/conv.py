@@ -11,7 +11,8 @@ kernels never write out), with the reference and the tables of backends.
   xla         the kernels as one XLA matmul, then `reference`
   reference   the same (the pure-XLA path is the definition)
 The kernel rows run per shard of the mesh (`ops.mesh`): rows over the batch axes, channels (whole heads: Dv is
-head-major) over the head axes. On GPU their forward keeps nothing for the backward beyond its inputs.
+head-major) over the head axes. Beyond its inputs, the Triton forward keeps its taps for the backward
+(`triton.STORE_TAPS`: [B*T, W*Dv] in the matmul dtype; faster than regenerating them), the others nothing.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def generated_dynamic_conv(u, h, w2, b2, *, segment_ids=None, cache=None, output
     u [B,T,Dv]; h [B,T,G] = silu(x W1) in the matmul dtype; w2 [G, Dv*W] (channel-major: column d*W + w)
     and b2 [Dv*W], both in h's dtype. impl: a row of `GENERATED_BACKENDS` or "auto", the first row that this
     platform runs for these inputs ("mosaic_gpu" or "triton" on GPU, "tpu" on TPU, else "xla"). The kernel
-    rows fuse the generation into the conv kernels, so the [B,T,Dv,W] kernels never reach HBM; they run per
+    rows fuse the generation into the conv kernels (no float32 [B,T,Dv,W] kernels in HBM); they run per
     shard of `mesh` (else of the training step's mesh, else of the `jax.set_mesh` mesh: `ops.mesh.resolve`).
     Returns dynamic_conv's pair.
     """

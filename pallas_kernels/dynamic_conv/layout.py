@@ -3,8 +3,9 @@ runs one backend's kernels (`tpu`, `triton` or `mosaic_gpu`, passed in as the mo
 
 The op takes the generator's hidden activation h = silu(x W1) [B, T, G] and its second projection
 (w2 [G, Dv * W] channel-major, b2) instead of the kernels: the forward kernel generates each tile's taps in
-fast memory, so the [B, T, Dv, W] kernel tensor is neither written in the forward nor kept for the backward
-(the activation memory the fusion saves). Each backend supplies `forward`, `forward_with_residual` and
+fast memory, so no float32 [B, T, Dv, W] kernel tensor is formed (the XLA path's), and the forward keeps no
+more than the taps in the matmul dtype for the backward (the Triton kernels with `STORE_TAPS`; the others keep
+nothing: their backward regenerates them). Each backend supplies `forward`, `forward_with_residual` and
 `backward` (see `triton`), its tile constants (ROWS, DIM: what rows and channels pad to; PAD zero rows of pos
 before and after, U_PAD of u) and `padded_generator_dim`.
 

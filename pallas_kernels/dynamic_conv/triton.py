@@ -1,7 +1,7 @@
 """Pallas GPU kernels of the generated causal convolution compiled through Triton (any CUDA GPU; interpreted
 on CPU for tests); tile math in `common`, layout and custom VJP in `layout`.
 
-No kernel tensor ([rows, W, Dv]) and no tap gradient ever reaches HBM, forward or backward:
+No tap gradient ever reaches HBM, and the taps only as the forward's residual (`STORE_TAPS`):
 - `forward`: per (token tile, channel tile) program, generates the tile's W taps h @ w2t[w] + b2t[w] in
   registers as one wide matmul (the channel block's taps side by side), convolves and applies SiLU. With
   `STORE_TAPS` it also writes the taps ([N, W * D] in h's dtype) for `grad_u`; else it keeps nothing for
