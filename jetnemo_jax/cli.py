@@ -87,23 +87,24 @@ def resolve_checkpoint(path: str, flag: str = "--checkpoint") -> str:
     return path
 
 
-def open_checkpoint(path: str, dtype: str | None):
+def open_checkpoint(path: str, dtype: str | None, flag: str = "--checkpoint"):
     """The model of a checkpoint directory (resolve_checkpoint's), activations in `dtype` if given."""
     from jetnemo_jax.checkpoint.auto import load_model
 
     try:
         return load_model(path, **({"dtype": dtype} if dtype else {}))
     except _user_errors() as e:
-        raise UserError(f"--checkpoint {e}") from e
+        raise UserError(f"{flag} {e}") from e
 
 
-def open_tokenizer(tokenizer: str | None, checkpoint: str):
-    """--tokenizer's tokenizer, else the checkpoint's own (a checkpoint or workdir holding tokenizer files)."""
+def open_tokenizer(tokenizer: str | None, checkpoint: str, flags: tuple[str, str] = ("--tokenizer", "--checkpoint")):
+    """--tokenizer's tokenizer, else the checkpoint's own (a checkpoint or workdir holding tokenizer files);
+    `flags`: how the two are named in messages."""
     from jetnemo_jax.data.tokenizer import TokenizerError, find_tokenizer_dir, load_tokenizer
 
-    flag, path = ("--tokenizer", tokenizer) if tokenizer is not None else ("--checkpoint", checkpoint)
+    flag, path = (flags[0], tokenizer) if tokenizer is not None else (flags[1], checkpoint)
     if tokenizer is None and find_tokenizer_dir(checkpoint) is None:
-        raise UserError(f"--checkpoint {checkpoint} holds no tokenizer: pass --tokenizer DIR (a local HF tokenizer "
+        raise UserError(f"{flags[1]} {checkpoint} holds no tokenizer: pass {flags[0]} DIR (a local HF tokenizer "
                         "directory)")
     try:
         return load_tokenizer(path, require_eos=False)

@@ -1,7 +1,7 @@
 """lm-evaluation-harness model "jetnemo": score converted or trained checkpoints on lm_eval tasks.
 
     python -m jetnemo_jax.eval.lm_eval_adapter run --model jetnemo \\
-        --model_args checkpoint=DIR,tokenizer=DIR[,dtype=bfloat16,max_length=4096] --tasks hellaswag --batch_size 8
+        --model_args checkpoint=DIR[,tokenizer=DIR,dtype=bfloat16,max_length=4096] --tasks hellaswag --batch_size 8
 
 (this module registers the model, then hands its arguments to lm_eval's own CLI). From Python:
 `lm_eval.simple_evaluate(model=JetNemoLM(model=m, tokenizer=tok), tasks=[...])`.
@@ -24,6 +24,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from jetnemo_jax.data.tokenizer import Tokenizer
 from jetnemo_jax.generate import Sampling, bucket, generate
 
 _GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
@@ -42,39 +43,45 @@ class JetNemoLM(TemplateLM):
     def __init__(self, checkpoint: str | None = None, tokenizer=None, *, model=None, dtype: str | None = None,
                  batch_size: int | str = 1, max_length: int | str | None = None, prefill_chunk: int | str = 512,
                  max_batch_size=None, device=None):
-        """`checkpoint` (HF safetensors or jetnemo_jax directory) or `model` (a loaded model); `tokenizer`:
-        a local HF tokenizer directory or a tokenizer object. `device` is accepted for lm_eval's CLI and
-        must be left unset: JAX places the model. max_length defaults to min(4096, max positions)."""
+        """`checkpoint` (a jetnemo_jax checkpoint, an HF safetensors directory or a training workdir: its final/)
+        or `model` (a loaded model); `tokenizer`: a local tokenizer directory (default: the checkpoint's own) or
+        a tokenizer object (this project's, or one with HF's encode / decode / eos_token_id). `device` is
+        accepted for lm_eval's CLI (which passes cuda:0 by default) and ignored: JAX places the model.
+        max_length defaults to min(4096, max positions). Mistakes raise `cli.UserError` with one line."""
         super().__init__()
-        from jetnemo_jax.checkpoint.auto import load_model
+        from jetnemo_jax import cli
 
         if (checkpoint is None) == (model is None):
-            raise ValueError("give exactly one of checkpoint= (a directory) or model= (a loaded model)")
-        if tokenizer is None:
-            raise ValueError("tokenizer= (a local tokenizer directory) is required")
-        if device not in (None, "", "cpu", "cuda"):
-            raise ValueError(f"device={device!r}: JAX chooses the device; leave --device unset")
+            raise cli.UserError("give exactly one of checkpoint= (a directory) or model= (a loaded model)")
+        if tokenizer is None and checkpoint is None:
+            raise cli.UserError("tokenizer= is required with model=")
         if str(batch_size).startswith("auto"):
-            raise ValueError("batch_size='auto' is not supported: give a number")
-        if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-        self.tokenizer = tokenizer
-        self.model = model if model is not None else load_model(checkpoint, **({"dtype": dtype} if dtype else {}))
+            raise cli.UserError("batch_size='auto' is not supported: give a number")
+        if checkpoint is not None:
+            path = cli.resolve_checkpoint(checkpoint, "checkpoint=")
+            if tokenizer is None or isinstance(tokenizer, str):
+                tokenizer = cli.open_tokenizer(tokenizer, checkpoint, ("tokenizer=", "checkpoint="))
+            model = cli.open_checkpoint(path, dtype, "checkpoint=")
+            cli.check_tokenizer_fits(tokenizer, model)
+        elif isinstance(tokenizer, str):
+            tokenizer = cli.open_tokenizer(tokenizer, tokenizer, ("tokenizer=", "tokenizer="))
+        self.tokenizer, self.model = tokenizer, model
+        self._ours = isinstance(tokenizer, Tokenizer)
         cfg = self.model.config
         self.batch_size = int(batch_size)
         self.max_length = int(max_length) if max_length else min(4096, cfg.max_position_embeddings)
         self.prefill_chunk = int(prefill_chunk)
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token (needed as the empty-context prefix and stop token)")
+        if self.eot_token_id is None:
+            raise cli.UserError("the tokenizer has no EOS token (needed as the empty-context prefix and stop token)")
         self._graphdef, self._state = nnx.split(self.model)
 
     @property
     def eot_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+        return self.tokenizer.eos_id if self._ours else self.tokenizer.eos_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        if self._ours:  # Qwen's tokenizers add no special tokens to text
+            return self.tokenizer.encode(string).tolist()
         return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
 
     def tok_decode(self, tokens) -> str:
@@ -159,14 +166,18 @@ class JetNemoLM(TemplateLM):
 
 
 def main(argv=None):
-    """lm_eval's own CLI, with "jetnemo" registered."""
+    """lm_eval's own CLI, with "jetnemo" registered; the model's argument mistakes end in one line (status 2;
+    the traceback with JETNEMO_VERBOSE=1)."""
+    import argparse
     import sys
 
     from lm_eval.__main__ import cli_evaluate
 
+    from jetnemo_jax import cli
+
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    cli.run(lambda _: cli_evaluate(), argparse.Namespace(verbose=False))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ try:
 except ImportError as e:  # optional dependency: the `eval` extra
     pytest.skip(f"lm_eval is not importable ({e})", allow_module_level=True)
 
-from jetnemo_jax.eval.lm_eval_adapter import JetNemoLM
+from jetnemo_jax.cli import UserError
+from jetnemo_jax.eval.lm_eval_adapter import JetNemoLM, main
 from jetnemo_jax.generate import generate
 from tests.test_generate import forward_right_padded
 
@@ -90,9 +91,32 @@ def test_generate_until_equals_generate(results):
         assert s["resps"][0][0] == text
 
 
-def test_bad_arguments_are_clear(qwen_tokenizer_dir, tiny_qwen_vocab_checkpoint):
+def test_bad_arguments_are_clear(qwen_tokenizer_dir, tiny_qwen_vocab_checkpoint, tmp_path):
     ckpt, _ = tiny_qwen_vocab_checkpoint
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(UserError, match="exactly one"):
         JetNemoLM(tokenizer=qwen_tokenizer_dir)
-    with pytest.raises(ValueError, match="auto"):
+    with pytest.raises(UserError, match="auto"):
         JetNemoLM(ckpt, qwen_tokenizer_dir, batch_size="auto")
+    with pytest.raises(UserError, match="holds no tokenizer: pass tokenizer= DIR"):
+        JetNemoLM(ckpt)  # this checkpoint carries no tokenizer files
+    with pytest.raises(UserError, match="checkpoint= .*no such directory"):
+        JetNemoLM(str(tmp_path / "missing"), qwen_tokenizer_dir)
+
+
+def test_cli_defaults_and_mistakes(qwen_tokenizer_dir, tiny_qwen_vocab_checkpoint, tmp_path, capsys):
+    """lm_eval's CLI passes device="cuda:0" unless told otherwise: accepted (JAX places the model). A training
+    workdir is taken as its final/ checkpoint, with its tokenizer. A mistake ends in one line, status 2."""
+    import shutil
+
+    ckpt, _ = tiny_qwen_vocab_checkpoint
+    workdir = tmp_path / "run"
+    shutil.copytree(ckpt, workdir / "final")
+    for name in os.listdir(qwen_tokenizer_dir):
+        shutil.copy(os.path.join(qwen_tokenizer_dir, name), workdir / "final")
+    lm = JetNemoLM(str(workdir), device="cuda:0", dtype="float32")
+    assert lm.tok_encode("Hello world") and lm.eot_token_id is not None
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--model", "jetnemo", "--model_args", f"checkpoint={tmp_path / 'missing'}", "--tasks",
+              "jetnemo_tiny_mc", "--include_path", os.path.join(REPO, "tests/eval/data")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: checkpoint=") and "Traceback" not in "".join(err)
