@@ -12,6 +12,7 @@ report says so. Without `warm` the persistent cache is off here (nothing could r
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 
@@ -27,12 +28,17 @@ GiB = 1 << 30
 
 
 def topology_devices(topology: str, num_slices: int = 1):
+    if not re.fullmatch(r"[A-Za-z0-9_ ]+[:=_][0-9]+(x[0-9]+)*", topology):
+        raise UserError(f"--compile_only={topology!r}: expected a TPU topology as chip:dims, e.g. v5p:4x4x4 or "
+                        "v5e:4x4")
     try:
         topo = topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                             **({"num_slices": num_slices} if num_slices > 1 else {}))
-    except Exception as e:  # libtpu missing, or a name it does not know
-        raise RuntimeError(f"cannot describe TPU topology {topology!r} x{num_slices} ({type(e).__name__}: {e}); "
-                           "is libtpu installed (pip install 'jax[tpu]')?") from e
+    except Exception as e:  # libtpu missing, or a chip or shape it does not know
+        cause = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise UserError(f"--compile_only={topology!r} x{num_slices} slices: cannot describe this TPU topology "
+                        f"({cause}); check the chip name and shape, and that libtpu is installed "
+                        "(pip install 'jax[tpu]')") from e
     return topo.devices
 
 

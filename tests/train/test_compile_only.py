@@ -77,3 +77,15 @@ def test_2b_stage1_on_v5p_4x4x4():
     assert chips == 64 and hosts == 16
     assert total < 95  # fits a v5p chip's HBM (the compiler would have refused otherwise)
     assert int(re.search(r"kernel calls in the step: (\d+)", out).group(1)) > 0
+
+
+@pytest.mark.parametrize("topology,match", [("v5p", "expected a TPU topology as chip:dims"),
+                                            ("v9x:2x2", "cannot describe this TPU topology")])
+def test_bad_topology_is_one_user_error(topology, match, monkeypatch):
+    from jetnemo_jax.cli import UserError
+    from jetnemo_jax.train.compile_only import topology_devices
+
+    for key, value in TPU_ENV.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match=match):
+        topology_devices(topology)
