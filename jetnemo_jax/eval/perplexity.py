@@ -132,21 +132,36 @@ def _main(args):
         raise cli.UserError(f"--text-file {args.text_file}: {len(ids)} token(s); need at least 2")
     model = cli.open_checkpoint(checkpoint, args.dtype)
     cli.check_tokenizer_fits(tokenizer, model)
-    start = time.time()
+    limit = model.config.max_position_embeddings
+    if args.seq_len > limit:
+        raise cli.UserError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings ({limit})")
+    seq_len, stride = args.seq_len, args.stride
+    if seq_len > len(ids) and args.context == 1:  # one window holds the whole text: no padding to a longer shape
+        seq_len, stride = len(ids), min(stride, len(ids) - 1)
+        print(f"note: the text has {len(ids)} tokens, fewer than --seq-len {args.seq_len}: one window of {seq_len}",
+              file=sys.stderr)
+    start, last = time.time(), [0.0]
+    tty = sys.stderr.isatty()
 
-    def progress(done, total):
-        rate = done / (time.time() - start)
-        print(f"\rwindow {done}/{total}, {rate:.2f} windows/s, eta {(total - done) / rate:.0f}s",
-              end="", file=sys.stderr, flush=True)
+    def progress(done, total):  # redrawn in place on a terminal; in a log, a line every 30 s and at the end
+        now = time.time()
+        if not tty and done < total and now - last[0] < 30:
+            return
+        last[0] = now
+        rate = done / (now - start)
+        head, end = ("\r", "") if tty else ("", "\n")
+        print(f"{head}window {done}/{total}, {rate:.2f} windows/s, eta {(total - done) / rate:.0f}s", end=end,
+              file=sys.stderr, flush=True)
 
     if args.context < 1 or args.context > jax.device_count() or args.seq_len % args.context:
         raise cli.UserError(f"--context {args.context}: needs that many devices ({jax.device_count()} here) and a "
                             f"--seq-len divisible by it (got {args.seq_len})")
-    result = perplexity(model, ids, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
+    result = perplexity(model, ids, seq_len=seq_len, stride=stride, batch_size=args.batch_size,
                         progress=progress, context=args.context)
-    print(file=sys.stderr)
+    if tty:
+        print(file=sys.stderr)
     print(f"perplexity {result.perplexity:.4f} (nll {result.nll / result.tokens:.4f} nats/token over "
-          f"{result.tokens} tokens, {result.windows} windows of {args.seq_len}, stride {args.stride})")
+          f"{result.tokens} tokens, {result.windows} windows of {seq_len}, stride {stride})")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,13 @@ def test_cli(qwen_tokenizer_dir, tiny_qwen_vocab_checkpoint, tmp_path, capsys):
     ids = AutoTokenizer.from_pretrained(qwen_tokenizer_dir).encode(text, add_special_tokens=False)
     expect = ppl.perplexity(model, ids, seq_len=16, stride=8).perplexity
     assert f"perplexity {expect:.4f}" in captured.out and "window" in captured.err  # progress on stderr
+    assert "\r" not in captured.err and captured.err.count("\n") <= 3  # not a terminal: lines, not redraws
+    # A --seq-len longer than the text: one window of the whole text (no padding to the longer shape).
+    ppl.main(["--checkpoint", ckpt, "--tokenizer", qwen_tokenizer_dir, "--text-file", str(tmp_path / "t.txt"),
+              "--seq-len", "1000", "--stride", "500", "--dtype", "float32"])
+    whole = ppl.perplexity(model, ids, seq_len=len(ids), stride=len(ids) - 1).perplexity
+    captured = capsys.readouterr()
+    assert f"perplexity {whole:.4f}" in captured.out and "one window" in captured.err
     # A training workdir as --checkpoint: its final/ and the tokenizer saved there.
     ppl.main(["--checkpoint", str(run_workdir(ckpt, qwen_tokenizer_dir, tmp_path)), "--text-file",
               str(tmp_path / "t.txt"), "--seq-len", "16", "--stride", "8", "--dtype", "float32"])
@@ -88,7 +95,9 @@ def test_cli(qwen_tokenizer_dir, tiny_qwen_vocab_checkpoint, tmp_path, capsys):
     for argv, message in ((["--tokenizer", qwen_tokenizer_dir, "--text-file", str(tmp_path / "no.txt")], "--text-file"),
                           (["--text-file", str(tmp_path / "t.txt")], "holds no tokenizer"),
                           (["--tokenizer", str(tmp_path), "--text-file", str(tmp_path / "t.txt")],
-                           "no tokenizer files")):
+                           "no tokenizer files"),
+                          (["--tokenizer", qwen_tokenizer_dir, "--text-file", str(tmp_path / "t.txt"), "--seq-len",
+                            str(model.config.max_position_embeddings + 1)], "max_position_embeddings")):
         with pytest.raises(SystemExit) as e:
             ppl.main(["--checkpoint", ckpt, *argv])
         err = capsys.readouterr().err.strip()
