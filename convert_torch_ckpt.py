@@ -27,10 +27,18 @@ import numpy as np
 
 def _parse_size(text: str) -> int:
     units = {"KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[:-2]) * factor)
-    return int(text)
+    try:
+        for unit, factor in units.items():
+            if text.upper().endswith(unit):
+                size = int(float(text[:-2]) * factor)
+                break
+        else:
+            size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive size in bytes, or with KB, MB or GB (2GB)")
+    return size
 
 
 def check_logits(src, dst, vocab_size: int, seed: int = 0) -> float:
@@ -102,7 +110,7 @@ def main(argv=None) -> int:
             if err > (1e-6 if args.dtype == "float32" else 2e-2):
                 print("check FAILED", file=sys.stderr)
                 return 1
-    except (CheckpointError, ConfigError, TokenizerError, cli.UserError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, cli.UserError, OSError) as e:
         if cli.verbose(args):
             traceback.print_exc()
         else:

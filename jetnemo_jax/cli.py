@@ -164,7 +164,7 @@ def config_flags_parser(config_flag, reference=None):
 
 
 def _flag_error(e: Exception, argv, reference) -> str:
-    if isinstance(e, AttributeError):  # ml_collections names only the last part of a misspelt key: find it
+    if isinstance(e, (AttributeError, KeyError)):  # ml_collections names only a part of a misspelt key: find it
         from jetnemo_jax.train.config import unknown_key
 
         for arg in argv[1:]:
@@ -172,7 +172,8 @@ def _flag_error(e: Exception, argv, reference) -> str:
                 message = unknown_key(arg[len("--config."):].split("=", 1)[0], reference)
                 if message:
                     return f"{message} (--print_config lists every key)"
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # a KeyError's str is its repr
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(e, OSError) and "config file" in str(e):  # the last line is the reason (no such file, ...)
         return f"--config: cannot load the config file ({lines[-1]})"
     return " ".join(lines)

@@ -19,7 +19,10 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise type(e)(f"cannot create {dst}: its parent directory {parent} cannot be made ({e.strerror or e})") from e
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:

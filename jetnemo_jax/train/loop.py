@@ -261,7 +261,11 @@ def run(config) -> dict:
     initialize_distributed(config.distributed)
     workdir = Path(config.workdir).absolute()
     main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"workdir={config.workdir}: cannot create the run's directory there "
+                         f"({e.strerror or e})") from e
     d = config.data
     n_proc = jax.process_count()
     if d.global_batch % n_proc:

@@ -141,6 +141,15 @@ def test_cli_check_and_errors(tmp_path, rng, capsys):
     err = capsys.readouterr().err
     assert "model.safetensors" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "jax2").exists()
+    # A destination under a file, and a bad --shard-size: one line each, naming the problem.
+    (tmp_path / "a_file").write_text("")
+    assert convert_torch_ckpt.main(["jax-to-hf", str(tmp_path / "jax"), str(tmp_path / "a_file" / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "its parent directory" in err and "a_file" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit) as e:
+        convert_torch_ckpt.main(["jax-to-hf", str(tmp_path / "jax"), str(tmp_path / "hf3"), "--shard-size", "10XB"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "'10XB': expected a positive size" in err.splitlines()[-1]
 
 
 def test_exports_carry_the_tokenizer_are_readable_and_name_no_custom_code(tmp_path, rng, capsys):

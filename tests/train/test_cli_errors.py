@@ -18,9 +18,13 @@ def test_bad_inputs_end_in_one_line_naming_the_problem(tmp_path):
         ({"data.source": str(tmp_path / "nowhere/*.jsonl"), "data.tokenizer": str(tmp_path)}, ["nowhere"]),
         ({"data.source": str(empty), "data.tokenizer": str(tmp_path)}, ["empty.txt"]),
         ({"data.tokenizer": str(tmp_path / "no_tokenizer")}, ["no_tokenizer", "no such directory"]),
+        ({"trian.steps": 10}, ["unknown config key 'trian'", "did you mean 'train'"]),  # a misspelt section
+        ({}, ["workdir=", "cannot create the run's directory", "File exists"]),  # the workdir is a file
     ]
     for i, (overrides, words) in enumerate(cases):
         workdir = tmp_path / f"run{i}"
+        if not overrides:
+            workdir.write_text("a file where the workdir should go")
         out = run_train(small_flags(workdir, **overrides), JAX_PLATFORMS="cpu")
         lines = _error_lines(out.stderr)
         assert out.returncode == 2, (overrides, out.stderr[-2000:])
