@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 
 import ml_collections
 
@@ -183,3 +184,20 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"train.{e}") from None
     if config.train.nonfinite not in ("stop", "skip"):
         raise ValueError(f"train.nonfinite={config.train.nonfinite!r}: expected stop or skip")
+
+
+def resolve_init_path(config: ml_collections.ConfigDict) -> str | None:
+    """Check init.path against init.mode before anything is built, and take a training workdir as its final/
+    checkpoint (as every other command does): sets config.init.path and returns a note saying so, else None."""
+    mode, path = config.init.mode, config.init.path
+    if mode in ("qwen2", "params") and not path:
+        raise ValueError(f"init.mode={mode!r} needs init.path (a checkpoint directory with config.json)")
+    if not path or os.path.exists(os.path.join(path, "config.json")):
+        return None
+    final = os.path.join(path, "final")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        config.init.path = final
+        return f"init.path {path} is a training run's workdir: using its final checkpoint {final}"
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ValueError(f"init.path {path}: a training workdir without final/ (its run has not finished)")
+    return None

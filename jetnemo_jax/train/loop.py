@@ -31,7 +31,7 @@ from jetnemo_jax.data.splits import split_documents
 from jetnemo_jax.model import JetNemotronForCausalLM
 from jetnemo_jax.train import flops, run_config, startup
 from jetnemo_jax.train.checkpointing import RunCheckpoints
-from jetnemo_jax.train.config import check_keys, check_values
+from jetnemo_jax.train.config import check_keys, check_values, resolve_init_path
 from jetnemo_jax.train.metrics import MetricsWriter, Throughput
 from jetnemo_jax.train.program import Program, build
 
@@ -258,6 +258,9 @@ def run(config) -> dict:
     clock = startup.StartupClock()
     check_keys(config)
     check_values(config)
+    note = resolve_init_path(config)
+    if note:
+        log.info(note)
     initialize_distributed(config.distributed)
     workdir = Path(config.workdir).absolute()
     main = jax.process_index() == 0

@@ -49,3 +49,21 @@ def test_unknown_key_on_the_command_line_fails(tmp_path):
     out = run_train(small_flags(tmp_path, **{"train.stepz": 3}))
     assert out.returncode != 0
     assert "stepz" in out.stderr and "steps" in out.stderr, out.stderr[-2000:]
+
+
+def test_init_path_is_checked_early_and_a_workdir_means_its_final(tmp_path):
+    from jetnemo_jax.train.config import resolve_init_path
+
+    config = default_config()
+    config.init.mode, config.init.path = "params", ""
+    with pytest.raises(ValueError, match="init.mode='params' needs init.path"):
+        resolve_init_path(config)
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    config.init.path = str(tmp_path / "run")
+    assert "workdir" in resolve_init_path(config) and config.init.path == str(tmp_path / "run" / "final")
+    assert resolve_init_path(config) is None  # a checkpoint directory stays as it is
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    config.init.path = str(tmp_path / "unfinished")
+    with pytest.raises(ValueError, match="without final/"):
+        resolve_init_path(config)
