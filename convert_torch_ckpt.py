@@ -7,7 +7,8 @@
 
 qwen2-to-jet reads every size from SRC's config.json (any Qwen2.5-architecture model); the layout follows
 jetnemo_jax.config.jet_layout: the placement of the recipe of SRC's depth (--preset names one), the
-JetBlock by its rule; --layer-types sets the placement (needed for depths other than 28 and 36).
+JetBlock by its rule; --layer-types sets the placement (needed for depths other than 28 and 36). SRC's
+tokenizer files, if any, travel to the destination.
 
 Both Qwen2 (all attention) and Jet-Nemotron checkpoints are understood. A_log and dt_bias stay float32.
 The destination appears only when complete (written under a temporary name, then renamed).
@@ -141,8 +142,10 @@ def _qwen2_to_jet(args, t0) -> int:
     else:
         layout = config.jet_layout(source, args.preset, args.layer_types, layer_types_flag="--layer-types")
     model, report = qwen2_to_jet(args.src, layout, seed=args.seed, param_dtype=args.dtype)
-    save_params(model, args.dst, overwrite=args.overwrite,
-                extra_files={"conversion_report.json": json.dumps(report, indent=2)})
+    from jetnemo_jax.data.tokenizer import find_tokenizer_dir
+
+    save_params(model, args.dst, overwrite=args.overwrite, tokenizer_dir=args.src if find_tokenizer_dir(args.src)
+                else None, extra_files={"conversion_report.json": json.dumps(report, indent=2)})
     print(f"qwen2-to-jet: wrote {args.dst} in {time.perf_counter() - t0:.1f} s: {len(report['copied'])} tensors "
           f"copied, {len(report['initialised'])} initialised, {len(report['dropped'])} dropped "
           f"(see {args.dst}/conversion_report.json)")

@@ -16,7 +16,7 @@ from jetnemo_jax import config
 from jetnemo_jax.checkpoint import load_hf_model, to_state_dict
 from jetnemo_jax.checkpoint.hf_export import save_hf
 from jetnemo_jax.checkpoint.orbax_params import load_params, save_params
-from jetnemo_jax.data.tokenizer import load_tokenizer, train_bpe
+from jetnemo_jax.data.tokenizer import find_tokenizer_dir, load_tokenizer, train_bpe
 from jetnemo_jax.model import JetNemotronForCausalLM
 from tests.oracles import rel_err
 from tests.torch_reference import JetNemotronRef
@@ -179,13 +179,15 @@ def test_exports_carry_the_tokenizer_are_readable_and_name_no_custom_code(tmp_pa
 def test_qwen2_to_jet(tmp_path, rng):
     """Shared tensors are copied bit for bit, attention layers keep theirs, JetBlocks get the official init."""
     source = random_model(QWEN.replace(layer_types=("attn",) * 3, tie_word_embeddings=True), rng, "bfloat16")
-    save_hf(source, tmp_path / "qwen", dtype="bfloat16")
+    train_bpe(["a corpus for the source's tokenizer"] * 4, 300, tmp_path / "tok")
+    save_hf(source, tmp_path / "qwen", dtype="bfloat16", tokenizer_dir=tmp_path / "tok")
     layout = HYBRID.replace(layer_types=("jet", "attn", "swa"))
     (tmp_path / "layout.json").write_text(json.dumps(layout.to_hf_dict()))
     assert convert_torch_ckpt.main(["qwen2-to-jet", str(tmp_path / "qwen"), str(tmp_path / "jet"), "--layout-config",
                                     str(tmp_path / "layout.json"), "--layer-types", "jet,swa,jet"]) == 0
     model = load_params(tmp_path / "jet")
     assert model.config.layer_types == ("jet", "swa", "jet")
+    assert find_tokenizer_dir(tmp_path / "jet") is not None  # the source's tokenizer travels along
     report = json.loads((tmp_path / "jet" / "conversion_report.json").read_text())
     src, dst = to_state_dict(source), to_state_dict(model)
     for name in report["copied"]:
