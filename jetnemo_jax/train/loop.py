@@ -247,7 +247,10 @@ def restore_or_init(config, program: Program, ckpt: RunCheckpoints, data_iterato
     else:
         frozen, teacher_own = {}, {}
     if jax.process_index() == 0:
-        print(f"resumed from {ckpt.directory}/{start} (step {start})", flush=True)
+        done = start >= config.train.steps
+        print(f"resumed from {ckpt.directory}/{start} (step {start})" + (
+            f": the run is complete (train.steps={config.train.steps}); raise train.steps to train further"
+            if done else ""), flush=True)
     return start, state, frozen, teacher_own
 
 
