@@ -159,7 +159,8 @@ class _Run:
         """Fresh linear blocks trained at a fixed placement, then evaluated: the metrics and the step time."""
         mask = supernet.placement_mask(placement, self.L)
         dist = cand.distiller(self.c, self.c.fixed.steps)
-        params, hist = dist.run(cand.fresh(seed), cand.frozen, self.batch, lambda i: mask)
+        params, hist = dist.run(cand.fresh(seed), cand.frozen, self.batch, lambda i: mask,
+                                label=f"{cand.block} at attention layers {list(placement)}")
         return {**_flat(cand.evaluate(params, placement, self.evals)), "final_distill_loss": hist[-1]["loss"],
                 "seconds_per_step": dist.seconds_per_step}
 
@@ -170,7 +171,8 @@ class _Run:
         rng = np.random.default_rng(seed)
         lo, hi = c.supernet.min_attn, (c.supernet.max_attn if c.supernet.max_attn >= 0 else budget)
         params, hist = jet.distiller(c, c.supernet.steps).run(
-            jet.fresh(seed), jet.frozen, self.batch, lambda i: supernet.sample_placement(rng, L, lo, hi))
+            jet.fresh(seed), jet.frozen, self.batch, lambda i: supernet.sample_placement(rng, L, lo, hi),
+            label=f"supernet seed {seed}")
         self.lap(f"supernet seed {seed}")
         metrics = {}
 

@@ -130,12 +130,13 @@ class Distiller:
 
         self._step = jax.jit(step, donate_argnums=(0, 1))
 
-    def run(self, params: dict, frozen: dict, batch_fn, placement_fn) -> tuple[dict, list[dict]]:
+    def run(self, params: dict, frozen: dict, batch_fn, placement_fn, label: str = "") -> tuple[dict, list[dict]]:
         """`steps` steps on batch_fn(i) with placement_fn(i) (a bool mask) -> (params, per-step metrics).
-        Sets `seconds_per_step`, the mean after the first (compiling) step, data included."""
+        Sets `seconds_per_step`, the mean after the first (compiling) step, data included. With a `label`,
+        prints progress every fifth of the steps and at least every 30 s."""
         params = jax.tree.map(jnp.array, params)  # a copy: the step donates its inputs
         opt_state = self.tx.init(params)
-        history, start = [], None
+        history, start, shown = [], None, time.perf_counter()
         for i in range(self.steps):
             params, opt_state, m = self._step(params, opt_state, frozen, batch_fn(i),
                                               jnp.asarray(placement_fn(i)))
@@ -143,6 +144,11 @@ class Distiller:
             if i == 0:  # time the steps after the compiling one
                 jax.block_until_ready(m)
                 start = time.perf_counter()
+            now = time.perf_counter()
+            if label and ((i + 1) % max(self.steps // 5, 1) == 0 or now - shown >= 30):
+                shown = now
+                rate = f", {(now - start) / i:.2f} s/step" if i else ""
+                print(f"  [{label}] step {i + 1}/{self.steps}: loss {float(m['loss']):.4f}{rate}", flush=True)
         jax.block_until_ready(params)
         self.seconds_per_step = (time.perf_counter() - start) / max(self.steps - 1, 1)
         return params, [{k: float(v) for k, v in m.items()} for m in jax.device_get(history)]

@@ -1,5 +1,7 @@
 """The PostNAS super-network: placement sampling, exactness of its two extremes, what each step trains."""
 
+import re
+
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -44,7 +46,7 @@ def test_all_attention_is_the_teacher_and_a_placement_is_the_hybrid(net, rng):
     assert rel_err(forward(net, jnp.asarray(placement)), hybrid(tokens, segment_ids=seg)) < 1e-5
 
 
-def test_a_step_trains_only_the_linear_blocks_of_non_attention_layers(net, rng):
+def test_a_step_trains_only_the_linear_blocks_of_non_attention_layers(net, rng, capsys):
     split, params, frozen = supernet.build(_cfg(), "jet", nnx.state(net.base, nnx.Param), seed=3)
     assert all(n.startswith("linear/") for n in params) and all(n.startswith("base/") for n in frozen)
     optim = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, b1=0.9, b2=0.95, eps=1e-8,
@@ -53,8 +55,11 @@ def test_a_step_trains_only_the_linear_blocks_of_non_attention_layers(net, rng):
     tokens = rng.integers(0, 64, (2, 16))
     batch = {"tokens": jnp.asarray(tokens, jnp.int32), "segment_ids": jnp.ones((2, 16), jnp.int32)}
     placement = np.array([True, False, True])
-    new, hist = d.run(params, frozen, lambda i: batch, lambda i: placement)
+    new, hist = d.run(params, frozen, lambda i: batch, lambda i: placement, label="probe")
     assert hist[1]["loss"] < hist[0]["loss"] and hist[0]["mse"] > 0
+    shown = capsys.readouterr().out.splitlines()  # progress: each of the 2 steps is a fifth or more
+    assert len(shown) == 2 and shown[0] == f"  [probe] step 1/2: loss {hist[0]['loss']:.4f}", shown
+    assert re.fullmatch(rf"  \[probe\] step 2/2: loss {hist[1]['loss']:.4f}, [0-9.]+ s/step", shown[1]), shown
     moved = {n for n in params if not np.array_equal(np.asarray(new[n]), np.asarray(params[n]))}
     # The attention layers' linear blocks got no gradient (no weight decay here); the other one trained.
     assert not any(n.startswith(("linear/0/", "linear/2/")) for n in moved)
