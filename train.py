@@ -5,6 +5,7 @@ r"""Continued pretraining of Jet-Nemotron models.
         --config.data.source=/data/*.jsonl --config.data.tokenizer=/ckpt/Qwen2.5-1.5B
     python train.py --config configs/tiny.py --print_config          # every key with its value, then exit
     python train.py --config configs/jet_nemotron_2b_stage1.py --compile_only=v5p:4x4x4   # TPU AOT check
+    python train.py --config configs/tiny.py --export=out/step200 --export_step=200   # a checkpoint as final/ is
 
 Exit status: 0 when the run reaches train.steps; 128 + the signal's number (143 SIGTERM, 130 SIGINT) when a
 signal stopped it after saving a checkpoint (the run is resumable, not finished); 2 for a mistake in the
@@ -30,6 +31,11 @@ _SLICES = flags.DEFINE_integer("compile_only_slices", 1, "Number of TPU slices (
 _WARM = flags.DEFINE_boolean("compile_only_warm", False, "With --compile_only: compile a second time after "
                              "clearing JAX's in-memory caches, to time the compile the persistent cache serves.")
 
+_EXPORT = flags.DEFINE_string(
+    "export", "", "Write the run's checkpoint (the newest, or --export_step's) to this new directory as final/ is "
+    "written (config.json, params/, tokenizer): for generation, evaluation and convert_torch_ckpt.py; then exit.")
+_EXPORT_STEP = flags.DEFINE_integer("export_step", None, "With --export: the checkpoint's step.")
+
 
 def main(argv):
     if len(argv) > 1:
@@ -50,6 +56,13 @@ def main(argv):
 
             compile_for_topology(config, _COMPILE_ONLY.value, num_slices=_SLICES.value, warm=_WARM.value)
             return {}
+        if _EXPORT.value:
+            from jetnemo_jax.train.loop import export_checkpoint
+
+            print(f"exported to {export_checkpoint(config, _EXPORT_STEP.value, _EXPORT.value)}")
+            return {}
+        if _EXPORT_STEP.value is not None:
+            raise cli.UserError("--export_step needs --export=DIR")
         from jetnemo_jax.train.loop import run
 
         return run(config)

@@ -456,6 +456,41 @@ def _train(config, program: Program, ckpt: RunCheckpoints, writer: MetricsWriter
     return step_no, state
 
 
+def export_checkpoint(config, step: int | None, directory: str) -> str:
+    """The run's checkpoint at `step` (its newest if None) written to the new `directory` as final/ is: what
+    generation, evaluation and `convert_torch_ckpt.py jax-to-hf` read. `config`: the run's (its workdir)."""
+    import orbax.checkpoint as ocp
+
+    check_keys(config)
+    check_values(config)
+    workdir, dst = Path(config.workdir).absolute(), Path(directory).absolute()
+    if not (workdir / "checkpoints").is_dir():
+        raise ValueError(f"workdir={config.workdir}: no checkpoints/ to export (a training run's workdir?)")
+    if dst.exists():
+        raise ValueError(f"--export={directory}: exists (choose a new directory)")
+    program = build(config, sharding.make_mesh(dict(config.mesh)))
+    ckpt = RunCheckpoints(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=False)
+    try:
+        steps = sorted(ckpt.manager.all_steps())
+        step = steps[-1] if step is None and steps else step
+        if step not in steps:
+            raise ValueError(f"--export_step={step}: {ckpt.directory} holds steps {steps or 'none'}")
+        run_config.check(workdir, config, program.model_config, has_checkpoint=True)
+        state = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(program.abstract_state)))["state"]
+        frozen = {}
+        if program.abstract_frozen and ckpt.has_frozen():
+            frozen = ckpt.restore_frozen({"frozen": program.abstract_frozen,
+                                          "teacher": program.abstract_teacher})["frozen"]
+        elif program.abstract_frozen:  # frozen/ deleted by hand: the initial weights, rebuilt from init.path
+            _, frozen, _ = initial_params(config, program)
+    finally:
+        ckpt.close()
+    d = config.data
+    tok = tokenizer_lib.load_tokenizer(d.tokenizer or workdir / "tokenizer", d.eos_token or None)
+    return export_final(program, state, frozen, tok, dst)
+
+
 def export_final(program: Program, state, frozen, tok, directory: Path) -> str:
     """The trained model as `config.json` + `params/` (+ tokenizer): what init.mode='params',
     `convert_torch_ckpt.py jax-to-hf` and generation read."""
