@@ -229,6 +229,18 @@ def open_data(config, program: Program, workdir: Path) -> RunData:
     return RunData(tok, train, describe, eval_batches)
 
 
+def saved_frozen(config, program: Program, ckpt: RunCheckpoints):
+    """(frozen, teacher_own, rebuilt) of a run with checkpoints: from its frozen/, or (frozen/ deleted by hand)
+    the initial weights rebuilt from init.path."""
+    if not (program.abstract_frozen or program.abstract_teacher):
+        return {}, {}, False
+    if ckpt.has_frozen():
+        fixed = ckpt.restore_frozen({"frozen": program.abstract_frozen, "teacher": program.abstract_teacher})
+        return fixed["frozen"], fixed["teacher"], False
+    _, frozen, teacher_own = initial_params(config, program)
+    return frozen, teacher_own, True
+
+
 def restore_or_init(config, program: Program, ckpt: RunCheckpoints, data_iterator):
     """(start step, state, frozen, teacher_own): from the newest checkpoint that restores, else fresh."""
     start, state = ckpt.restore_latest(program.abstract_state, data_iterator)
@@ -237,15 +249,9 @@ def restore_or_init(config, program: Program, ckpt: RunCheckpoints, data_iterato
         if frozen or teacher_own:
             ckpt.save_frozen({"frozen": frozen, "teacher": teacher_own})
         return 0, program.init_state(trainable), frozen, teacher_own
-    if program.abstract_frozen or program.abstract_teacher:
-        if ckpt.has_frozen():
-            fixed = ckpt.restore_frozen({"frozen": program.abstract_frozen, "teacher": program.abstract_teacher})
-            frozen, teacher_own = fixed["frozen"], fixed["teacher"]
-        else:  # frozen/ deleted by hand: the frozen weights are the initial ones, rebuilt from init.path
-            _, frozen, teacher_own = initial_params(config, program)
-            ckpt.save_frozen({"frozen": frozen, "teacher": teacher_own})
-    else:
-        frozen, teacher_own = {}, {}
+    frozen, teacher_own, rebuilt = saved_frozen(config, program, ckpt)
+    if rebuilt:
+        ckpt.save_frozen({"frozen": frozen, "teacher": teacher_own})
     if jax.process_index() == 0:
         done = start >= config.train.steps
         print(f"resumed from {ckpt.directory}/{start} (step {start})" + (
@@ -463,6 +469,7 @@ def export_checkpoint(config, step: int | None, directory: str) -> str:
 
     check_keys(config)
     check_values(config)
+    resolve_init_path(config)  # as the run did: its saved config holds the resolved path
     workdir, dst = Path(config.workdir).absolute(), Path(directory).absolute()
     if not (workdir / "checkpoints").is_dir():
         raise ValueError(f"workdir={config.workdir}: no checkpoints/ to export (a training run's workdir?)")
@@ -478,12 +485,7 @@ def export_checkpoint(config, step: int | None, directory: str) -> str:
         run_config.check(workdir, config, program.model_config, has_checkpoint=True)
         state = ckpt.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(program.abstract_state)))["state"]
-        frozen = {}
-        if program.abstract_frozen and ckpt.has_frozen():
-            frozen = ckpt.restore_frozen({"frozen": program.abstract_frozen,
-                                          "teacher": program.abstract_teacher})["frozen"]
-        elif program.abstract_frozen:  # frozen/ deleted by hand: the initial weights, rebuilt from init.path
-            _, frozen, _ = initial_params(config, program)
+        frozen = saved_frozen(config, program, ckpt)[0]
     finally:
         ckpt.close()
     d = config.data
