@@ -184,13 +184,14 @@ GRAD_U_CONFIGS = [dict(zip(_TAP_CONFIG, c)) for c in ((128, 64, 64, 8, 3), (64, 
 GRAD_U_STORED_CONFIGS = [dict(bt=bt, bd=bd, num_warps=nw, num_stages=ns) for bt, bd, nw, ns in (
     (128, 64, 8, 3), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3))]
 GRAD_H_CONFIGS = [dict(bt=bt, bg=bg, bk=bk, gtiles=gt, num_warps=nw, num_stages=ns) for bt, bg, bk, gt, nw, ns in (
-    (64, 128, 64, 3, 4, 3), (64, 64, 64, 6, 4, 3))]
+    (64, 128, 64, 3, 4, 3), (64, 64, 64, 6, 4, 3), (64, 128, 64, 3, 4, 4), (128, 128, 64, 3, 8, 3))]
 HOPPER_FWD_CONFIGS = [dict(bk=64, stages=3), dict(bk=32, stages=5), dict(bk=32, stages=6)]
 HOPPER_GRAD_U_CONFIGS = [dict(bk=64, stages=3), dict(bk=32, stages=5), dict(bk=32, stages=6)]
 HOPPER_GRAD_H_CONFIGS = [dict(bk=32, stages=5), dict(bk=64, stages=2), dict(bk=32, stages=5, cluster=1)]
 HOPPER_GRAD_W2_CONFIGS = [dict(splits=None), dict(splits=1), dict(splits=2), dict(splits=None, cluster=1)]
 GRAD_W2_CONFIGS = [dict(bn=bn, bg=bg, bd=bd, gtiles=gt, splits=sp, num_warps=nw, num_stages=ns)
-                   for bn, bg, bd, gt, sp, nw, ns in ((64, 128, 64, 3, 4, 8, 3), (64, 128, 64, 3, 8, 8, 3))]
+                   for bn, bg, bd, gt, sp, nw, ns in ((64, 128, 64, 3, 4, 8, 3), (64, 128, 64, 3, 8, 8, 3),
+                                                      (64, 128, 64, 3, 2, 8, 3), (64, 128, 64, 3, 4, 8, 4))]
 
 
 def profile(rng, tokens, shape="2b", pieces=None):

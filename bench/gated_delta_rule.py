@@ -38,7 +38,8 @@ from jetnemo_jax import ops
 from pallas_kernels.gated_delta_rule import triton as triton_gdr
 
 SHAPES = {"2b": (8, 4096, 12, 96, 256), "4b": (4, 8192, 16, 128, 256), "long": (1, 32768, 12, 96, 256),
-          "2b_step": (2, 4096, 12, 96, 256)}  # a JetBlock of the 2B stage-1 train step (B=2)
+          "2b_step": (2, 4096, 12, 96, 256),  # a JetBlock of the 2B stage-1 train step (B=2)
+          "2b_step_b4": (4, 4096, 12, 96, 256)}  # the same at B=4 (remat none, the headline step)
 C = 64
 
 
