@@ -157,7 +157,6 @@ def bench(args, n_devices, since: float):
            "distill": args.distill, "remat": args.remat, "loss_chunk": args.loss_chunk,
            "attn_impl": args.attn_impl or "xla", "conv_impl": c.model.conv_impl, "gdr_impl": c.model.gdr_impl,
            "gdr_block_v": args.gdr_block_v or "default", "conv_taps": args.conv_taps,
-           "mlp_gate_up": args.mlp_gate_up,
            "scan_layers": args.scan_layers, "frozen": c.train.frozen,
            "step_ms": 1e3 * step_s,
            "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_devices, "compile_s": compile_s,
@@ -244,9 +243,6 @@ def main():
     p.add_argument("--conv-taps", choices=("store", "regenerate"), default="store",
                    help="the Triton conv's grad_u: the forward's taps stored, or regenerated (bench only: sets "
                         "pallas_kernels.dynamic_conv.triton.STORE_TAPS)")
-    p.add_argument("--mlp-gate-up", choices=("stacked", "separate"), default="stacked",
-                   help="the MLP's gate and up projections as one stacked matmul or two (bench only: sets "
-                        "jetnemo_jax.layers.mlp.STACK_GATE_UP)")
     p.add_argument("--compile-profile", type=int, default=0, metavar="N",
                    help="cProfile the lowering and compiles: print the top N functions of each")
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
@@ -266,9 +262,6 @@ def main():
     if args.conv_taps == "regenerate":
         from pallas_kernels.dynamic_conv import triton as triton_conv
         triton_conv.STORE_TAPS = False
-    if args.mlp_gate_up == "separate":
-        from jetnemo_jax.layers import mlp
-        mlp.STACK_GATE_UP = False
     compilation_cache.setup(args.compilation_cache)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     counts = [int(x) for x in args.devices.split(",")] if args.devices else [jax.device_count()]
