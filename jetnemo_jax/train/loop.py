@@ -481,7 +481,8 @@ def export_checkpoint(config, step: int | None, directory: str) -> str:
         steps = sorted(ckpt.manager.all_steps())
         step = steps[-1] if step is None and steps else step
         if step not in steps:
-            raise ValueError(f"--export_step={step}: {ckpt.directory} holds steps {steps or 'none'}")
+            what = "--export" if step is None else f"--export_step={step}"
+            raise ValueError(f"{what}: {ckpt.directory} holds steps {steps or 'none'}")
         run_config.check(workdir, config, program.model_config, has_checkpoint=True)
         state = ckpt.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(program.abstract_state)))["state"]
